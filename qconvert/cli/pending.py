@@ -1,0 +1,67 @@
+"""Subcommands whose issue has not landed yet: useful --help, then a one-line 'not available yet' (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from qconvert.errors import NotAvailable
+
+
+def _pending(name: str) -> None:
+    raise NotAvailable(f"'qconvert {name}' is not available yet in this version")
+
+
+def calibrate(
+    model: str = typer.Argument(..., help="HF checkpoint directory or hub id."),
+    dataset: str = typer.Option(None, "--dataset", help="Calibration text: .txt, .jsonl, .parquet or hf:NAME."),
+    output: Path = typer.Option(None, "-o", "--output", help="Statistics file (.safetensors)."),
+) -> None:
+    """Collect activation statistics (Hessians, mean |x|, max |x|, Σx²), one decoder layer in memory at a time."""
+    _pending("calibrate")
+
+
+def imatrix(
+    model: str = typer.Argument(..., help="HF checkpoint directory or hub id."),
+    dataset: str = typer.Option(None, "--dataset", help="Calibration text file."),
+    output: Path = typer.Option(None, "-o", "--output", help="imatrix file (GGUF, or legacy .dat)."),
+) -> None:
+    """Compute a llama.cpp-compatible importance matrix (GGUF or legacy .dat)."""
+    _pending("imatrix")
+
+
+def quantize(
+    model: str = typer.Argument(..., help="HF checkpoint directory or hub id."),
+    method: str = typer.Option(None, "--method", help="gptq, awq, fp8 or rtn."),
+    output: Path = typer.Option(None, "-o", "--output", help="Output directory."),
+) -> None:
+    """Quantize to packed safetensors that vLLM, SGLang and transformers load (GPTQ, AWQ, compressed-tensors)."""
+    _pending("quantize")
+
+
+def convert(
+    model: str = typer.Argument(..., help="HF checkpoint directory, hub id, or .gguf file."),
+    to: str = typer.Option("gguf", "--to", help="Output format."),
+    type_: str = typer.Option(None, "--type", help="GGUF file type, e.g. Q4_K_M."),
+    output: Path = typer.Option(None, "-o", "--output", help="Output file."),
+) -> None:
+    """Convert a checkpoint to GGUF for llama.cpp: every legacy and K-quant type and mixture, in one step."""
+    _pending("convert")
+
+
+def eval_(
+    model: str = typer.Argument(..., help="HF directory or .gguf file."),
+    dataset: str = typer.Option(None, "--dataset", help="Evaluation text file."),
+) -> None:
+    """Perplexity and KL divergence of a model against its source."""
+    _pending("eval")
+
+
+COMMANDS = {
+    "calibrate": calibrate,
+    "imatrix": imatrix,
+    "quantize": quantize,
+    "convert": convert,
+    "eval": eval_,
+}
