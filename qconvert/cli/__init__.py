@@ -10,13 +10,17 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from qconvert import __version__
 from qconvert.cli import pending
 from qconvert.cli.inspect import inspect_command
 from qconvert.errors import EXIT_FAILURE, EXIT_USAGE, QConvertError
+
+try:  # recent typer vendors its own click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import ClickException
 
 app = typer.Typer(
     name="qconvert",
@@ -38,7 +42,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks (also QCONVERT_DEBUG=1)."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     if debug:
         os.environ["QCONVERT_DEBUG"] = "1"
@@ -66,15 +72,18 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["QCONVERT_DEBUG"] = "1"
     try:
         app(args=args, prog_name="qconvert", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         _fail("interrupted", 130)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    except click.ClickException as e:
+    except ClickException as e:
         if _debug():
             raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `qconvert CMD`: the help is the answer
+            e.show()
+            sys.exit(EXIT_USAGE)
         hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) else ""
         _fail(e.format_message().replace("\n", " ") + hint, EXIT_USAGE)
     except QConvertError as e:

@@ -15,10 +15,10 @@ def _pending(name: str) -> None:
 
 def calibrate(
     model: str = typer.Argument(..., help="HF checkpoint directory or hub id."),
-    dataset: str = typer.Option(None, "--dataset", help="Calibration text: .txt, .jsonl, .parquet or hf:NAME."),
+    dataset: str = typer.Option(None, "--dataset", help="Calibration text: .txt, .jsonl, .parquet, hf:NAME."),
     output: Path = typer.Option(None, "-o", "--output", help="Statistics file (.safetensors)."),
 ) -> None:
-    """Collect activation statistics (Hessians, mean |x|, max |x|, Σx²), one decoder layer in memory at a time."""
+    """Collect activation statistics (Hessians, mean |x|, max |x|, Σx²), one decoder layer at a time."""
     _pending("calibrate")
 
 
@@ -36,7 +36,7 @@ def quantize(
     method: str = typer.Option(None, "--method", help="gptq, awq, fp8 or rtn."),
     output: Path = typer.Option(None, "-o", "--output", help="Output directory."),
 ) -> None:
-    """Quantize to packed safetensors that vLLM, SGLang and transformers load (GPTQ, AWQ, compressed-tensors)."""
+    """Quantize to packed safetensors for vLLM, SGLang and transformers (GPTQ, AWQ, compressed-tensors)."""
     _pending("quantize")
 
 
