@@ -31,15 +31,6 @@ def imatrix(
     _pending("imatrix")
 
 
-def quantize(
-    model: str = typer.Argument(..., help="HF checkpoint directory or hub id."),
-    method: str = typer.Option(None, "--method", help="gptq, awq, fp8 or rtn."),
-    output: Path = typer.Option(None, "-o", "--output", help="Output directory."),
-) -> None:
-    """Quantize to packed safetensors for vLLM, SGLang and transformers (GPTQ, AWQ, compressed-tensors)."""
-    _pending("quantize")
-
-
 def convert(
     model: str = typer.Argument(..., help="HF checkpoint directory, hub id, or .gguf file."),
     to: str = typer.Option("gguf", "--to", help="Output format."),
@@ -61,7 +52,6 @@ def eval_(
 COMMANDS = {
     "calibrate": calibrate,
     "imatrix": imatrix,
-    "quantize": quantize,
     "convert": convert,
     "eval": eval_,
 }

@@ -1,0 +1,162 @@
+"""`qconvert quantize`: parse → run_quantize → render (rich table, or one JSON object with --json)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from qconvert.formats.safetensors_out import parse_size
+from qconvert.quantize_pipeline import QuantizeOptions, QuantizeSummary, run_quantize
+
+
+class Method(str, Enum):
+    gptq = "gptq"
+    rtn = "rtn"
+    awq = "awq"
+
+
+class Format(str, Enum):
+    gptq = "gptq"
+    gptq_v2 = "gptq_v2"
+    compressed_tensors = "compressed-tensors"
+    awq = "awq"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _render(summary: QuantizeSummary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary.method} → {summary.format}: {summary.output}", title_justify="left")
+    for col in ("layers", "bits", "group", "sym", "size", "bits/weight", "max error"):
+        table.add_column(col, justify="right")
+    for row in summary.table():
+        table.add_row(
+            str(row["layers"]),
+            str(row["bits"]),
+            str(row["group_size"]),
+            "yes" if row["sym"] else "no",
+            _size(row["bytes"]),
+            f"{row['bits_per_weight']:.3f}",
+            f"{row['max_error']:.4g}",
+        )
+    console = Console(highlight=False)
+    console.print(table)
+    console.print(
+        f"kept unquantized: {len(summary.skipped)} Linear(s); output {_size(summary.output_bytes)} "
+        f"(source {_size(summary.source_bytes)}) in {summary.seconds:.1f} s"
+    )
+
+
+def _progress_bar(enabled: bool):
+    """A rich progress bar on stderr over decoder layers; returns (context manager, callback)."""
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext(), None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("quantizing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=Console(file=sys.stderr),
+        transient=True,
+    )
+    task = bar.add_task("", total=None)
+
+    def report(done: int, total: int, text: str) -> None:
+        bar.update(task, completed=done, total=total, description=text)
+
+    return bar, report
+
+
+def quantize_command(
+    model: str = typer.Argument(..., help="HF checkpoint directory, .safetensors file or hub id."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
+    method: Method = typer.Option(
+        ..., "--method", help="gptq (calibrated), rtn (round-to-nearest, no data), awq."
+    ),
+    fmt: Format = typer.Option(Format.gptq, "--format", help="Packed layout of the output."),
+    bits: int = typer.Option(4, "--bits", help="Weight bits: 2, 3, 4 or 8 (awq: 4)."),
+    group_size: int = typer.Option(
+        128, "--group-size", help="Input columns per scale: 32, 64, 128 or -1 (per row)."
+    ),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (fixed zero point) or asymmetric."),
+    act_order: bool = typer.Option(
+        False,
+        "--act-order/--no-act-order",
+        help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act).",
+    ),
+    static_groups: bool = typer.Option(
+        False, "--static-groups", help="GPTQ act-order: fix group scales up front so g_idx stays sequential."
+    ),
+    damp: float = typer.Option(
+        0.01, "--damp", help="GPTQ damping, a fraction of mean(diag H); raised on failure."
+    ),
+    true_sequential: bool = typer.Option(
+        True,
+        "--true-sequential/--no-true-sequential",
+        help="GPTQ: calibrate sub-layers in order, each on quantized inputs.",
+    ),
+    mse: bool = typer.Option(False, "--mse", help="Search scales on a shrink grid minimising |Q(w)-w|^2.4."),
+    dataset: str = typer.Option(
+        None, "--dataset", help="Calibration text (gptq/awq): .txt, .jsonl, .parquet."
+    ),
+    num_samples: int = typer.Option(128, "--num-samples", help="Calibration sequences."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
+    ignore: list[str] = typer.Option(
+        None, "--ignore", help="Regex of Linear names to keep unquantized (repeatable)."
+    ),
+    layer_config: str = typer.Option(
+        None, "--layer-config", help="Per-layer overrides: a YAML file or a preset in configs/quantize/."
+    ),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Quantize lm_head too."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON summary object instead of the table."),
+) -> None:
+    """Quantize to packed safetensors for vLLM, SGLang and transformers (GPTQ, AWQ, compressed-tensors)."""
+    opts = QuantizeOptions(
+        model=model,
+        output=output,
+        method=method.value,
+        format=fmt.value,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        act_order=act_order,
+        static_groups=static_groups,
+        damp=damp,
+        true_sequential=true_sequential,
+        mse=mse,
+        ignore=list(ignore or []),
+        layer_config=layer_config,
+        quantize_lm_head=quantize_lm_head,
+        dataset=dataset,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        max_shard_bytes=parse_size(max_shard_size),
+        overwrite=overwrite,
+    )
+    bar, report = _progress_bar(sys.stderr.isatty() and not json_)
+    with bar:
+        summary = run_quantize(opts, report)
+    if json_:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        _render(summary)

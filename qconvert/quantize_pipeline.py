@@ -1,0 +1,409 @@
+"""`qconvert quantize`: checkpoint → per-Linear method → packer → atomic writer.
+
+    plan = plan_quantization(ckpt, opts)     # every check that can fail runs here, before any work
+    summary = run_quantize(opts, progress)   # RTN now; GPTQ/AWQ once the calibration engine feeds Hessians
+
+Which tensors are quantized: 2-D ``*.weight`` tensors inside decoder layers (``…layers.<i>.…``) of the text
+model, minus MoE routers and anything matching ``--ignore`` or the layer config's ``ignore``; ``lm_head``
+only with ``--quantize-lm-head``; embeddings never. Per-layer overrides come from a YAML
+(``--layer-config``, a path or a preset name under ``configs/quantize/``): ``ignore: [regex…]`` and
+``overrides: [{match: regex, bits, group_size, sym}]``, first match wins, regexes are searched in the module
+prefix (``model.layers.3.mlp.down_proj``).
+
+``quantize_linear`` is the per-layer entry point the calibration runner calls in "quantize as you go" mode.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from qconvert.errors import BadInput, NotAvailable
+from qconvert.formats.awq import AWQFormat
+from qconvert.formats.compressed_tensors import CompressedTensorsFormat
+from qconvert.formats.gptq import GPTQFormat
+from qconvert.formats.safetensors_out import DEFAULT_SHARD_BYTES, CheckpointWriter
+from qconvert.methods.gptq import gptq_quantize
+from qconvert.methods.quantized import QuantizedTensor
+from qconvert.methods.quantizer import QuantSpec
+from qconvert.methods.rtn import relative_error, rtn_quantize
+
+METHODS = ("rtn", "gptq", "awq")
+FORMATS = {
+    "gptq": lambda: GPTQFormat(v2=False),
+    "gptq_v2": lambda: GPTQFormat(v2=True),
+    "compressed-tensors": CompressedTensorsFormat,
+    "awq": AWQFormat,
+}
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "quantize"
+LINEAR_RE = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..+)\.weight$")
+# not decoder Linears, or not worth quantizing: MoE routers, other modalities
+DEFAULT_IGNORE = (r"\.mlp\.gate$", r"\.router$", r"(^|\.)(vision|visual|audio|multi_modal)")
+FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+Progress = Callable[[int, int, str], None]  # (decoder layers done, total, "layers.3 mlp.down_proj err 0.012")
+
+
+@dataclass
+class QuantizeOptions:
+    model: str
+    output: Path
+    method: str = "gptq"
+    format: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    true_sequential: bool = True
+    mse: bool = False
+    ignore: list[str] = field(default_factory=list)
+    layer_config: str | None = None
+    quantize_lm_head: bool = False
+    dataset: str | None = None
+    num_samples: int = 128
+    seq_len: int = 512
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    overwrite: bool = False
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(
+            bits=self.bits, group_size=self.group_size, sym=self.sym, mse=2.4 if self.mse else 0.0
+        )
+
+
+@dataclass
+class LayerPlan:
+    prefix: str  # module name, e.g. model.layers.3.mlp.down_proj
+    weight: str  # tensor name (prefix + ".weight")
+    layer: int | None  # decoder layer index (None for lm_head)
+    shape: tuple[int, int]  # (N, K)
+    spec: QuantSpec | None  # None = kept in its source dtype
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    default: QuantSpec  # after the format's constraints (scale dtype, min zero)
+    fmt: object
+    quantization_config: dict
+    n_decoder_layers: int
+
+    @property
+    def quantized(self) -> list[LayerPlan]:
+        return [p for p in self.layers if p.spec is not None]
+
+    def by_weight(self) -> dict[str, LayerPlan]:
+        return {p.weight: p for p in self.quantized}
+
+
+@dataclass
+class LayerResult:
+    name: str
+    bits: int
+    group_size: int
+    sym: bool
+    shape: tuple[int, int]
+    error: float  # RTN: ||W-Wq||/||W||; GPTQ: the GPTQ loss
+    bytes: int
+
+    @property
+    def bpw(self) -> float:
+        return self.bytes * 8 / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class QuantizeSummary:
+    output: str
+    method: str
+    format: str
+    layers: list[LayerResult]
+    skipped: list[str]
+    source_bytes: int
+    output_bytes: int
+    seconds: float
+
+    def table(self) -> list[dict]:
+        """One row per scheme: layers, bits, group, size, bits per weight (packed tensors incl.
+        scales/zeros)."""
+        rows: dict[tuple, dict] = {}
+        for r in self.layers:
+            row = rows.setdefault(
+                (r.bits, r.group_size, r.sym),
+                {
+                    "bits": r.bits,
+                    "group_size": r.group_size,
+                    "sym": r.sym,
+                    "layers": 0,
+                    "params": 0,
+                    "bytes": 0,
+                    "max_error": 0.0,
+                },
+            )
+            row["layers"] += 1
+            row["params"] += r.shape[0] * r.shape[1]
+            row["bytes"] += r.bytes
+            row["max_error"] = max(row["max_error"], r.error)
+        for row in rows.values():
+            row["bits_per_weight"] = round(row["bytes"] * 8 / row["params"], 4) if row["params"] else 0.0
+        return list(rows.values())
+
+    def to_json(self) -> dict:
+        return {
+            "output": self.output,
+            "method": self.method,
+            "format": self.format,
+            "schemes": self.table(),
+            "skipped": self.skipped,
+            "source_bytes": self.source_bytes,
+            "output_bytes": self.output_bytes,
+            "seconds": round(self.seconds, 2),
+            "layers": [
+                {**asdict(r), "shape": list(r.shape), "bits_per_weight": round(r.bpw, 4)} for r in self.layers
+            ],
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# planning: everything the user can get wrong is caught here
+
+
+def load_layer_config(ref: str | None) -> dict:
+    """A YAML path, or the name of a preset in configs/quantize/ (with or without .yaml)."""
+    if not ref:
+        return {}
+    path = Path(ref)
+    if not path.exists():
+        path = PRESET_DIR / (ref if ref.endswith((".yaml", ".yml")) else f"{ref}.yaml")
+    if not path.exists():
+        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise BadInput(f"layer config {ref!r} is neither a file nor a preset ({', '.join(presets)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise BadInput(f"cannot read layer config: {e}".replace("\n", " "), path) from None
+    if not isinstance(data, dict) or set(data) - {"ignore", "overrides", "description"}:
+        raise BadInput("layer config must be a mapping with 'ignore' and/or 'overrides'", path)
+    for rule in data.get("overrides") or []:
+        if (
+            not isinstance(rule, dict)
+            or "match" not in rule
+            or set(rule) - {"match", "bits", "group_size", "sym"}
+        ):
+            raise BadInput(f"bad override {rule!r}: keys are match, bits, group_size, sym", path)
+    return data
+
+
+def _compile(patterns: list[str], what: str) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise BadInput(f"{what} {p!r} is not a valid regular expression: {e}") from None
+    return out
+
+
+def _n_layers(config: dict) -> int | None:
+    cfg = config.get("text_config", config)
+    n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    return int(n) if n is not None else None
+
+
+def _model_dtype(ckpt, names: list[str]) -> str:
+    for name in names:
+        dt = FLOAT_DTYPES.get(ckpt.tensors[name].dtype)
+        if dt:
+            return dt
+    return "float16"
+
+
+def find_linears(ckpt, ignore: list[re.Pattern], lm_head: bool) -> tuple[list[LayerPlan], int]:
+    """Decoder Linear weights (and lm_head when asked), in file order, with ignored ones marked spec=None."""
+    n_layers = _n_layers(ckpt.config)
+    plans = []
+    for name, info in ckpt.tensors.items():
+        m = LINEAR_RE.match(name)
+        if len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
+            continue
+        if m:
+            layer = int(m["layer"])
+            if n_layers is not None and layer >= n_layers:
+                continue
+            prefix = m["prefix"]
+        elif name == "lm_head.weight":
+            layer, prefix = None, "lm_head"
+        else:
+            continue
+        skip = (prefix == "lm_head" and not lm_head) or any(rx.search(prefix) for rx in ignore)
+        plans.append(LayerPlan(prefix, name, layer, tuple(info.shape), None if skip else QuantSpec()))
+    if lm_head and not any(p.prefix == "lm_head" for p in plans):
+        raise BadInput(
+            "--quantize-lm-head: this checkpoint has no separate lm_head.weight (tied to the embeddings)",
+            ckpt.path,
+        )
+    layers = {p.layer for p in plans if p.layer is not None}
+    return plans, (n_layers or (max(layers) + 1 if layers else 0))
+
+
+def plan_quantization(ckpt, opts: QuantizeOptions) -> Plan:
+    if opts.method not in METHODS:
+        raise BadInput(f"--method {opts.method!r}: choose one of {', '.join(METHODS)}")
+    if opts.format not in FORMATS:
+        raise BadInput(f"--format {opts.format!r}: choose one of {', '.join(FORMATS)}")
+    if not 0 < opts.damp < 1:
+        raise BadInput(f"--damp {opts.damp}: must be between 0 and 1 (a fraction of mean(diag H))")
+    if opts.static_groups and not opts.act_order:
+        raise BadInput("--static-groups only matters with --act-order")
+    fmt = FORMATS[opts.format]()
+    user = opts.spec()
+    fmt.check_spec(user, act_order=opts.act_order, static_groups=opts.static_groups)
+
+    lc = load_layer_config(opts.layer_config)
+    ignore = _compile(list(DEFAULT_IGNORE) + list(opts.ignore) + list(lc.get("ignore") or []), "--ignore")
+    rules = [
+        (rx, rule)
+        for rx, rule in zip(
+            _compile([r["match"] for r in lc.get("overrides") or []], "override"),
+            lc.get("overrides") or [],
+            strict=True,
+        )
+    ]
+    plans, n_layers = find_linears(ckpt, ignore, opts.quantize_lm_head)
+    quantized = [p for p in plans if p.spec is not None]
+    if not quantized:
+        raise BadInput("no Linear layers to quantize (check --ignore and the layer config)", ckpt.path)
+
+    model_dtype = _model_dtype(ckpt, [p.weight for p in quantized])
+    default = fmt.adapt(user, model_dtype)
+    for p in quantized:
+        spec = default
+        for rx, rule in rules:
+            if rx.search(p.prefix):
+                changes = {k: rule[k] for k in ("bits", "group_size", "sym") if k in rule}
+                spec = fmt.adapt(replace(user, **changes), model_dtype)
+                fmt.check_spec(spec, act_order=opts.act_order, static_groups=opts.static_groups)
+                break
+        n, k = p.shape
+        g = spec.group_for(k)
+        if k % g:
+            raise BadInput(
+                f"{p.prefix}: group size {g} does not divide its {k} input columns; choose a group that "
+                f"divides {k} or skip it with --ignore '{re.escape(p.prefix)}'"
+            )
+        fmt.check_layer(p.prefix, n, k, spec)
+        p.spec = spec
+    overrides = {p.prefix: p.spec for p in quantized if p.spec != default}
+    skipped = [p.prefix for p in plans if p.spec is None]
+    qcfg = fmt.quantization_config(
+        default,
+        overrides,
+        skipped,
+        method=opts.method,
+        act_order=opts.act_order,
+        static_groups=opts.static_groups,
+        damp=opts.damp,
+        true_sequential=opts.true_sequential,
+        lm_head=opts.quantize_lm_head,
+    )
+    return Plan(plans, default, fmt, qcfg, n_layers)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# per layer
+
+
+def quantize_linear(
+    plan: LayerPlan,
+    weight: torch.Tensor | np.ndarray,
+    opts: QuantizeOptions,
+    hessian: torch.Tensor | np.ndarray | None = None,
+) -> tuple[QuantizedTensor, float]:
+    """Run the chosen method on one Linear; GPTQ needs the layer's Hessian (from the calibration runner)."""
+    assert plan.spec is not None
+    if opts.method == "rtn":
+        qt = rtn_quantize(weight, plan.spec)
+        return qt, relative_error(weight, qt)
+    if opts.method == "gptq":
+        if hessian is None:
+            raise ValueError(f"{plan.prefix}: GPTQ needs a Hessian")
+        return gptq_quantize(
+            weight,
+            hessian,
+            plan.spec,
+            act_order=opts.act_order,
+            static_groups=opts.static_groups,
+            damp=opts.damp,
+            name=plan.prefix,
+        )
+    raise NotAvailable(f"--method {opts.method} is not available yet in this version")
+
+
+def _label(p: LayerPlan, error: float) -> str:
+    short = p.prefix.split(f"layers.{p.layer}.", 1)[-1] if p.layer is not None else p.prefix
+    where = f"layers.{p.layer}" if p.layer is not None else "head"
+    return f"{where} {short} err {error:.4g}"
+
+
+def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> QuantizeSummary:
+    """The RTN pipeline end to end (GPTQ/AWQ: planning and checks run, then NotAvailable until calib
+    lands)."""
+    from qconvert.load import open_checkpoint
+
+    t0 = time.monotonic()
+    ckpt = open_checkpoint(opts.model)
+    plan = plan_quantization(ckpt, opts)
+    if opts.method != "rtn":
+        raise NotAvailable(
+            f"--method {opts.method} needs the calibration engine, not available yet in this "
+            "version; --method rtn works now"
+        )
+    fmt = plan.fmt
+    wanted = plan.by_weight()
+    results: list[LayerResult] = []
+    done_layers: set[int] = set()
+    total = plan.n_decoder_layers
+    with CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite) as out:
+        for name in ckpt.tensors:
+            p = wanted.get(name)
+            if p is None:
+                out.add(name, ckpt.read(name))
+                continue
+            qt, err = quantize_linear(p, ckpt.read(name), opts)
+            tensors = fmt.pack(p.prefix, qt)
+            for tname, t in tensors.items():
+                out.add(tname, t)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            results.append(LayerResult(p.prefix, qt.bits, qt.group_size, qt.sym, p.shape, err, nbytes))
+            if p.layer is not None:
+                done_layers.add(p.layer)
+            if progress:
+                progress(len(done_layers), total, _label(p, err))
+        config = dict(ckpt.config)
+        config["quantization_config"] = plan.quantization_config
+        out.write_json("config.json", config)
+        for fname, obj in fmt.extra_files(plan.quantization_config).items():
+            out.write_json(fname, obj)
+        for fname, src in ckpt.tokenizer_files.items():
+            out.copy_file(src, fname)
+        output_bytes = out.total_bytes
+    source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
+    skipped = [p.prefix for p in plan.layers if p.spec is None]
+    return QuantizeSummary(
+        str(opts.output),
+        opts.method,
+        opts.format,
+        results,
+        skipped,
+        source_bytes,
+        output_bytes,
+        time.monotonic() - t0,
+    )
