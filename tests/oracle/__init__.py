@@ -1,0 +1,1 @@
+"""Test oracles (llama.cpp through ctypes)."""
