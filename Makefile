@@ -1,0 +1,65 @@
+# qconvert developer tasks. Works from a bare machine with Python 3 and the package registries.
+#   make install    venv + the package          make dev        + dev extras + the llama.cpp oracle wheel
+#   make fixtures   test artefacts (cache)      make test       dev + fixtures + pytest + ruff
+#   make demo       convert the real fixture model and inspect the result
+# Heavy artefacts go to ~/.cache/qconvert (QCONVERT_CACHE overrides), never into the repo.
+
+VENV ?= .venv
+PYTHON ?= python3
+PY = $(VENV)/bin/python
+PIP = $(PY) -m pip
+CACHE_DIR = $(or $(QCONVERT_CACHE),$(HOME)/.cache/qconvert)
+SMOLLM2 = $(CACHE_DIR)/fixtures/smollm2-135m-instruct
+# 1 once `qconvert convert` exists; until then demo inspects the fixture checkpoint itself.
+DEMO_CONVERT ?= 0
+DEMO_OUT = out/smollm2-Q4_K_M.gguf
+
+.PHONY: venv install dev oracle fixtures test demo
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: this release's CPU build lies on the machine's disk; any looser torch requirement
+# pulled in by the package would fetch a multi-GB CUDA build instead.
+$(VENV)/.torch-2.13.0: | $(PY)
+	$(PIP) install torch==2.13.0
+	touch $@
+
+venv: $(VENV)/.torch-2.13.0
+
+# Stamps keep repeated runs fast; editing pyproject.toml reinstalls.
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch-2.13.0
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch-2.13.0
+	$(PIP) install -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.installed-dev
+	$(MAKE) oracle
+
+# llama-cpp-python==0.3.36: wheel built once into $(CACHE_DIR)/wheels (CMAKE_BUILD_PARALLEL_LEVEL=2), then
+# installed with --no-deps. Idempotent; the logic lives in scripts/fixtures.py (ensure_oracle).
+oracle: venv
+	$(PY) scripts/fixtures.py oracle
+
+fixtures: install
+	$(PY) scripts/fixtures.py all
+
+test: dev fixtures
+	$(PY) -m pytest -q
+	$(PY) -m ruff check qconvert tests scripts
+
+demo: install
+	$(PY) scripts/fixtures.py model
+ifeq ($(DEMO_CONVERT),1)
+	mkdir -p $(dir $(DEMO_OUT))
+	$(VENV)/bin/qconvert convert $(SMOLLM2) --to gguf --type Q4_K_M -o $(DEMO_OUT)
+	$(VENV)/bin/qconvert inspect $(DEMO_OUT)
+else
+	@echo "demo: DEMO_CONVERT=0 (convert not available yet): inspecting the fixture checkpoint instead"
+	$(VENV)/bin/qconvert inspect $(SMOLLM2)
+endif

