@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import json
 import math
@@ -743,15 +744,32 @@ def bench_1b_dir() -> Path:
 # ---------------------------------------------------------------- llama.cpp oracle (llama-cpp-python wheel)
 
 
+# The CPU backend is built portable (-DGGML_NATIVE=OFF: AVX2/FMA/F16C, no AVX-512/AMX). A native build on this
+# machine enables the AMX matmul path, which segfaults here in llama_decode (the VM exposes AMX flags but no
+# tile state). ggml-base, which holds the reference quantizers, is compiled without -march either way.
+ORACLE_BUILD = "portable-1"
+ORACLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF"
+
+
 def oracle_wheels() -> list[Path]:
-    return sorted((cache_root() / "wheels").glob(f"llama_cpp_python-{ORACLE_VERSION}-*.whl"))
+    return sorted((cache_root() / "wheels" / ORACLE_BUILD).glob(f"llama_cpp_python-{ORACLE_VERSION}-*.whl"))
+
+
+def _oracle_marker() -> Path | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / ".qconvert-build"
 
 
 def oracle_installed() -> bool:
     try:
-        return importlib.metadata.version("llama_cpp_python") == ORACLE_VERSION
+        if importlib.metadata.version("llama_cpp_python") != ORACLE_VERSION:
+            return False
     except importlib.metadata.PackageNotFoundError:
         return False
+    marker = _oracle_marker()
+    return marker is not None and marker.is_file() and marker.read_text().strip() == ORACLE_BUILD
 
 
 def _build_oracle_wheel(wheels_dir: Path) -> None:
@@ -760,11 +778,29 @@ def _build_oracle_wheel(wheels_dir: Path) -> None:
     for stale in wheels_dir.glob(".build-*"):
         _remove(stale)
     tmp = wheels_dir / f".build-{os.getpid()}"
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")}
+    env = {
+        **os.environ,
+        "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2"),
+        "CMAKE_ARGS": ORACLE_CMAKE_ARGS,
+    }
     spec = f"llama-cpp-python=={ORACLE_VERSION}"
     try:
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", spec, "-w", str(tmp)], check=True, env=env
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-binary",
+                "llama-cpp-python",
+                "--no-cache-dir",
+                spec,
+                "-w",
+                str(tmp),
+            ],
+            check=True,
+            env=env,
         )
         for whl in tmp.glob("*.whl"):
             os.replace(whl, wheels_dir / whl.name)
@@ -773,11 +809,12 @@ def _build_oracle_wheel(wheels_dir: Path) -> None:
 
 
 def ensure_oracle() -> None:
-    """Make llama-cpp-python==ORACLE_VERSION importable here. Installed already: nothing to do. Else install
-    the cached wheel from <cache>/wheels (--no-deps), building it first if there is none. Idempotent."""
+    """Make llama-cpp-python==ORACLE_VERSION (our portable build) importable here. Installed already: nothing
+    to do. Else install the cached wheel from <cache>/wheels/ORACLE_BUILD, building it first if there is none.
+    Idempotent."""
     if oracle_installed():
         return
-    wheels_dir = cache_root() / "wheels"
+    wheels_dir = cache_root() / "wheels" / ORACLE_BUILD
     wheels_dir.mkdir(parents=True, exist_ok=True)
     with _locked(wheels_dir / f"llama_cpp_python-{ORACLE_VERSION}"):
         if not oracle_wheels():
@@ -786,8 +823,16 @@ def ensure_oracle() -> None:
     wheels = oracle_wheels()
     if not wheels:
         raise RuntimeError(f"pip wheel llama-cpp-python=={ORACLE_VERSION}: no wheel appeared in {wheels_dir}")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", str(wheels[-1])], check=True)
+    # its runtime deps (numpy, jinja2, typing-extensions, diskcache) come with the dev extras
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheels[-1])],
+        check=True,
+    )
     importlib.invalidate_caches()
+    marker = _oracle_marker()
+    if marker is None:
+        raise RuntimeError(f"pip install {wheels[-1]} did not install the llama_cpp package")
+    marker.write_text(ORACLE_BUILD + "\n")
     if not oracle_installed():
         raise RuntimeError(f"pip install {wheels[-1]} did not install llama_cpp_python {ORACLE_VERSION}")
 

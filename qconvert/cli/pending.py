@@ -31,16 +31,6 @@ def imatrix(
     _pending("imatrix")
 
 
-def convert(
-    model: str = typer.Argument(..., help="HF checkpoint directory, hub id, or .gguf file."),
-    to: str = typer.Option("gguf", "--to", help="Output format."),
-    type_: str = typer.Option(None, "--type", help="GGUF file type, e.g. Q4_K_M."),
-    output: Path = typer.Option(None, "-o", "--output", help="Output file."),
-) -> None:
-    """Convert a checkpoint to GGUF for llama.cpp: every legacy and K-quant type and mixture, in one step."""
-    _pending("convert")
-
-
 def eval_(
     model: str = typer.Argument(..., help="HF directory or .gguf file."),
     dataset: str = typer.Option(None, "--dataset", help="Evaluation text file."),
@@ -52,6 +42,5 @@ def eval_(
 COMMANDS = {
     "calibrate": calibrate,
     "imatrix": imatrix,
-    "convert": convert,
     "eval": eval_,
 }

@@ -1,0 +1,111 @@
+"""`qconvert convert MODEL --to gguf --type Q4_K_M`: parse → qconvert.convert_gguf.convert → render.
+
+A progress bar per tensor goes to stderr; the summary (or the --dry-run plan) to stdout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from qconvert.errors import BadInput
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _shape(ne: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in ne)
+
+
+def _plan_table(result):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"plan: {result.source} → {result.file_type}", title_justify="left")
+    for col in ("tensor", "ne", "type", "size", "why"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for r in result.records:
+        table.add_row(Text(r.name), _shape(r.ne), r.qtype.name, _mib(r.nbytes), Text(r.reason))
+    return table
+
+
+def _summary_table(result):
+    from rich.table import Table
+
+    table = Table(title=f"{result.file_type}: {result.output or '(dry run)'}", title_justify="left")
+    for col in ("type", "tensors", "size"):
+        table.add_column(col, justify="left" if col == "type" else "right")
+    for name, (count, size) in result.by_type().items():
+        table.add_row(name, str(count), _mib(size))
+    table.add_section()
+    table.add_row("total", str(len(result.records)), _mib(result.total_bytes))
+    table.caption = (f"{result.bits_per_weight:.3f} bits per weight · {result.n_fallback} fallback(s) · "
+                     f"{result.seconds:.1f} s")
+    return table
+
+
+def _progress_bar(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[size]}"), TimeElapsedColumn(), console=console, transient=True)
+
+
+def convert_command(
+    model: str = typer.Argument(..., help="HF checkpoint directory, hub id, or .gguf file (F32/F16/BF16)."),
+    to: str = typer.Option("gguf", "--to", help="Output format (gguf)."),
+    type_: str = typer.Option(None, "--type", "-t", help="GGUF file type: Q4_K_M (default), Q8_0, BF16..."),
+    output: Path = typer.Option(None, "-o", "--output", help="Output file (default ./<model>-<TYPE>.gguf)."),
+    imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix (GGUF or legacy .dat)."),
+    pure: bool = typer.Option(False, "--pure", help="One type for every tensor: no mixture rules."),
+    leave_output_tensor: bool = typer.Option(
+        False, "--leave-output-tensor", help="Do not quantize output.weight."),
+    output_tensor_type: str = typer.Option(
+        None, "--output-tensor-type", help="Type of output.weight, e.g. q8_0."),
+    token_embedding_type: str = typer.Option(
+        None, "--token-embedding-type", help="Type of token_embd.weight."),
+    tensor_type: list[str] = typer.Option(
+        None, "--tensor-type", help="REGEX=TYPE (repeatable, first match wins)."),
+    override_kv: list[str] = typer.Option(
+        None, "--override-kv", help="KEY=TYPE:VALUE with TYPE int, float, bool or str (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and sizes only."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Quantizer threads (default: all cores)."),
+    config: Path = typer.Option(None, "--config", help="YAML mixture preset or recipe (configs/gguf)."),
+    pre_tokenizer: str = typer.Option(
+        None, "--pre-tokenizer", help="llama.cpp pre-tokenizer name, when it cannot be detected."),
+    allow_requantize: bool = typer.Option(
+        False, "--allow-requantize", help="Accept an already-quantized GGUF (dequantized first)."),
+) -> None:
+    """Convert a checkpoint to GGUF for llama.cpp in one step (convert_hf_to_gguf.py + llama-quantize)."""
+    from rich.console import Console
+
+    from qconvert.convert_gguf import ConvertOptions, convert
+
+    if to.lower() != "gguf":
+        raise BadInput(f"--to {to!r}: only gguf is supported here (packed safetensors: qconvert quantize)")
+    opts = ConvertOptions(
+        file_type=type_, output=output, config=config, imatrix=imatrix, pure=pure,
+        leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
+        token_embedding_type=token_embedding_type, tensor_types=list(tensor_type or []),
+        override_kv=list(override_kv or []), dry_run=dry_run, threads=threads, pre_tokenizer=pre_tokenizer,
+        allow_requantize=allow_requantize)
+    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    if not out.is_terminal:  # piped: wide enough that tensor names are not cut
+        out = Console(highlight=False, width=160, color_system=None)
+    if dry_run:
+        result = convert(model, opts)
+        out.print(_plan_table(result))
+        out.print(_summary_table(result))
+        return
+    with _progress_bar(err) as bar:
+        task = bar.add_task("quantizing", total=None, size="")
+
+        def progress(record, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=record.name,
+                       size=f"{record.qtype.name} {_mib(record.nbytes)}")
+
+        result = convert(model, opts, progress)
+    out.print(_summary_table(result))

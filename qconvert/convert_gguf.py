@@ -1,0 +1,369 @@
+"""`qconvert convert --to gguf`: HF checkpoint (or GGUF) → quantized GGUF in one step.
+
+convert_hf_to_gguf.py followed by llama-quantize, without the intermediate file: open the checkpoint,
+plan every tensor's type with llama.cpp's mixture rules, write the header, then for each tensor in
+llama-quantize's order read → transform → check finite → quantize → write. The output equals, byte for
+byte, what llama-quantize makes from our own BF16 output (same KV order, tensor order and bytes).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from qconvert.errors import BadInput
+from qconvert.formats.gguf.metadata import build_header, tokenizer_kvs
+from qconvert.formats.gguf.reader import FLOAT_TYPES, GGUFSource, facts_from_header, read_gguf_source
+from qconvert.formats.gguf.tokenizer import llama_load_problem
+from qconvert.formats.gguf.writer import GGUFOutput, check_output_path, tensor_nbytes, write_gguf
+from qconvert.load.architectures import PlannedTensor, model_facts, plan_tensors, resolve, text_config
+
+Q = gguf.GGMLQuantizationType
+_MAX_KV_STR = 127  # llama_model_kv_override.val_str is char[128]
+
+
+@dataclass
+class ConvertOptions:
+    file_type: str | None = None                            # None: the --config's type, else Q4_K_M
+    output: Path | None = None
+    config: Path | None = None                              # YAML mixture preset (gguf_mixture.load_config)
+    imatrix: Path | None = None
+    pure: bool = False
+    leave_output_tensor: bool = False
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    tensor_types: list[str] = field(default_factory=list)   # "REGEX=TYPE", first match wins
+    override_kv: list[str] = field(default_factory=list)    # "KEY=TYPE:VALUE", TYPE in int/float/bool/str
+    dry_run: bool = False
+    threads: int | None = None
+    pre_tokenizer: str | None = None
+    allow_requantize: bool = False
+
+
+@dataclass
+class TensorRecord:
+    name: str
+    ne: tuple[int, ...]
+    qtype: Q
+    nbytes: int
+    quantized: bool
+    fallback: bool
+    reason: str = ""
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.ne, dtype=np.int64))
+
+
+@dataclass
+class ConvertResult:
+    source: str
+    output: Path | None
+    file_type: str
+    records: list[TensorRecord]
+    seconds: float = 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self.records)
+
+    @property
+    def n_elements(self) -> int:
+        return sum(r.n_elements for r in self.records)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.total_bytes / max(1, self.n_elements)
+
+    @property
+    def n_fallback(self) -> int:
+        return sum(r.fallback for r in self.records)
+
+    def by_type(self) -> dict[str, tuple[int, int]]:
+        """type name -> (tensor count, bytes)."""
+        count: Counter[str] = Counter()
+        size: Counter[str] = Counter()
+        for r in self.records:
+            count[r.qtype.name] += 1
+            size[r.qtype.name] += r.nbytes
+        return {k: (count[k], size[k]) for k in sorted(count)}
+
+
+ProgressFn = Callable[[TensorRecord, int, int], None]   # (record, index done, total)
+
+
+@dataclass
+class _Source:
+    label: str                      # path for messages
+    name: str                       # model name for the default output file
+    arch: str
+    facts: dict
+    header: GGUFOutput
+    tensors: list[PlannedTensor]
+    gguf: GGUFSource | None = None  # set for .gguf input (raw copies, requantize checks)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# option parsing (llama-quantize's spellings)
+
+def _parse_type(name: str, option: str) -> Q:
+    from qconvert.methods.gguf_mixture import parse_tensor_type
+
+    try:
+        return parse_tensor_type(name)
+    except BadInput as e:
+        raise BadInput(f"{option}: {e}") from None
+
+
+def parse_tensor_types(specs: list[str]) -> list[tuple[str, Q]]:
+    out = []
+    for spec in specs:
+        regex, sep, tname = spec.rpartition("=")
+        if not sep or not regex:
+            raise BadInput(f"--tensor-type {spec!r}: expected REGEX=TYPE")
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise BadInput(f"--tensor-type {spec!r}: bad regex: {e}") from e
+        out.append((regex, _parse_type(tname, "--tensor-type")))
+    return out
+
+
+def parse_override_kv(spec: str) -> tuple[str, Any, gguf.GGUFValueType]:
+    """KEY=TYPE:VALUE as llama.cpp parses it; INT is written as u32 of |value| (llama-quant.cpp)."""
+    key, sep, rest = spec.partition("=")
+    kind, sep2, value = rest.partition(":")
+    if not sep or not sep2 or not key or len(key) > 127:
+        raise BadInput(f"--override-kv {spec!r}: expected KEY=TYPE:VALUE with TYPE int, float, bool or str")
+    try:
+        if kind == "int":
+            return key, abs(int(value)) & 0xFFFFFFFF, gguf.GGUFValueType.UINT32
+        if kind == "float":
+            return key, float(value), gguf.GGUFValueType.FLOAT32
+    except ValueError:
+        raise BadInput(f"--override-kv {spec!r}: {value!r} is not a {kind}") from None
+    if kind == "bool" and value in ("true", "false"):
+        return key, value == "true", gguf.GGUFValueType.BOOL
+    if kind == "str" and len(value) <= _MAX_KV_STR:
+        return key, value, gguf.GGUFValueType.STRING
+    raise BadInput(f"--override-kv {spec!r}: bad {kind} value (bool: true/false; str: at most 127 chars)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sources
+
+def _open_source(model: str, opts: ConvertOptions) -> _Source:
+    path = Path(model)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise BadInput("no such GGUF file", path)
+        src = read_gguf_source(path)
+        return _Source(str(path), path.stem, src.arch, facts_from_header(src.header, src.arch),
+                       src.header, src.tensors, src)
+    from qconvert.load import open_checkpoint
+
+    ckpt = open_checkpoint(model)
+    cfg = text_config(ckpt.config)
+    if not cfg:
+        raise BadInput("no config.json next to the weights: cannot tell the architecture", ckpt.path)
+    spec = resolve(cfg, ckpt.path)
+    tok, info = tokenizer_kvs(spec, cfg, ckpt.path, opts.pre_tokenizer)
+    planned = plan_tensors(ckpt, spec, cfg, info.n_vocab_real)
+    total = sum(int(np.prod(t.shape, dtype=np.int64)) for t in planned)
+    header = build_header(spec, cfg, ckpt.path, ckpt.name, total, tok)
+    return _Source(str(ckpt.path), ckpt.name, spec.name, model_facts(spec, cfg), header, planned)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plan
+
+def _imatrix(opts: ConvertOptions) -> Any:
+    if opts.imatrix is None:
+        return None
+    from qconvert.formats.imatrix import read_imatrix
+
+    return read_imatrix(opts.imatrix)
+
+
+def mixture_options(opts: ConvertOptions, has_imatrix: bool) -> Any:
+    """MixtureOptions from the flags, on top of --config (flags win; --tensor-type patterns come first)."""
+    from qconvert.methods.gguf_mixture import MixtureOptions, load_config, parse_file_type
+
+    base = load_config(opts.config, has_imatrix=has_imatrix) if opts.config else None
+    if opts.file_type is not None:
+        file_type = parse_file_type(opts.file_type)
+    else:
+        file_type = base.file_type if base else parse_file_type("Q4_K_M")
+    out_t = _opt_type(opts.output_tensor_type, "--output-tensor-type")
+    emb_t = _opt_type(opts.token_embedding_type, "--token-embedding-type")
+    return MixtureOptions(
+        file_type=file_type, has_imatrix=has_imatrix,
+        pure=opts.pure or bool(base and base.pure),
+        leave_output_tensor=opts.leave_output_tensor or bool(base and base.leave_output_tensor),
+        output_tensor_type=out_t if out_t is not None else (base.output_tensor_type if base else None),
+        token_embedding_type=emb_t if emb_t is not None else (base.token_embedding_type if base else None),
+        tensor_types=parse_tensor_types(opts.tensor_types) + (list(base.tensor_types) if base else []))
+
+
+def _choices(src: _Source, mix: Any) -> list[Any]:
+    from qconvert.methods.gguf_mixture import ModelFacts, choose_types
+
+    items = [(t.name, t.ne, _kept_type(t, src)) for t in src.tensors]
+    return choose_types(items, ModelFacts(**src.facts), mix)
+
+
+def _opt_type(name: str | None, option: str) -> Q | None:
+    return None if name is None else _parse_type(name, option)
+
+
+def _kept_type(t: PlannedTensor, src: _Source) -> Q:
+    """Type of a tensor that is not quantized: what our BF16 file (or the input GGUF) holds for it."""
+    if src.gguf is not None:
+        return src.gguf.raw[t.name][0]
+    if len(t.shape) < 2 or t.name.endswith("_norm.weight"):
+        return Q.F32
+    return Q.F16 if t.dtype == "F16" else (Q.F32 if t.dtype == "F32" else Q.BF16)
+
+
+def _records(src: _Source, choices: list[Any]) -> list[TensorRecord]:
+    ne = {t.name: t.ne for t in src.tensors}
+    return [TensorRecord(c.name, ne[c.name], Q(c.qtype), tensor_nbytes(Q(c.qtype), ne[c.name]),
+                         bool(c.quantized), bool(c.fallback), c.reason) for c in choices]
+
+
+def _imatrix_for(imx: Any, r: TensorRecord) -> np.ndarray | None:
+    """The weights llama-quantize would use for this tensor, [n_mat, ne0] (size mismatch → BadInput)."""
+    if imx is None or not r.quantized:
+        return None
+    n_mat = r.ne[2] if len(r.ne) > 2 else 1
+    w = imx.weights_for(r.name, r.ne[0], n_mat)
+    return None if w is None else np.asarray(w, dtype=np.float32).reshape(n_mat, r.ne[0])
+
+
+def _check_imatrix(records: list[TensorRecord], choices: list[Any], imx: Any, mix: Any) -> None:
+    from qconvert.methods.gguf_mixture import requires_imatrix
+
+    for r, c in zip(records, choices, strict=True):
+        w = _imatrix_for(imx, r)  # raises on a size mismatch, before anything is written
+        if w is None and requires_imatrix(c, mix):
+            where = "no imatrix given (--imatrix FILE)" if imx is None else "the imatrix has no entry for it"
+            raise BadInput(f"{mix.file_type.name}: tensor {r.name} as {r.qtype.name} needs an importance "
+                           f"matrix; {where}")
+
+
+def _imatrix_kvs(imx: Any, path: Path) -> list[tuple[str, Any, gguf.GGUFValueType]]:
+    """The quantize.imatrix.* KVs llama-quantize's CLI appends (after the user's --override-kv)."""
+    s, u = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32
+    kvs = [("quantize.imatrix.file", str(path)[:_MAX_KV_STR], s)]
+    if imx.datasets:
+        kvs.append(("quantize.imatrix.dataset", str(imx.datasets[0])[:_MAX_KV_STR], s))
+    kvs.append(("quantize.imatrix.entries_count", len(imx.entries), u))
+    if imx.chunk_count > 0:
+        kvs.append(("quantize.imatrix.chunks_count", int(imx.chunk_count), u))
+    return kvs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quantize + stream
+
+def quantize_tensor(x: np.ndarray, qtype: Q, imatrix: np.ndarray | None = None,
+                    threads: int | None = None) -> np.ndarray:
+    """float32 [..., n_per_row] → the bytes ggml stores for it, uint8 [nrows, row_bytes]."""
+    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    if qtype == Q.F32:
+        return rows.view(np.uint8)
+    if qtype == Q.F16:
+        return rows.astype(np.float16).view(np.uint8)
+    if qtype == Q.BF16:
+        return gguf.quants.quantize(rows, Q.BF16)
+    if imatrix is not None and imatrix.shape[0] > 1:  # one imatrix row per expert matrix
+        per = rows.reshape(imatrix.shape[0], -1, rows.shape[1])
+        parts = [quantize_tensor(p, qtype, imatrix[i:i + 1], threads) for i, p in enumerate(per)]
+        return np.concatenate(parts)
+    imx = None if imatrix is None else imatrix.reshape(-1)
+    from qconvert.kernels import ggml_fast
+
+    if qtype in ggml_fast.SUPPORTED:
+        return ggml_fast.quantize(rows, qtype, imx, threads=threads)
+    from qconvert.kernels import ggml
+
+    return ggml.quantize(rows, qtype, imx)
+
+
+def _tensor_bytes(t: PlannedTensor, r: TensorRecord, src: _Source, imx: Any,
+                  opts: ConvertOptions) -> np.ndarray:
+    if src.gguf is not None:
+        raw_type, raw = src.gguf.raw[t.name]
+        if raw_type == r.qtype:
+            return np.asarray(raw).view(np.uint8)  # unchanged: copied as is, like llama-quantize
+        if raw_type not in FLOAT_TYPES and not opts.allow_requantize:
+            raise BadInput(f"tensor {t.name} is already {raw_type.name}; pass --allow-requantize", src.label)
+    x = t.read()
+    if x.shape != t.shape:
+        raise BadInput(f"tensor {t.source or t.name} has shape {x.shape}, expected {t.shape}", src.label)
+    if not np.isfinite(x).all():
+        raise BadInput(f"tensor {t.source or t.name} contains NaN or Inf values", src.label)
+    return quantize_tensor(x, r.qtype, _imatrix_for(imx, r), opts.threads)
+
+
+def _stream(src: _Source, records: list[TensorRecord], imx: Any, opts: ConvertOptions,
+            progress: ProgressFn | None) -> Iterator[np.ndarray]:
+    by_name = {t.name: t for t in src.tensors}
+    for i, r in enumerate(records):
+        data = _tensor_bytes(by_name[r.name], r, src, imx, opts)
+        if data.nbytes != r.nbytes:
+            raise RuntimeError(f"{r.name}: quantizer returned {data.nbytes} bytes, expected {r.nbytes}")
+        yield data
+        if progress is not None:
+            progress(r, i + 1, len(records))
+
+
+def default_output(name: str, file_type_name: str) -> Path:
+    return Path.cwd() / f"{Path(name).name}-{file_type_name}.gguf"
+
+
+def convert(model: str, opts: ConvertOptions, progress: ProgressFn | None = None) -> ConvertResult:
+    """Convert MODEL to a GGUF file (or only plan it with opts.dry_run)."""
+    start = time.perf_counter()
+    overrides = [parse_override_kv(s) for s in opts.override_kv]
+    if opts.pre_tokenizer is not None and Path(model).suffix.lower() == ".gguf":
+        raise BadInput("--pre-tokenizer only applies to HF checkpoints (a GGUF input keeps its tokenizer)")
+    target = None if opts.dry_run or opts.output is None else Path(opts.output)
+    if target is not None:
+        check_output_path(target)
+    imx = _imatrix(opts)
+    mix = mixture_options(opts, imx is not None)
+    src = _open_source(model, opts)
+    choices = _choices(src, mix)
+    records = _records(src, choices)
+    _check_imatrix(records, choices, imx, mix)
+    result = ConvertResult(src.label, None, mix.file_type.name, records)
+    if not opts.dry_run:
+        result.output = _write(src, records, imx, mix, overrides, target, opts, progress)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _write(src: _Source, records: list[TensorRecord], imx: Any, mix: Any, overrides: list,
+           target: Path | None, opts: ConvertOptions, progress: ProgressFn | None) -> Path:
+    target = target or default_output(src.name, mix.file_type.name)
+    check_output_path(target)
+    if src.gguf is not None and target.resolve() == src.gguf.path.resolve():
+        raise BadInput("output would overwrite the input", target)
+    if imx is not None:
+        overrides = overrides + _imatrix_kvs(imx, Path(opts.imatrix))
+    src.header.finalize_kv(int(mix.file_type.ftype), overrides)
+    if (problem := llama_load_problem(src.header.kv())) is not None:
+        raise BadInput(problem, src.label)
+    for r in records:
+        src.header.add_planned_tensor(r.name, r.ne, r.qtype)
+    write_gguf(src.header, target, _stream(src, records, imx, opts, progress))
+    return target

@@ -1,0 +1,1 @@
+"""GGUF output: metadata (general.* and arch hyper-parameters), tokenizer export, streaming writer."""

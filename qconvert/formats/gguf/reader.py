@@ -1,0 +1,92 @@
+"""A GGUF file as conversion input (qconvert as a drop-in for llama-quantize).
+
+All KV pairs are kept in file order; tensors are read one at a time from the memory map, either as their
+raw bytes (copied when the type does not change) or dequantized to float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from qconvert.errors import BadInput, IOFailure
+from qconvert.formats.gguf.writer import GGUFOutput
+from qconvert.load.architectures import PlannedTensor
+from qconvert.load.gguf_file import open_gguf
+
+FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
+@dataclass
+class GGUFSource:
+    path: Path
+    arch: str
+    header: GGUFOutput                      # the input KVs, in order
+    tensors: list[PlannedTensor]
+    raw: dict[str, tuple[gguf.GGMLQuantizationType, Any]]  # name -> (type, uint8 view of the stored bytes)
+
+
+def read_gguf_source(path: Path) -> GGUFSource:
+    open_gguf(path).close()  # our validated header parser first: a bad file is one BadInput line
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except OSError as e:
+        raise IOFailure(f"cannot read: {e.strerror or e}", path) from e
+    except (ValueError, KeyError, IndexError) as e:
+        raise BadInput(f"not a valid GGUF file: {e}", path) from e
+    arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
+    if arch_field is None:
+        raise BadInput("GGUF file has no general.architecture", path)
+    arch = str(arch_field.contents())
+    header = GGUFOutput(arch)
+    header.kv().clear()  # keep the input's own KV order, general.architecture included
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue  # header pseudo-fields (version, counts)
+        _copy_field(header, key, field)
+    tensors, raw = [], {}
+    for t in reader.tensors:
+        ne = tuple(int(n) for n in t.shape)
+        shape = tuple(reversed(ne))
+        raw[t.name] = (gguf.GGMLQuantizationType(t.tensor_type), t.data)
+        tensors.append(PlannedTensor(t.name, shape, t.name, _dequantizer(t, shape), t.tensor_type.name))
+    return GGUFSource(path, arch, header, tensors, raw)
+
+
+def _copy_field(header: GGUFOutput, key: str, field: Any) -> None:
+    vtype = field.types[0]
+    if vtype == gguf.GGUFValueType.ARRAY:
+        sub = field.types[1] if len(field.types) > 1 else gguf.GGUFValueType.UINT8
+        header.add_key_value(key, list(field.contents()), vtype, sub_type=sub)
+    else:
+        header.add_key_value(key, field.contents(), vtype)
+
+
+def _dequantizer(t: Any, shape: tuple[int, ...]):
+    qtype = gguf.GGMLQuantizationType(t.tensor_type)
+
+    def read() -> np.ndarray:
+        x = gguf.quants.dequantize(np.asarray(t.data), qtype)
+        return np.asarray(x, dtype=np.float32).reshape(shape)
+    return read
+
+
+def kv_int(header: GGUFOutput, key: str, default: int = 0) -> int:
+    v = header.kv().get(key)
+    if v is None:
+        return default
+    val = v.value[0] if isinstance(v.value, list) else v.value  # per-layer arrays: layer 0, as llama.cpp
+    return int(val)
+
+
+def facts_from_header(header: GGUFOutput, arch: str) -> dict:
+    n_layer = kv_int(header, f"{arch}.block_count")
+    n_head = kv_int(header, f"{arch}.attention.head_count")
+    n_head_kv = kv_int(header, f"{arch}.attention.head_count_kv", n_head)
+    is_70b = n_layer == 80 and ((arch == "llama" and n_head_kv != n_head) or arch == "qwen2")
+    return {"arch": arch, "n_layer": n_layer, "n_head": n_head, "n_head_kv": n_head_kv,
+            "n_expert": kv_int(header, f"{arch}.expert_count"), "is_70b": is_70b}

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Time and peak RSS of `qconvert convert` against llama.cpp's llama-quantize.
+
+    python scripts/bench_convert.py [--model HF_DIR] [--type Q4_K_M] [--threads 2] [--repeat 1] [--json]
+
+Runs, each as its own child process (peak RSS from wait4's rusage):
+  1. qconvert convert HF_DIR --type BF16          (the intermediate file llama-quantize needs; also timed)
+  2. qconvert convert HF_DIR --type TYPE          (one step: HF → quantized)
+  3. qconvert convert BF16.gguf --type TYPE       (drop-in for llama-quantize)
+  4. llama-quantize BF16.gguf OUT TYPE THREADS    (built by scripts/build_llamacpp_tools.sh)
+and checks that 2, 3 and 4 wrote the same bytes. Default model: the SmolLM2 fixture. Work files go to a
+temp dir under the cache (QCONVERT_CACHE), removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QCONVERT_CACHE", Path.home() / ".cache" / "qconvert"))
+
+
+def run(cmd: list[str]) -> dict:
+    """Run cmd; wall seconds, peak RSS (MiB) of that child, exit code."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {' '.join(cmd)}\n{err[-2000:]}")
+    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def qconvert(model: Path | str, file_type: str, out: Path, threads: int) -> list[str]:
+    return [sys.executable, "-m", "qconvert", "convert", str(model), "--type", file_type, "-o", str(out),
+            "--threads", str(threads)]
+
+
+def llama_quantize_bin(given: str | None) -> Path:
+    if given:
+        return Path(given)
+    built = subprocess.run(["bash", str(ROOT / "scripts" / "build_llamacpp_tools.sh")], check=True,
+                           capture_output=True, text=True)
+    return Path(built.stdout.strip().splitlines()[-1]) / "llama-quantize"
+
+
+def default_model() -> Path:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qconvert_bench_fixtures", ROOT / "scripts" / "fixtures.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.smollm2_dir()
+
+
+def bench(model: Path, file_type: str, threads: int, repeat: int, quantize_bin: Path, work: Path) -> dict:
+    bf16 = work / "model-BF16.gguf"
+    names = ["qconvert HF→BF16", f"qconvert HF→{file_type}", f"qconvert BF16.gguf→{file_type}",
+             f"llama-quantize BF16→{file_type}"]
+    rows: dict[str, list[dict]] = {n: [] for n in names}
+    outs = [work / "one-step.gguf", work / "drop-in.gguf", work / "llama.gguf"]
+    for _ in range(repeat):
+        rows["qconvert HF→BF16"].append(run(qconvert(model, "BF16", bf16, threads)))
+        rows[f"qconvert HF→{file_type}"].append(run(qconvert(model, file_type, outs[0], threads)))
+        rows[f"qconvert BF16.gguf→{file_type}"].append(run(qconvert(bf16, file_type, outs[1], threads)))
+        rows[f"llama-quantize BF16→{file_type}"].append(
+            run([str(quantize_bin), str(bf16), str(outs[2]), file_type, str(threads)]))
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in rows.items()}
+    same = all(filecmp.cmp(outs[0], o, shallow=False) for o in outs[1:])
+    return {"model": str(model), "type": file_type, "threads": threads, "repeat": repeat,
+            "output_bytes": outs[0].stat().st_size, "identical_outputs": same, "runs": best}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="HF checkpoint directory (default: the SmolLM2 fixture)")
+    ap.add_argument("--type", default="Q4_K_M")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per command; the fastest is reported")
+    ap.add_argument("--llama-quantize", help="llama-quantize path (default: scripts/build_llamacpp_tools.sh)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args()
+    model = args.model or default_model()
+    quantize_bin = llama_quantize_bin(args.llama_quantize)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_root(), prefix="bench-convert-") as tmp:
+        report = bench(model, args.type, args.threads, args.repeat, quantize_bin, Path(tmp))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{report['model']} → {report['type']}, {report['threads']} threads, "
+          f"output {report['output_bytes'] / 2**20:.1f} MiB, "
+          f"identical outputs: {report['identical_outputs']}")
+    print(f"{'command':<40} {'seconds':>9} {'peak RSS MiB':>13}")
+    for name, r in report["runs"].items():
+        print(f"{name:<40} {r['seconds']:>9.2f} {r['peak_rss_mib']:>13.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""`qconvert convert --to gguf` end to end, against llama.cpp (llama-cpp-python 0.3.36) and transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from qconvert.cli.convert import convert_command
+from qconvert.convert_gguf import ConvertOptions, convert
+from qconvert.errors import BadInput
+from qconvert.formats.imatrix import Imatrix, write_imatrix_gguf
+from tests.oracle.llamacpp import model_quantize
+
+Q = gguf.GGMLQuantizationType
+FT = gguf.LlamaFileType
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
+TOKENS = [1, 17, 400, 1021, 33, 2048, 5, 900]
+TEXT = "Hello world! The 3 quick brown foxes jumped over 1234 lazy dogs, didn't they?\n  Indented."
+
+
+def _convert(model, out: Path, file_type: str, **kw) -> Path:
+    convert(str(model), ConvertOptions(file_type=file_type, output=out, **kw))
+    return out
+
+
+def _llama(path: Path):
+    """llama_cpp.Llama without extra buffer types: on CPUs with AMX the wheel (GGML_NATIVE) repacks quantized
+    weights for AMX tiles, which segfaults in this sandbox (no AMX permission); plain CPU buffers do not."""
+    import llama_cpp.llama_cpp as lib
+    from llama_cpp import Llama
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    finally:
+        lib.llama_model_default_params = default
+
+
+def _llama_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    llm = _llama(path)
+    llm.eval(tokens)
+    out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def _hf_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def _tensor_bytes(path: Path) -> dict[str, tuple[int, bytes]]:
+    r = gguf.GGUFReader(path)
+    return {t.name: (int(t.tensor_type), np.asarray(t.data).tobytes()) for t in r.tensors}
+
+
+def _assert_same_file(ours: Path, ref: Path) -> None:
+    a, b = _tensor_bytes(ours), _tensor_bytes(ref)
+    assert list(a) == list(b), "tensor order differs"
+    bad = [n for n in a if a[n] != b[n]]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:5]}"
+    assert ours.read_bytes() == ref.read_bytes(), "tensors equal but header (KV) differs"
+
+
+# ---------------------------------------------------------------- every architecture vs transformers
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_gguf_matches_transformers(arch, synthetic_dir, tmp_path):
+    model = synthetic_dir(arch)
+    # llama.cpp looks up </s>, <s>, <unk> in any model *named* phi3; our synthetic vocabulary has none of them
+    rename = ["general.name=str:tiny synthetic"] if arch == "phi3" else []
+    out = _convert(model, tmp_path / f"{arch}.gguf", "BF16", override_kv=rename)
+    ref = _hf_logits(model, TOKENS)
+    got = _llama_logits(out, TOKENS)
+    assert got.shape == ref.shape
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() < 0.03 * scale, f"{arch}: max |Δlogit| {np.abs(got - ref).max():.4f}"
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+    # the tokenizer llama.cpp rebuilt from our KVs splits text like the checkpoint's own tokenizer.json
+    from tokenizers import Tokenizer
+
+    llm = _llama(out)
+    want = Tokenizer.from_file(str(model / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == want
+    llm.close()
+
+
+def test_sentencepiece_tokenizer_export(synthetic_dir, calib_text, tmp_path):
+    """A tokenizer.model (SentencePiece BPE with byte fallback, as Gemma ships) becomes model "llama"."""
+    import sentencepiece as spm
+
+    model = tmp_path / "gemma"
+    shutil.copytree(synthetic_dir("gemma"), model)
+    spm.SentencePieceTrainer.train(
+        input=str(calib_text), model_prefix=str(model / "tokenizer"), vocab_size=1000, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, bos_id=2, eos_id=1, unk_id=3, pad_id=0, input_sentence_size=20000,
+        minloglevel=2)
+    out = _convert(model, tmp_path / "g.gguf", "BF16")
+    kv = gguf.GGUFReader(out).fields
+    assert kv["tokenizer.ggml.model"].contents() == "llama"
+    assert kv["tokenizer.ggml.pre"].contents() == "default"
+    assert len(kv["tokenizer.ggml.scores"].contents()) == 4096  # padded to the embedding's vocab_size
+    sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
+    llm = _llama(out)
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == sp.encode(TEXT)
+    llm.close()
+
+
+def test_f16_untied_llama_matches_transformers(synthetic_dir, tmp_path):
+    model = synthetic_dir("llama", tied=False)
+    out = _convert(model, tmp_path / "u.gguf", "F16")
+    assert "output.weight" in _tensor_bytes(out)
+    ref, got = _hf_logits(model, TOKENS), _llama_logits(out, TOKENS)
+    assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
+
+
+# ---------------------------------------------------------------- SmolLM2: byte-identical to llama-quantize
+
+@pytest.fixture(scope="module")
+def smollm2_bf16(smollm2_dir, tmp_path_factory) -> Path:
+    return _convert(smollm2_dir, tmp_path_factory.mktemp("smol") / "smol-BF16.gguf", "BF16")
+
+
+def test_smollm2_q4_k_m_is_llama_quantize_of_our_bf16(smollm2_dir, smollm2_bf16, tmp_path):
+    ours = _convert(smollm2_dir, tmp_path / "ours.gguf", "Q4_K_M", threads=2)
+    ref = tmp_path / "ref.gguf"
+    model_quantize(smollm2_bf16, ref, FT.MOSTLY_Q4_K_M)
+    _assert_same_file(ours, ref)
+    kv = gguf.GGUFReader(ours).fields
+    assert kv["tokenizer.ggml.pre"].contents() == "smollm"
+    # greedy generation of our file equals llama.cpp's own Q4_K_M of our BF16
+    texts = []
+    for path in (ours, ref):
+        llm = _llama(path)
+        texts.append(llm("The capital of France is", max_tokens=16, temperature=0.0)["choices"][0]["text"])
+        llm.close()
+    assert texts[0] == texts[1] and len(texts[0]) > 0
+
+
+def test_bf16_is_a_fixed_point_of_llama_quantize(smollm2_bf16, tmp_path):
+    ref = tmp_path / "ref.gguf"
+    model_quantize(smollm2_bf16, ref, FT.MOSTLY_BF16)
+    _assert_same_file(smollm2_bf16, ref)
+
+
+def test_gguf_input_is_a_drop_in_for_llama_quantize(synthetic_dir, tmp_path):
+    bf16 = _convert(synthetic_dir("llama", tied=False), tmp_path / "bf16.gguf", "BF16")
+    for file_type in ("Q4_K_M", "Q8_0"):
+        ours = _convert(bf16, tmp_path / f"ours-{file_type}.gguf", file_type)
+        ref = tmp_path / f"ref-{file_type}.gguf"
+        model_quantize(bf16, ref, int(getattr(FT, f"MOSTLY_{file_type}")))
+        _assert_same_file(ours, ref)
+
+
+# ---------------------------------------------------------------- llama-quantize flags
+
+def _imatrix_for(gguf_path: Path) -> Imatrix:
+    rng = np.random.default_rng(0)
+    entries = {}
+    for t in gguf.GGUFReader(gguf_path).tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            entries[t.name] = (rng.gamma(2.0, 1.0, (1, int(t.shape[0]))).astype(np.float32) * 50,
+                               np.array([50.0], np.float32))
+    return Imatrix(entries, datasets=["calib.txt"], chunk_count=50, chunk_size=512)
+
+
+FLAG_CASES = {
+    "pure": ({"pure": True}, {"pure": True}),
+    "tensor_type": ({"tensor_types": ["attn_v=q8_0", r"ffn_down\.weight=q5_K"]},
+                    {"tensor_types": [("attn_v", int(Q.Q8_0)), (r"ffn_down\.weight", int(Q.Q5_K))]}),
+    "output_types": ({"output_tensor_type": "q8_0", "token_embedding_type": "q4_0"},
+                     {"output_tensor_type": int(Q.Q8_0), "token_embedding_type": int(Q.Q4_0)}),
+    "leave_output": ({"leave_output_tensor": True}, {"quantize_output_tensor": False}),
+    "override_kv": ({"override_kv": ["general.name=str:renamed", "x.count=int:-7", "x.f=float:0.5",
+                                     "x.b=bool:true"]},
+                    {"kv_overrides": {"general.name": "renamed", "x.count": -7, "x.f": 0.5, "x.b": True}}),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_flags_match_llama_quantize(case, synthetic_dir, tmp_path):
+    ours_kw, ref_kw = FLAG_CASES[case]
+    model = synthetic_dir("llama", tied=False)
+    bf16 = _convert(model, tmp_path / "bf16.gguf", "BF16")
+    ours = _convert(model, tmp_path / "ours.gguf", "Q4_K_M", **ours_kw)
+    ref = tmp_path / "ref.gguf"
+    model_quantize(bf16, ref, FT.MOSTLY_Q4_K_M, **ref_kw)
+    _assert_same_file(ours, ref)
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q2_K_S", "IQ4_XS"])
+def test_imatrix_matches_llama_quantize(file_type, synthetic_dir, tmp_path):
+    model = synthetic_dir("llama")
+    bf16 = _convert(model, tmp_path / "bf16.gguf", "BF16")
+    imx = _imatrix_for(bf16)
+    write_imatrix_gguf(tmp_path / "imatrix.gguf", imx)
+    ours = _convert(model, tmp_path / "ours.gguf", file_type, imatrix=tmp_path / "imatrix.gguf")
+    ref = tmp_path / "ref.gguf"
+    kvs = {"quantize.imatrix.file": str(tmp_path / "imatrix.gguf"), "quantize.imatrix.dataset": "calib.txt",
+           "quantize.imatrix.entries_count": len(imx.entries), "quantize.imatrix.chunks_count": 50}
+    weights = {n: imx.weights(n) for n in imx.entries}
+    model_quantize(bf16, ref, int(getattr(FT, f"MOSTLY_{file_type}")), imatrix=weights, kv_overrides=kvs)
+    _assert_same_file(ours, ref)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def test_q2_k_s_without_imatrix(synthetic_dir, tmp_path):
+    with pytest.raises(BadInput, match="needs an importance matrix"):
+        _convert(synthetic_dir("llama"), tmp_path / "o.gguf", "Q2_K_S")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_imatrix_size_mismatch(synthetic_dir, tmp_path):
+    bad = Imatrix({"blk.0.attn_q.weight": (np.ones((1, 100), np.float32), np.ones(1, np.float32))},
+                  datasets=["x"], chunk_count=1, chunk_size=512)
+    write_imatrix_gguf(tmp_path / "bad.gguf", bad)
+    with pytest.raises(BadInput, match="blk.0.attn_q.weight has 100 values"):
+        _convert(synthetic_dir("llama"), tmp_path / "o.gguf", "Q4_K_M", imatrix=tmp_path / "bad.gguf")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_nan_weight_names_the_tensor(synthetic_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "m"
+    shutil.copytree(synthetic_dir("llama"), model)
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.layers.2.mlp.up_proj.weight"][3, 7] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert weights["model.layers.2.mlp.up_proj.weight"].dtype == torch.bfloat16
+    with pytest.raises(BadInput, match=r"model\.layers\.2\.mlp\.up_proj\.weight contains NaN"):
+        _convert(model, tmp_path / "o.gguf", "Q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_missing_output_directory(synthetic_dir, tmp_path):
+    with pytest.raises(BadInput, match="output directory does not exist"):
+        _convert(synthetic_dir("llama"), tmp_path / "no" / "o.gguf", "Q8_0")
+
+
+def test_interrupt_leaves_no_partial_file(synthetic_dir, tmp_path):
+    def stop(record, done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(synthetic_dir("llama")), ConvertOptions(file_type="Q8_0", output=tmp_path / "o.gguf"),
+                stop)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_gguf_needs_allow_requantize(synthetic_dir, tmp_path):
+    bf16 = _convert(synthetic_dir("llama"), tmp_path / "bf16.gguf", "BF16")
+    q4_1 = tmp_path / "q4_1.gguf"
+    model_quantize(bf16, q4_1, FT.MOSTLY_Q4_1)
+    with pytest.raises(BadInput, match="--allow-requantize"):
+        _convert(q4_1, tmp_path / "o.gguf", "Q4_K_M")
+    assert not (tmp_path / "o.gguf").exists()
+    ours = _convert(q4_1, tmp_path / "ours.gguf", "Q4_K_M", allow_requantize=True)
+    ref = tmp_path / "ref.gguf"
+    model_quantize(q4_1, ref, FT.MOSTLY_Q4_K_M, allow_requantize=True)
+    _assert_same_file(ours, ref)
+
+
+def test_phi3_name_without_its_tokens_is_refused(synthetic_dir, tmp_path):
+    with pytest.raises(BadInput, match="--override-kv general.name"):
+        _convert(synthetic_dir("phi3"), tmp_path / "o.gguf", "BF16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_options(synthetic_dir, tmp_path):
+    model = synthetic_dir("llama")
+    for kw, msg in [({"override_kv": ["k=int:x"]}, "not a int"),
+                    ({"override_kv": ["novalue"]}, "KEY=TYPE:VALUE"),
+                    ({"tensor_types": ["attn_v=q9_9"]}, "unknown tensor type"),
+                    ({"pre_tokenizer": "nope"}, "not a name llama.cpp knows")]:
+        with pytest.raises(BadInput, match=msg):
+            _convert(model, tmp_path / "o.gguf", "Q8_0", **kw)
+    with pytest.raises(BadInput, match="unknown GGUF file type"):
+        _convert(model, tmp_path / "o.gguf", "Q4_K_X")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- CLI
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("convert")(convert_command)
+    app.command("noop")(lambda: None)  # two commands: keep `convert` as a subcommand
+    return app
+
+
+def test_dry_run_prints_plan_writes_nothing(synthetic_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["convert", str(synthetic_dir("llama")), "--type", "q4_k_m", "--dry-run"]
+    res = CliRunner().invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    assert "blk.0.attn_v.weight" in res.output and "Q6_K" in res.output and "bits per weight" in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_output_name(synthetic_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(_app(), ["convert", str(synthetic_dir("qwen3")), "--type", "Q8_0"])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in tmp_path.iterdir()] == ["qwen3-Q8_0.gguf"]
+    assert json.loads(json.dumps(gguf.GGUFReader(tmp_path / "qwen3-Q8_0.gguf").fields["general.file_type"]
+                                 .contents())) == int(FT.MOSTLY_Q8_0)
