@@ -6,11 +6,14 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from qconvert.formats.safetensors_out import parse_size
-from qconvert.quantize_pipeline import QuantizeOptions, QuantizeSummary, run_quantize
+from qconvert.errors import BadInput
+
+if TYPE_CHECKING:  # the pipeline imports torch: keep `qconvert --help` and other commands fast
+    from qconvert.quantize_pipeline import QuantizeSummary
 
 
 class Method(str, Enum):
@@ -85,18 +88,39 @@ def _progress_bar(enabled: bool):
     return bar, report
 
 
+def resolve_sym(method: str, sym: bool | None, zero_point: bool | None) -> bool:
+    """--sym/--asym and AWQ's --zero-point/--no-zero-point name the same choice; AWQ defaults to a zero
+    point (AutoAWQ's default), the other methods to symmetric."""
+    if sym is not None and zero_point is not None and sym == zero_point:
+        raise BadInput(
+            f"--{'sym' if sym else 'asym'} contradicts --{'' if zero_point else 'no-'}zero-point"
+        )
+    if zero_point is not None:
+        return not zero_point
+    if sym is not None:
+        return sym
+    return method != "awq"
+
+
 def quantize_command(
     model: str = typer.Argument(..., help="HF checkpoint directory, .safetensors file or hub id."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
     method: Method = typer.Option(
-        ..., "--method", help="gptq (calibrated), rtn (round-to-nearest, no data), awq."
+        ...,
+        "--method",
+        help="gptq (calibrated), rtn (round-to-nearest, no data), awq (activation-aware, calibrated).",
     ),
     fmt: Format = typer.Option(Format.gptq, "--format", help="Packed layout of the output."),
     bits: int = typer.Option(4, "--bits", help="Weight bits: 2, 3, 4 or 8 (awq: 4)."),
     group_size: int = typer.Option(
         128, "--group-size", help="Input columns per scale: 32, 64, 128 or -1 (per row)."
     ),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (fixed zero point) or asymmetric."),
+    sym: bool = typer.Option(
+        None, "--sym/--asym", help="Symmetric (fixed zero point) or asymmetric [default: sym; awq: asym]."
+    ),
+    zero_point: bool = typer.Option(
+        None, "--zero-point/--no-zero-point", help="AWQ's name for --asym/--sym [awq default: zero point]."
+    ),
     act_order: bool = typer.Option(
         False,
         "--act-order/--no-act-order",
@@ -131,6 +155,10 @@ def quantize_command(
     json_: bool = typer.Option(False, "--json", help="Print one JSON summary object instead of the table."),
 ) -> None:
     """Quantize to packed safetensors for vLLM, SGLang and transformers (GPTQ, AWQ, compressed-tensors)."""
+    sym = resolve_sym(method.value, sym, zero_point)
+    from qconvert.formats.safetensors_out import parse_size
+    from qconvert.quantize_pipeline import QuantizeOptions, run_quantize
+
     opts = QuantizeOptions(
         model=model,
         output=output,
