@@ -10,8 +10,6 @@ PY = $(VENV)/bin/python
 PIP = $(PY) -m pip
 CACHE_DIR = $(or $(QCONVERT_CACHE),$(HOME)/.cache/qconvert)
 SMOLLM2 = $(CACHE_DIR)/fixtures/smollm2-135m-instruct
-# 1 once `qconvert convert` exists; until then demo inspects the fixture checkpoint itself.
-DEMO_CONVERT ?= 0
 DEMO_OUT = out/smollm2-Q4_K_M.gguf
 
 .PHONY: venv install dev oracle fixtures test demo
@@ -55,11 +53,6 @@ test: dev fixtures
 
 demo: install
 	$(PY) scripts/fixtures.py model
-ifeq ($(DEMO_CONVERT),1)
 	mkdir -p $(dir $(DEMO_OUT))
 	$(VENV)/bin/qconvert convert $(SMOLLM2) --to gguf --type Q4_K_M -o $(DEMO_OUT)
 	$(VENV)/bin/qconvert inspect $(DEMO_OUT)
-else
-	@echo "demo: DEMO_CONVERT=0 (convert not available yet): inspecting the fixture checkpoint instead"
-	$(VENV)/bin/qconvert inspect $(SMOLLM2)
-endif
