@@ -47,9 +47,10 @@ oracle: venv
 fixtures: install
 	$(PY) scripts/fixtures.py all
 
+# ruff first: pytest's summary stays the last line CI reads
 test: dev fixtures
-	$(PY) -m pytest -q
 	$(PY) -m ruff check qconvert tests scripts
+	$(PY) -m pytest -q
 
 demo: install
 	$(PY) scripts/fixtures.py model
