@@ -31,16 +31,7 @@ def imatrix(
     _pending("imatrix")
 
 
-def eval_(
-    model: str = typer.Argument(..., help="HF directory or .gguf file."),
-    dataset: str = typer.Option(None, "--dataset", help="Evaluation text file."),
-) -> None:
-    """Perplexity and KL divergence of a model against its source."""
-    _pending("eval")
-
-
 COMMANDS = {
     "calibrate": calibrate,
     "imatrix": imatrix,
-    "eval": eval_,
 }
