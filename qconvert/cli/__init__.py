@@ -13,9 +13,10 @@ import sys
 import typer
 
 from qconvert import __version__
-from qconvert.cli import pending
+from qconvert.cli.calibrate import calibrate_command
 from qconvert.cli.convert import convert_command
 from qconvert.cli.eval import eval_command
+from qconvert.cli.imatrix import imatrix_command
 from qconvert.cli.inspect import inspect_command
 from qconvert.cli.quantize import quantize_command
 from qconvert.errors import EXIT_FAILURE, EXIT_USAGE, QConvertError
@@ -54,11 +55,11 @@ def _root(
 
 
 app.command("inspect")(inspect_command)
-app.command("quantize")(quantize_command)
 app.command("convert")(convert_command)
+app.command("quantize")(quantize_command)
+app.command("calibrate")(calibrate_command)
+app.command("imatrix")(imatrix_command)
 app.command("eval")(eval_command)
-for _name, _fn in pending.COMMANDS.items():
-    app.command(_name)(_fn)
 
 
 def _debug() -> bool:

@@ -15,4 +15,4 @@ def test_every_subcommand_is_registered():
     from qconvert.cli import app
 
     names = {c.name for c in app.registered_commands}
-    assert {"inspect", "convert", "quantize", "eval"} <= names
+    assert {"inspect", "convert", "quantize", "calibrate", "imatrix", "eval"} <= names

@@ -1,0 +1,86 @@
+"""`qconvert calibrate MODEL --dataset DATA -o stats.safetensors`: parse → calib.calibrate → render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def calibrate_command(
+    model: str = typer.Argument(..., help="HF checkpoint directory or hub id."),
+    dataset: str = typer.Option(
+        ..., "--dataset", help="Calibration data: .txt, .jsonl, .parquet, hf:NAME[:CONFIG][:SPLIT]."
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Statistics file (.safetensors)."),
+    num_samples: int = typer.Option(128, "--num-samples", "-n", min=1, help="Number of token chunks."),
+    seq_len: int = typer.Option(512, "--seq-len", min=1, help="Tokens per chunk."),
+    seed: int = typer.Option(0, "--seed", help="Seed for picking records/chunks."),
+    text_field: str = typer.Option(
+        None, "--text-field", help="Record field holding the text (jsonl/parquet/hf)."
+    ),
+    stats: str = typer.Option(
+        "all", "--stats", help="Comma list of hessian, abs_sum, sq_sum, abs_max (or all)."
+    ),
+    lm_head: bool = typer.Option(False, "--lm-head", help="Also collect the input of lm_head."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Forward dtype: bf16 (default), f16 or f32."),
+    threads: int = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Samples per forward."),
+    offload_dir: Path = typer.Option(None, "--offload-dir", help="Spill activations to this directory."),
+) -> None:
+    """Collect activation statistics of every linear input (Σxxᵀ, Σ|x|, Σx², max|x|), one layer at a time."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from qconvert.calib.calibrate import calibrate
+    from qconvert.calib.stats import save_stats
+    from qconvert.load import open_checkpoint
+
+    ckpt = open_checkpoint(model)
+    err = Console(stderr=True, highlight=False)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    with bar:
+        task = bar.add_task("loading", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        result = calibrate(
+            ckpt,
+            dataset,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            seed=seed,
+            text_field=text_field,
+            kinds=stats,
+            lm_head=lm_head,
+            device=device,
+            dtype=dtype,
+            threads=threads,
+            batch_size=batch_size,
+            offload_dir=offload_dir,
+            progress=progress,
+        )
+    save_stats(output, result)
+    m = result.meta
+    typer.echo(
+        f"{output}: {len(result.linears)} linears, {m['num_samples']} x {m['seq_len']} tokens "
+        f"({m['tokens']}), stats {m['stats']}"
+    )
