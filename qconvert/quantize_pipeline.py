@@ -73,6 +73,8 @@ class QuantizeOptions:
     seq_len: int = 512
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False
+    device: str = "auto"  # calibrated methods: auto (GPU if present), cpu, cuda, cuda:N
+    stats: str | None = None  # gptq: Hessians from a `qconvert calibrate` file instead of --dataset
 
     def spec(self) -> QuantSpec:
         return QuantSpec(
@@ -112,7 +114,7 @@ class LayerResult:
     group_size: int
     sym: bool
     shape: tuple[int, int]
-    error: float  # RTN: ||W-Wq||/||W||; GPTQ: the GPTQ loss
+    error: float  # RTN, AWQ: ||W-Wq||/||W||; GPTQ: ||(W-Wq)X||/||WX|| on the calibration inputs
     bytes: int
 
     @property
@@ -361,6 +363,10 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     t0 = time.monotonic()
     ckpt = open_checkpoint(opts.model)
     plan = plan_quantization(ckpt, opts)
+    if opts.method == "awq":
+        return run_awq(ckpt, plan, opts, progress, t0)
+    if opts.method == "gptq":
+        return run_gptq(ckpt, plan, opts, progress, t0)
     if opts.method != "rtn":
         raise NotAvailable(
             f"--method {opts.method} needs the calibration engine, not available yet in this "
@@ -407,3 +413,183 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
         output_bytes,
         time.monotonic() - t0,
     )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# AWQ: the calibration runner walks the decoder blocks; each block is scaled, clipped and quantized in place
+# (methods/awq_block.py), written out, and re-run so the next block sees the quantized block's outputs.
+
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def run_awq(ckpt, plan: Plan, opts: QuantizeOptions, progress: Progress | None, t0: float) -> QuantizeSummary:
+    from qconvert.calib.datasets import load_calibration, load_tokenizer
+    from qconvert.calib.runner import LayerwiseRunner
+    from qconvert.methods.awq import AWQConfig, awq_quantize
+    from qconvert.methods.awq_block import family, quantize_block
+
+    family(ckpt.config)  # refuse unsupported architectures before reading any data
+    if not opts.dataset:
+        raise BadInput("--method awq needs calibration text: --dataset FILE.txt|.jsonl|.parquet|hf:NAME")
+    data = load_calibration(
+        opts.dataset, load_tokenizer(ckpt), seq_len=opts.seq_len, num_samples=opts.num_samples
+    )
+    cfg = AWQConfig()
+    specs = {p.prefix: p.spec for p in plan.layers}
+    fmt = plan.fmt
+    results: list[LayerResult] = []
+    written: set[str] = set()
+    total = plan.n_decoder_layers
+
+    def store_dtype(name: str) -> torch.dtype:
+        info = ckpt.tensors.get(name)
+        return TORCH_DTYPES.get(info.dtype, torch.float32) if info is not None else torch.float32
+
+    def add_quantized(out: CheckpointWriter, prefix: str, qt: QuantizedTensor, err: float) -> None:
+        tensors = fmt.pack(prefix, qt)
+        for tname, t in tensors.items():
+            out.add(tname, t)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        results.append(LayerResult(prefix, qt.bits, qt.group_size, qt.sym, qt.shape, err, nbytes))
+        written.add(f"{prefix}.weight")
+
+    with CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite) as out:
+
+        def on_layer(step) -> bool:
+            block = quantize_block(step, specs, ckpt.config, cfg, store_dtype)
+            for prefix, r in block.quantized.items():
+                add_quantized(out, prefix, r.qt, r.error)
+            for pname, param in step.module.named_parameters():
+                name = f"{step.name}.{pname}"
+                if name not in written and name in ckpt.tensors:
+                    out.add(name, param.detach().to("cpu", store_dtype(name)).clone())
+                    written.add(name)
+            if progress:
+                worst = max((r.error for r in block.quantized.values()), default=0.0)
+                progress(step.index + 1, total, f"layers.{step.index} max err {worst:.4g}")
+            return True  # re-run the block: the next one sees the quantized outputs
+
+        runner = LayerwiseRunner(ckpt, device=getattr(opts, "device", "auto"), dtype=torch.float32)
+        runner.run(data.tokens, kinds=("abs_sum",), on_layer=on_layer)
+        wanted = plan.by_weight()
+        for name in ckpt.tensors:
+            if name in written:
+                continue
+            p = wanted.get(name)
+            if p is None:
+                out.add(name, ckpt.read(name))
+                continue
+            # lm_head (--quantize-lm-head): no scaling group feeds it; the AWQ quantizer alone
+            w = ckpt.read(name).to(torch.float32)
+            qt = awq_quantize(w, p.spec)
+            add_quantized(out, p.prefix, qt, relative_error(w, qt))
+        config = dict(ckpt.config)
+        config["quantization_config"] = plan.quantization_config
+        out.write_json("config.json", config)
+        for fname, obj in fmt.extra_files(plan.quantization_config).items():
+            out.write_json(fname, obj)
+        for fname, src in ckpt.tokenizer_files.items():
+            out.copy_file(src, fname)
+        output_bytes = out.total_bytes
+    source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
+    skipped = [p.prefix for p in plan.layers if p.spec is None]
+    return QuantizeSummary(
+        str(opts.output), opts.method, opts.format, results, skipped, source_bytes, output_bytes,
+        time.monotonic() - t0,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPTQ: the calibration runner walks the decoder layers, each fed by the already-quantized layers before; a
+# layer's Linears are quantized (sub-layer groups in order with --true-sequential) and written as soon as they
+# are known (methods/gptq_layerwise.py). --stats: Hessians from a `qconvert calibrate` file instead (one pass
+# over the original model, so not sequential).
+
+
+def run_gptq(
+    ckpt, plan: Plan, opts: QuantizeOptions, progress: Progress | None, t0: float
+) -> QuantizeSummary:
+    from qconvert.methods.gptq_layerwise import GPTQConfig, gptq_weight, run_layerwise_gptq
+
+    if opts.stats and opts.dataset:
+        raise BadInput("give either --dataset (calibrate while quantizing) or --stats (a calibrate file)")
+    if not opts.stats and not opts.dataset:
+        raise BadInput("--method gptq needs calibration text: --dataset FILE.txt|.jsonl|.parquet|hf:NAME "
+                       "(or --stats FILE from 'qconvert calibrate')")
+    cfg = GPTQConfig(act_order=opts.act_order, static_groups=opts.static_groups, damp=opts.damp,
+                     true_sequential=opts.true_sequential)
+    quantized = {p.prefix: p for p in plan.quantized}
+    hessians = _stats_hessians(ckpt, list(quantized), opts.stats) if opts.stats else None
+    tokens = None
+    if hessians is None:
+        from qconvert.calib.datasets import load_calibration, load_tokenizer
+        from qconvert.calib.runner import resolve_device
+
+        resolve_device(opts.device)  # a bad --device fails before the data is read
+        tokenizer = load_tokenizer(ckpt)
+        # the text is tokenized whole, then cut into chunks: no "longer than the model's maximum" warning
+        tokenizer.model_max_length = 1 << 62
+        tokens = load_calibration(
+            opts.dataset, tokenizer, seq_len=opts.seq_len, num_samples=opts.num_samples
+        ).tokens
+    fmt = plan.fmt
+    results: list[LayerResult] = []
+    written: set[str] = set()
+
+    def add(out: CheckpointWriter, prefix: str, qt: QuantizedTensor, err: float) -> None:
+        p = quantized[prefix]
+        tensors = fmt.pack(prefix, qt)
+        for tname, t in tensors.items():
+            out.add(tname, t)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        results.append(LayerResult(prefix, qt.bits, qt.group_size, qt.sym, p.shape, err, nbytes))
+        written.add(p.weight)
+
+    with CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite) as out:
+        if hessians is None:
+            head = quantized.get("lm_head")
+            run_layerwise_gptq(
+                ckpt, tokens, {k: p.spec for k, p in quantized.items() if p.layer is not None}, cfg,
+                lambda prefix, qt, err: add(out, prefix, qt, err), n_layers=plan.n_decoder_layers,
+                device=opts.device, lm_head=head.spec if head else None,
+                lm_head_weight=ckpt.read(head.weight) if head else None, progress=progress,
+            )
+        else:
+            for prefix, p in quantized.items():
+                qt, _deq, err = gptq_weight(ckpt.read(p.weight), hessians[prefix], p.spec, cfg, prefix)
+                add(out, prefix, qt, err)
+                if progress:
+                    progress((p.layer or 0) + 1, plan.n_decoder_layers, _label(p, err))
+        for name in ckpt.tensors:
+            if name not in written:
+                out.add(name, ckpt.read(name))
+        config = dict(ckpt.config)
+        config["quantization_config"] = plan.quantization_config
+        out.write_json("config.json", config)
+        for fname, obj in fmt.extra_files(plan.quantization_config).items():
+            out.write_json(fname, obj)
+        for fname, src in ckpt.tokenizer_files.items():
+            out.copy_file(src, fname)
+        output_bytes = out.total_bytes
+    source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
+    skipped = [p.prefix for p in plan.layers if p.spec is None]
+    return QuantizeSummary(
+        str(opts.output), opts.method, opts.format, results, skipped, source_bytes, output_bytes,
+        time.monotonic() - t0,
+    )
+
+
+def _stats_hessians(ckpt, prefixes: list[str], path: str) -> dict[str, torch.Tensor]:
+    """The Hessian of every Linear to quantize, from a stats file made on this model."""
+    from qconvert.calib.stats import load_stats
+
+    stats = load_stats(path, ckpt)
+    out = {}
+    for prefix in prefixes:
+        st = stats.linears.get(prefix)
+        if st is None or st.hessian is None:
+            what = "no statistics" if st is None else "no Hessian"
+            raise BadInput(f"{what} for {prefix}; collect them with 'qconvert calibrate --stats hessian"
+                           f"{' --lm-head' if prefix == 'lm_head' else ''}'", path)
+        out[prefix] = st.hessian
+    return out

@@ -480,6 +480,7 @@ def _fake_pip(calls: list[list[str]]):
             out.mkdir(parents=True, exist_ok=True)
             (out / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl").write_bytes(b"wheel")
             assert env["CMAKE_BUILD_PARALLEL_LEVEL"] == "2"
+            assert env["CMAKE_ARGS"] == "-DGGML_NATIVE=OFF"  # portable: no AMX matmul path
 
     return run
 
@@ -489,16 +490,19 @@ def test_oracle_builds_wheel_once_then_installs(fixtures_lib, monkeypatch, tmp_p
     monkeypatch.delenv("CMAKE_BUILD_PARALLEL_LEVEL", raising=False)
     installed = iter([False, True, False, True])
     monkeypatch.setattr(fixtures_lib, "oracle_installed", lambda: next(installed))
+    marker = tmp_path / "site" / ".qconvert-build"
+    marker.parent.mkdir()
+    monkeypatch.setattr(fixtures_lib, "_oracle_marker", lambda: marker)
     calls: list[list[str]] = []
     monkeypatch.setattr(fixtures_lib.subprocess, "run", _fake_pip(calls))
-    (tmp_path / "wheels" / ".build-1").mkdir(parents=True)  # left by a killed build
+    wheels_dir = tmp_path / "wheels" / fixtures_lib.ORACLE_BUILD
+    (wheels_dir / ".build-1").mkdir(parents=True)  # left by a killed build
     fixtures_lib.ensure_oracle()
     assert [c[3] for c in calls] == ["wheel", "install"]
-    assert calls[0][5] == "llama-cpp-python==0.3.36"
-    wheel = tmp_path / "wheels" / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl"
+    assert "llama-cpp-python==0.3.36" in calls[0] and "--no-cache-dir" in calls[0]
+    wheel = wheels_dir / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl"
     assert calls[1][-1] == str(wheel) and "--no-deps" in calls[1]
-    assert sorted(p.name for p in (tmp_path / "wheels").iterdir() if not p.name.endswith(".lock")) == [
-        wheel.name
-    ]
+    assert sorted(p.name for p in wheels_dir.iterdir() if not p.name.endswith(".lock")) == [wheel.name]
+    assert marker.read_text().strip() == fixtures_lib.ORACLE_BUILD
     fixtures_lib.ensure_oracle()  # wheel cached, not installed (a new venv): install only
     assert [c[3] for c in calls] == ["wheel", "install", "install"]

@@ -144,8 +144,8 @@ def test_ct_json_overrides_and_ignore(run, synthetic_dir, tmp_path):
         (["--method", "rtn", "--layer-config", "no-such-preset"], "down-proj-8bit"),
         (["--method", "rtn", "--ignore", "("], "not a valid regular expression"),
         (["--method", "rtn", "--max-shard-size", "lots"], "bad size"),
-        # until the calibration engine lands (qconvert/calib), calibrated methods stop after the checks
-        (["--method", "gptq"], "calibration engine"),
+        # calibrated methods refuse to start without calibration data
+        (["--method", "gptq"], "--method gptq needs calibration text"),
     ],
 )
 def test_bad_input_refused_before_work(run, synthetic_dir, tmp_path, args, needle):

@@ -143,6 +143,13 @@ def quantize_command(
     ),
     num_samples: int = typer.Option(128, "--num-samples", help="Calibration sequences."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
+    stats: str = typer.Option(
+        None, "--stats", help="GPTQ: Hessians from a 'qconvert calibrate' file instead of --dataset (not "
+        "sequential: every layer sees the original model's activations)."
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="Calibration device: auto (GPU if present), cpu, cuda:N."
+    ),
     ignore: list[str] = typer.Option(
         None, "--ignore", help="Regex of Linear names to keep unquantized (repeatable)."
     ),
@@ -178,6 +185,8 @@ def quantize_command(
         dataset=dataset,
         num_samples=num_samples,
         seq_len=seq_len,
+        stats=stats,
+        device=device,
         max_shard_bytes=parse_size(max_shard_size),
         overwrite=overwrite,
     )

@@ -1,0 +1,396 @@
+"""AWQ on one decoder block: the scaling groups of each family, folding scales into the previous operation,
+and the per-block driver the calibration runner calls ("quantize as you go").
+
+Scaling groups (AutoAWQ ``get_layers_for_scaling``, checkpoint-formats.md §3.3), names relative to the block:
+
+    family              prev op (scales folded in)       balanced layers          inspected module
+    llama/mistral/      input_layernorm                  q_proj, k_proj, v_proj   self_attn
+    qwen2/qwen3/gemma   v_proj (rows)                    o_proj                   o_proj   (if v out == o in)
+                        post_attention_layernorm         gate_proj, up_proj       mlp
+                        up_proj (rows)                   down_proj                down_proj
+    gemma2/gemma3       as llama, but the MLP is fed by pre_feedforward_layernorm (post_attention_layernorm
+                        and post_feedforward_layernorm act on the *outputs* of o_proj/down_proj: untouched)
+    phi3                input_layernorm → qkv_proj; qkv_proj (v rows) → o_proj (if v out == o in);
+                        post_attention_layernorm → gate_up_proj; gate_up_proj (up rows) → down_proj
+
+Folding keeps the float model mathematically identical: balanced ``W[:, c] *= s[c]``; a norm's weight is
+divided by ``s`` (Gemma's RMSNorm multiplies by ``1 + w``: ``w ← (1 + w)/s − 1``); a previous Linear's
+output rows (and bias) are divided by ``s``. Only the rows feeding the balanced layers are touched (the v
+rows of a fused qkv, the up half of a fused gate_up).
+
+Clipping skips q and k (their errors are amplified by the q·k product): for a fused qkv only the v rows are
+clipped (AutoAWQ clips the whole fused qkv_proj; its skip list only knows separate q/k layers).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qconvert.errors import BadInput
+from qconvert.methods.awq import (
+    AWQConfig,
+    apply_clip,
+    awq_quantize,
+    sample_tokens,
+    scaled_fake_quantize,
+    search_clip,
+    search_scales,
+    weight_mean,
+)
+from qconvert.methods.quantized import QuantizedTensor
+from qconvert.methods.quantizer import QuantSpec
+
+log = logging.getLogger("qconvert.awq")
+
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")  # load.architectures names
+
+
+@dataclass
+class ScalingGroup:
+    name: str  # "qkv", "v-o", "gate-up", "up-down"
+    prev: str  # the module the scales are folded into (a norm or a Linear), relative to the block
+    balanced: list[str]  # Linears whose input columns are multiplied by s
+    inspect: str  # the module whose output error the search minimises
+    prev_rows: tuple[int, int] | None = None  # Linear prev op: the output rows feeding the balanced layers
+    norm_offset: float = 0.0  # 1.0 for Gemma's RMSNorm (y = norm(x) * (1 + w))
+
+
+@dataclass
+class BlockPlan:
+    """The scaling groups of one block and which Linears are never clipped (whole or partly)."""
+
+    groups: list[ScalingGroup]
+    no_clip: set[str] = field(default_factory=set)
+    clip_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # Linear -> the only rows clipped
+
+
+def family(config: dict) -> str:
+    """The load-stage family name of a checkpoint, refused clearly when AWQ has no scaling groups for it."""
+    from qconvert.load.architectures import resolve, text_config
+
+    name = resolve(text_config(config)).name
+    if name not in FAMILIES:
+        raise BadInput(f"--method awq: no AWQ scaling groups for the {name} architecture "
+                       f"(supported: {', '.join(FAMILIES)})")
+    return name
+
+
+def _norm_offset(config: dict) -> float:
+    from qconvert.load.architectures import resolve, text_config
+
+    return float(resolve(text_config(config)).norm_shift)
+
+
+def _linear(block: nn.Module, name: str) -> nn.Linear:
+    mod = block.get_submodule(name)
+    if not isinstance(mod, nn.Linear):
+        raise BadInput(f"--method awq: {name} is a {type(mod).__name__}, expected a Linear")
+    return mod
+
+
+def block_plan(config: dict, block: nn.Module) -> BlockPlan:
+    """The scaling groups of one decoder block of this checkpoint's family."""
+    fam = family(config)
+    off = _norm_offset(config)
+    if fam == "phi3":
+        return _phi3_plan(block, off)
+    mlp_norm = "pre_feedforward_layernorm" if fam in ("gemma2", "gemma3") else "post_attention_layernorm"
+    groups = [
+        ScalingGroup("qkv", "input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                     "self_attn", norm_offset=off),
+    ]
+    v, o = _linear(block, "self_attn.v_proj"), _linear(block, "self_attn.o_proj")
+    if v.out_features == o.in_features:  # no GQA: each v row feeds exactly one o column
+        groups.append(ScalingGroup("v-o", "self_attn.v_proj", ["self_attn.o_proj"], "self_attn.o_proj",
+                                   prev_rows=(0, v.out_features)))
+    up = _linear(block, "mlp.up_proj")
+    groups += [
+        ScalingGroup("gate-up", mlp_norm, ["mlp.gate_proj", "mlp.up_proj"], "mlp", norm_offset=off),
+        ScalingGroup("up-down", "mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj",
+                     prev_rows=(0, up.out_features)),
+    ]
+    return BlockPlan(groups, no_clip={"self_attn.q_proj", "self_attn.k_proj"})
+
+
+def _phi3_plan(block: nn.Module, off: float) -> BlockPlan:
+    qkv, o = _linear(block, "self_attn.qkv_proj"), _linear(block, "self_attn.o_proj")
+    gate_up, down = _linear(block, "mlp.gate_up_proj"), _linear(block, "mlp.down_proj")
+    attn = block.get_submodule("self_attn")
+    n_head, n_kv = int(attn.config.num_attention_heads), int(attn.config.num_key_value_heads)
+    hd = int(getattr(attn, "head_dim", None) or attn.config.hidden_size // n_head)
+    v_rows = (n_head * hd + n_kv * hd, qkv.out_features)  # fused as [q; k; v]
+    if v_rows[1] - v_rows[0] != n_kv * hd:
+        raise BadInput(f"--method awq: phi3 qkv_proj has {qkv.out_features} rows, the config implies "
+                       f"{(n_head + 2 * n_kv) * hd}")
+    groups = [ScalingGroup("qkv", "input_layernorm", ["self_attn.qkv_proj"], "self_attn", norm_offset=off)]
+    if v_rows[1] - v_rows[0] == o.in_features:
+        groups.append(ScalingGroup("v-o", "self_attn.qkv_proj", ["self_attn.o_proj"], "self_attn.o_proj",
+                                   prev_rows=v_rows))
+    half = gate_up.out_features // 2  # fused as [gate; up]: the up half multiplies act(gate)
+    groups += [
+        ScalingGroup("gate-up", "post_attention_layernorm", ["mlp.gate_up_proj"], "mlp", norm_offset=off),
+        ScalingGroup("up-down", "mlp.gate_up_proj", ["mlp.down_proj"], "mlp.down_proj",
+                     prev_rows=(half, gate_up.out_features)),
+    ]
+    if down.in_features != half:
+        raise BadInput(f"--method awq: phi3 down_proj takes {down.in_features} inputs, "
+                       f"gate_up_proj gives {half}")
+    return BlockPlan(groups, clip_rows={"self_attn.qkv_proj": v_rows})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# folding
+
+
+def fold_scales(block: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None:
+    """Divide the previous op by ``s`` and multiply the balanced layers' input columns by ``s`` (in place);
+    the block computes the same function afterwards."""
+    prev = block.get_submodule(group.prev)
+    s = s.to(device=prev.weight.device)
+    if isinstance(prev, nn.Linear):
+        lo, hi = group.prev_rows or (0, prev.out_features)
+        if hi - lo != s.numel():
+            raise ValueError(f"{group.prev}: rows {lo}:{hi} do not match {s.numel()} scales")
+        prev.weight[lo:hi].div_(s.to(prev.weight.dtype)[:, None])
+        if prev.bias is not None:
+            prev.bias[lo:hi].div_(s.to(prev.bias.dtype))
+    else:
+        w = prev.weight
+        w.copy_(((w.to(torch.float32) + group.norm_offset) / s - group.norm_offset).to(w.dtype))
+        bias = getattr(prev, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.div_(s.to(bias.dtype))
+    for name in group.balanced:
+        lin = _linear(block, name)
+        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# capture: inputs and outputs of the modules the search inspects, on a subset of the calibration samples
+
+
+class _GotArgs(Exception):
+    """Stops LayerStep.forward() once the block's call arguments are known."""
+
+
+@dataclass
+class Capture:
+    calls: dict[str, list[tuple[tuple, dict, torch.Tensor]]]  # inspected module -> (args, kwargs, output)
+    inputs: dict[str, list[torch.Tensor]]  # Linear -> its inputs per batch
+    tokens: int
+
+    def linear_input(self, name: str) -> torch.Tensor:
+        xs = self.inputs[name]
+        return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).to(torch.float32)
+
+
+def block_call_args(step) -> tuple[tuple, dict]:
+    """The extra (args, kwargs) the runner passes the block with its hidden states (masks, position
+    embeddings): caught on the first batch of ``step.forward()``, which is then abandoned.
+    TODO(calib): LayerStep could expose these (or run a subset of batches) so this costs nothing."""
+    got: dict = {}
+
+    def hook(_m, args, kwargs):
+        got["call"] = (tuple(args[1:]), dict(kwargs))
+        raise _GotArgs
+
+    handle = step.module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        step.forward()
+    except _GotArgs:
+        pass
+    finally:
+        handle.remove()
+    if "call" not in got:
+        raise RuntimeError(f"{step.name}: the block was never called")
+    return got["call"]
+
+
+def pick_batches(n_batches: int, tokens_per_batch: int, budget: int | None) -> list[int]:
+    """Evenly spread batch indices covering ``budget`` tokens (all batches for None)."""
+    if budget is None:
+        return list(range(n_batches))
+    want = min(n_batches, max(1, math.ceil(budget / max(tokens_per_batch, 1))))
+    return sorted({round(i * (n_batches - 1) / max(want - 1, 1)) for i in range(want)})
+
+
+def capture(step, inspect: set[str], linears: list[str], budget: int | None) -> Capture:
+    """Run the block (original weights) on a subset of its input batches, keeping what the search needs."""
+    args, kwargs = block_call_args(step)
+    first = step.inputs[0]
+    size = first.shape[0]
+    picks = [i for i in pick_batches(len(step.inputs), first.shape[0] * first.shape[1], budget)]
+    calls: dict[str, list] = {n: [] for n in inspect}
+    inputs: dict[str, list] = {n: [] for n in linears}
+    handles = []
+
+    def keep_call(name):
+        def hook(_m, a, kw, out):
+            calls[name].append((a, kw, out[0] if isinstance(out, tuple) else out))
+        return hook
+
+    def keep_input(name):
+        def hook(_m, a):
+            inputs[name].append(a[0])
+        return hook
+
+    for name in inspect:
+        mod = step.module.get_submodule(name)
+        handles.append(mod.register_forward_hook(keep_call(name), with_kwargs=True))
+    for name in linears:
+        handles.append(step.module.get_submodule(name).register_forward_pre_hook(keep_input(name)))
+    tokens = 0
+    try:
+        for i in picks:
+            h = step.inputs[i]
+            if h.shape[0] != size:  # the call arguments were caught for this batch size only
+                continue
+            step.module(h, *args, **kwargs)
+            tokens += h.shape[0] * h.shape[1]
+    finally:
+        for hd in handles:
+            hd.remove()
+    return Capture(calls, inputs, tokens)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the block driver
+
+
+@dataclass
+class LinearResult:
+    qt: QuantizedTensor
+    error: float  # ||W·s - deq|| / ||W·s|| (scaling makes the unscaled weight the wrong reference)
+
+
+@dataclass
+class BlockResult:
+    quantized: dict[str, LinearResult]  # full Linear name -> result
+    ratios: dict[str, float]  # scaling group -> chosen grid ratio (-1: none)
+
+
+def _module_loss(mod: nn.Module, calls: list) -> float:
+    total = 0.0
+    count = 0
+    for a, kw, ref in calls:
+        out = mod(*a, **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        total += float((out.to(torch.float32) - ref.to(torch.float32)).pow(2).sum())
+        count += ref.numel()
+    return total / max(count, 1)
+
+
+def _x_mean(step, full: str, cap: Capture, rel: str) -> torch.Tensor:
+    st = step.stats.get(full)
+    if st is not None and st.abs_sum is not None and st.count:
+        return (st.abs_sum / st.count).to(torch.float32)
+    return cap.linear_input(rel).abs().mean(dim=0)  # statistics not requested: the captured subset
+
+
+def _search_group(step, group: ScalingGroup, specs: dict[str, QuantSpec | None], cap: Capture,
+                  cfg: AWQConfig) -> tuple[torch.Tensor, float] | None:
+    block = step.module
+    quantized = [n for n in group.balanced if specs.get(f"{step.name}.{n}") is not None]
+    if not quantized:
+        return None  # nothing to protect from quantization error
+    lins = {n: _linear(block, n) for n in quantized}
+    orig = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+    qspecs = {n: specs[f"{step.name}.{n}"] for n in quantized}
+    w_mean = weight_mean([(orig[n], qspecs[n]) for n in quantized]) if cfg.duo_scaling else None
+    x_mean = _x_mean(step, f"{step.name}.{group.balanced[0]}", cap, group.balanced[0])
+    mod = block.get_submodule(group.inspect)
+    calls = cap.calls[group.inspect]
+
+    def loss(s: torch.Tensor) -> float:
+        try:
+            for n, lin in lins.items():
+                lin.weight.copy_(scaled_fake_quantize(orig[n], s, qspecs[n]).to(lin.weight.dtype))
+            return _module_loss(mod, calls)
+        finally:
+            for n, lin in lins.items():
+                lin.weight.copy_(orig[n])
+
+    found = search_scales(x_mean, w_mean, loss, cfg.n_grid)
+    return found.scales, found.ratio
+
+
+def quantize_block(
+    step,
+    specs: dict[str, QuantSpec | None],
+    config: dict,
+    cfg: AWQConfig = AWQConfig(),
+    store_dtype: Callable[[str], torch.dtype] | None = None,
+) -> BlockResult:
+    """AWQ on one decoder block (a calib.runner LayerStep): search and fold the scales, clip, quantize.
+
+    ``specs``: full Linear name -> QuantSpec (None or absent = kept in float; its weight is still scaled).
+    On return the block holds the folded float parameters and, for quantized Linears, their dequantized
+    weights, so re-running it propagates the quantized block's outputs. ``store_dtype(full tensor name)`` is
+    the dtype a float tensor will be written in: folded parameters are rounded to it so the block computes
+    exactly what readers of the output will.
+    """
+    block = step.module
+    plan = block_plan(config, block)
+    linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    inspect = {g.inspect for g in plan.groups}
+    cap = capture(step, inspect, linears, cfg.search_tokens)
+
+    found: dict[str, tuple[torch.Tensor, float]] = {}
+    for group in plan.groups:  # every search sees the original block, as AutoAWQ
+        res = _search_group(step, group, specs, cap, cfg)
+        if res is not None:
+            found[group.name] = res
+    input_scale: dict[str, torch.Tensor] = {}
+    for group in plan.groups:
+        if group.name in found:
+            s = found[group.name][0]
+            fold_scales(block, group, s)
+            for n in group.balanced:
+                input_scale[n] = s
+    _round_float_params(step, specs, store_dtype)
+
+    quantized: dict[str, LinearResult] = {}
+    for rel in linears:
+        full = f"{step.name}.{rel}"
+        spec = specs.get(full)
+        if spec is None:
+            continue
+        lin = _linear(block, rel)
+        w = lin.weight.detach().to(torch.float32)
+        wc = w
+        if cfg.clip and rel not in plan.no_clip:
+            x = sample_tokens(cap.linear_input(rel), cfg.clip_tokens)
+            if rel in input_scale:
+                x = x / input_scale[rel].to(x.device)[None, :]
+            rows = plan.clip_rows.get(rel)
+            max_val = search_clip(w, x, spec, n_grid=cfg.clip_grid, max_shrink=cfg.clip_max_shrink,
+                                  rows=slice(*rows) if rows else None)
+            wc = apply_clip(w, max_val)
+        qt = awq_quantize(wc, spec)
+        deq = torch.from_numpy(qt.dequantize())
+        norm = float(w.norm())
+        err = float((w - deq).norm()) / norm if norm else 0.0
+        lin.weight.copy_(deq.to(device=lin.weight.device, dtype=lin.weight.dtype))
+        quantized[full] = LinearResult(qt, err)
+    ratios = {g.name: found[g.name][1] if g.name in found else -1.0 for g in plan.groups}
+    log.debug("%s: AWQ ratios %s", step.name, ratios)
+    return BlockResult(quantized, ratios)
+
+
+def _round_float_params(step, specs, store_dtype) -> None:
+    """Round every parameter that stays in float to the dtype it is written in."""
+    if store_dtype is None:
+        return
+    for pname, p in step.module.named_parameters():
+        full = f"{step.name}.{pname}"
+        if full.endswith(".weight") and specs.get(full[: -len(".weight")]) is not None:
+            continue  # quantized: replaced by its dequantized weight
+        dt = store_dtype(full)
+        if dt != p.dtype:
+            p.copy_(p.to(dt).to(p.dtype))

@@ -1,0 +1,265 @@
+"""GPTQ over the decoder layers, driven by the calibration engine in quantize-as-you-go mode.
+
+The engine (calib.runner.LayerwiseRunner) walks the decoder layers with inputs produced by the layers
+before, already quantized; for each layer ``on_layer`` quantizes its Linears and returns True, so the engine
+re-runs the layer and the next one sees the quantized layer's outputs (errors propagate, as in AutoGPTQ and
+llm-compressor).
+
+Sub-layer groups are found from the engine's statistics, without an architecture table: Linears fed the very
+same input tensor share one statistics object (q/k/v, gate/up), and the statistics dict is in call order, so
+llama-like layers give ``[q,k,v] → [o] → [gate,up] → [down]`` and phi3 ``[qkv] → [o] → [gate_up] → [down]``.
+
+* true-sequential (default): for each group in order, run the layer over all samples with the earlier groups
+  already fake-quantized, stopping the forward as soon as the group's input is seen (the rest of the layer is
+  not computed), accumulate H = Σ x xᵀ in float32 and quantize the group.
+* not true-sequential: every Hessian comes from the engine's own statistics pass (original weights).
+
+Each Linear's weight is replaced by its dequantized value (what every reader reconstructs), computed in the
+engine's dtype. The error reported per Linear is the relative output error on the calibration inputs,
+``sqrt(tr(E H Eᵀ) / tr(W H Wᵀ))`` with ``E = W - deq(Q)`` — scale-free, unlike the raw GPTQ loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qconvert.methods.gptq import gptq_quantize
+from qconvert.methods.quantized import QuantizedTensor
+from qconvert.methods.quantizer import QuantSpec
+
+log = logging.getLogger("qconvert.gptq")
+
+# (layer index, decoder layers, text): "layers.3 mlp.down_proj err 0.012"
+Progress = Callable[[int, int, str], None]
+# (full Linear name, result, relative output error)
+OnQuantized = Callable[[str, QuantizedTensor, float], None]
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    true_sequential: bool = True
+    block_size: int = 128
+
+
+# The GPTQ column loop is thousands of small ops on [N]-vectors: below this many rows one thread is faster
+# than several (measured 5-25x on 2 busy cores: OpenMP workers spin and get descheduled)
+SINGLE_THREAD_ROWS = 4096
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Stop(Exception):
+    """Raised from a hook: the rest of the layer's forward is not needed."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one Linear
+
+
+def output_error(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> float:
+    """``sqrt(tr(E H Eᵀ) / tr(W H Wᵀ))``: ||(W - Q) X|| / ||W X|| over the calibration inputs."""
+    e = w - deq
+    num = float((e @ h * e).sum())
+    den = float((w @ h * w).sum())
+    return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
+
+
+def gptq_weight(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig,
+                name: str) -> tuple[QuantizedTensor, torch.Tensor, float]:
+    """GPTQ ``W [N, K]`` with ``H [K, K]`` (on the CPU: the column loop is many small ops); returns the
+    result, its dequantized weight (float32) and the relative output error."""
+    w = weight.detach().to("cpu", torch.float32)
+    h = h.detach().to("cpu", torch.float32)
+    with _threads(1 if w.shape[0] <= SINGLE_THREAD_ROWS else None):
+        qt, _loss = gptq_quantize(w, h, spec, act_order=cfg.act_order, static_groups=cfg.static_groups,
+                                  damp=cfg.damp, block_size=cfg.block_size, name=name)
+    deq = torch.from_numpy(qt.dequantize())
+    return qt, deq, output_error(w, deq, h)
+
+
+def quantize_module(lin: nn.Linear, h: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig,
+                    name: str) -> tuple[QuantizedTensor, float]:
+    """GPTQ one nn.Linear with its Hessian; its weight becomes the dequantized result (in place)."""
+    qt, deq, err = gptq_weight(lin.weight, h, spec, cfg, name)
+    lin.weight.copy_(deq.to(device=lin.weight.device, dtype=lin.weight.dtype))
+    return qt, err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one decoder layer
+
+
+def sublayer_groups(stats: dict) -> list[list[str]]:
+    """Full Linear names grouped by shared input, in call order (the engine's stats dict is in call order
+    and gives Linears fed the same tensor one shared statistics object)."""
+    groups: dict[int, list[str]] = {}
+    for name, st in stats.items():
+        groups.setdefault(id(st), []).append(name)
+    return list(groups.values())
+
+
+def call_args(step) -> tuple[tuple, dict]:
+    """The (args, kwargs) the engine calls the layer with besides the hidden states (masks, position
+    embeddings), caught on the first batch of ``step.forward()``, which is abandoned."""
+    got: dict = {}
+
+    def hook(_m, args, kwargs):
+        got["call"] = (tuple(args[1:]), dict(kwargs))
+        raise _Stop
+
+    handle = step.module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        step.forward()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "call" not in got:
+        raise RuntimeError(f"{step.name}: the layer was never called")
+    return got["call"]
+
+
+def collect_hessian(step, lin: nn.Linear, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Σ x xᵀ (float32) of ``lin``'s input over every sample, running the layer only up to that input."""
+    k = lin.in_features
+    h = None
+
+    def hook(_m, a):
+        nonlocal h
+        x = a[0].reshape(-1, k)
+        x = x if x.dtype == torch.float32 else x.float()
+        if h is None:
+            h = torch.zeros(k, k, dtype=torch.float32, device=x.device)
+        h.addmm_(x.T, x)
+        raise _Stop
+
+    handle = lin.register_forward_pre_hook(hook)
+    size = None
+    try:
+        for x in step.inputs:
+            size = x.shape[0] if size is None else size
+            if x.shape[0] != size:
+                # the call arguments were caught for the first batch's size (the engine runs batch_size 1)
+                raise RuntimeError(f"{step.name}: batches of different sizes ({size}, {x.shape[0]})")
+            try:
+                step.module(x, *args, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if h is None:
+        raise RuntimeError(f"{step.name}: a Linear never received an input")
+    return h
+
+
+class LayerwiseGPTQ:
+    """The ``on_layer`` callback (and the lm_head ``on_final`` one) of the engine for GPTQ.
+
+    ``specs``: full Linear name (HF module name) -> QuantSpec, or None / absent to keep it in float.
+    ``on_quantized(name, qt, error)`` receives each result as soon as it is known (to be packed and written).
+    """
+
+    def __init__(self, specs: dict[str, QuantSpec | None], cfg: GPTQConfig, on_quantized: OnQuantized,
+                 n_layers: int, progress: Progress | None = None):
+        self.specs = specs
+        self.cfg = cfg
+        self.on_quantized = on_quantized
+        self.n_layers = n_layers
+        self.progress = progress
+        self.lm_head_hessian: torch.Tensor | None = None
+        self.lm_head_tokens = 0
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Statistics to ask the engine for: Hessians only when its own pass provides them; else the
+        cheapest statistic (the engine always runs its pass; only its grouping of the Linears is used)."""
+        return ("abs_max",) if self.cfg.true_sequential else ("hessian",)
+
+    def _tell(self, index: int, text: str) -> None:
+        if self.progress is not None:
+            self.progress(index, self.n_layers, text)
+
+    def on_layer(self, step) -> bool:
+        groups = [[n for n in g if self.specs.get(n) is not None] for g in sublayer_groups(step.stats)]
+        groups = [g for g in groups if g]
+        missing = [n for n, s in self.specs.items() if s is not None and n.startswith(f"{step.name}.")
+                   and n not in step.stats]
+        if missing:
+            raise RuntimeError(f"{step.name}: {', '.join(missing)} never ran in the calibration forward")
+        if not groups:
+            return False
+        call = call_args(step) if self.cfg.true_sequential else None
+        for group in groups:
+            first = step.module.get_submodule(_rel(step.name, group[0]))
+            if call is not None:
+                self._tell(step.index, f"layers.{step.index} inputs of {_short(step.name, group)}")
+                h = collect_hessian(step, first, *call)
+            else:
+                h = step.stats[group[0]].hessian
+            for name in group:
+                lin = step.module.get_submodule(_rel(step.name, name))
+                qt, err = quantize_module(lin, h, self.specs[name], self.cfg, name)
+                self.on_quantized(name, qt, err)
+                self._tell(step.index, f"layers.{step.index} {_rel(step.name, name)} err {err:.4g}")
+            del h
+        self._tell(step.index + 1, f"layers.{step.index} done")
+        return True  # re-run the layer: the next one sees the quantized layer's outputs
+
+    # -- lm_head (--quantize-lm-head): its input is the final norm's output over the quantized model ------
+    def on_final(self, _batch: int, normed: torch.Tensor, _tokens: torch.Tensor, _head) -> None:
+        x = normed.reshape(-1, normed.shape[-1]).float()
+        if self.lm_head_hessian is None:
+            self.lm_head_hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        self.lm_head_hessian.addmm_(x.T, x)
+        self.lm_head_tokens += x.shape[0]
+
+    def quantize_lm_head(self, weight: torch.Tensor, spec: QuantSpec) -> tuple[QuantizedTensor, float]:
+        if self.lm_head_hessian is None:
+            raise RuntimeError("lm_head: no Hessian collected (on_final was not called)")
+        qt, _deq, err = gptq_weight(weight, self.lm_head_hessian, spec, self.cfg, "lm_head")
+        return qt, err
+
+
+def _rel(layer_name: str, full: str) -> str:
+    return full[len(layer_name) + 1 :]
+
+
+def _short(layer_name: str, group: list[str]) -> str:
+    return ",".join(_rel(layer_name, n) for n in group)
+
+
+def run_layerwise_gptq(ckpt, tokens: torch.Tensor, specs: dict[str, QuantSpec | None], cfg: GPTQConfig,
+                       on_quantized: OnQuantized, *, n_layers: int, device: str | None = "auto",
+                       dtype: str | torch.dtype = torch.float32, lm_head: QuantSpec | None = None,
+                       lm_head_weight: torch.Tensor | None = None,
+                       progress: Progress | None = None) -> None:
+    """GPTQ every Linear of ``specs`` over the calibration ``tokens`` [n, seq] (and lm_head when its spec is
+    given), results passed to ``on_quantized`` in quantization order."""
+    from qconvert.calib.runner import LayerwiseRunner
+
+    driver = LayerwiseGPTQ(specs, cfg, on_quantized, n_layers, progress)
+    runner = LayerwiseRunner(ckpt, device=device, dtype=dtype, batch_size=1)
+    runner.run(tokens, kinds=driver.kinds, on_layer=driver.on_layer,
+               on_final=driver.on_final if lm_head is not None else None)
+    if lm_head is not None:
+        assert lm_head_weight is not None
+        qt, err = driver.quantize_lm_head(lm_head_weight, lm_head)
+        on_quantized("lm_head", qt, err)
