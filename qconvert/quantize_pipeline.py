@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from qconvert.formats.awq import AWQFormat
 from qconvert.formats.compressed_tensors import CompressedTensorsFormat
 from qconvert.formats.gptq import GPTQFormat
 from qconvert.formats.safetensors_out import DEFAULT_SHARD_BYTES, CheckpointWriter
+from qconvert.load.checkpoint import Checkpoint
 from qconvert.methods.gptq import gptq_quantize
 from qconvert.methods.quantized import QuantizedTensor
 from qconvert.methods.quantizer import QuantSpec
@@ -393,26 +395,9 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
                 done_layers.add(p.layer)
             if progress:
                 progress(len(done_layers), total, _label(p, err))
-        config = dict(ckpt.config)
-        config["quantization_config"] = plan.quantization_config
-        out.write_json("config.json", config)
-        for fname, obj in fmt.extra_files(plan.quantization_config).items():
-            out.write_json(fname, obj)
-        for fname, src in ckpt.tokenizer_files.items():
-            out.copy_file(src, fname)
+        _write_side_files(out, ckpt, plan, fmt)
         output_bytes = out.total_bytes
-    source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
-    skipped = [p.prefix for p in plan.layers if p.spec is None]
-    return QuantizeSummary(
-        str(opts.output),
-        opts.method,
-        opts.format,
-        results,
-        skipped,
-        source_bytes,
-        output_bytes,
-        time.monotonic() - t0,
-    )
+    return _summary(ckpt, plan, opts, results, output_bytes, t0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -483,20 +468,9 @@ def run_awq(ckpt, plan: Plan, opts: QuantizeOptions, progress: Progress | None, 
             w = ckpt.read(name).to(torch.float32)
             qt = awq_quantize(w, p.spec)
             add_quantized(out, p.prefix, qt, relative_error(w, qt))
-        config = dict(ckpt.config)
-        config["quantization_config"] = plan.quantization_config
-        out.write_json("config.json", config)
-        for fname, obj in fmt.extra_files(plan.quantization_config).items():
-            out.write_json(fname, obj)
-        for fname, src in ckpt.tokenizer_files.items():
-            out.copy_file(src, fname)
+        _write_side_files(out, ckpt, plan, fmt)
         output_bytes = out.total_bytes
-    source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
-    skipped = [p.prefix for p in plan.layers if p.spec is None]
-    return QuantizeSummary(
-        str(opts.output), opts.method, opts.format, results, skipped, source_bytes, output_bytes,
-        time.monotonic() - t0,
-    )
+    return _summary(ckpt, plan, opts, results, output_bytes, t0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -563,20 +537,9 @@ def run_gptq(
         for name in ckpt.tensors:
             if name not in written:
                 out.add(name, ckpt.read(name))
-        config = dict(ckpt.config)
-        config["quantization_config"] = plan.quantization_config
-        out.write_json("config.json", config)
-        for fname, obj in fmt.extra_files(plan.quantization_config).items():
-            out.write_json(fname, obj)
-        for fname, src in ckpt.tokenizer_files.items():
-            out.copy_file(src, fname)
+        _write_side_files(out, ckpt, plan, fmt)
         output_bytes = out.total_bytes
-    source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
-    skipped = [p.prefix for p in plan.layers if p.spec is None]
-    return QuantizeSummary(
-        str(opts.output), opts.method, opts.format, results, skipped, source_bytes, output_bytes,
-        time.monotonic() - t0,
-    )
+    return _summary(ckpt, plan, opts, results, output_bytes, t0)
 
 
 def _stats_hessians(ckpt, prefixes: list[str], path: str) -> dict[str, torch.Tensor]:
@@ -593,3 +556,25 @@ def _stats_hessians(ckpt, prefixes: list[str], path: str) -> dict[str, torch.Ten
                            f"{' --lm-head' if prefix == 'lm_head' else ''}'", path)
         out[prefix] = st.hessian
     return out
+
+
+def _write_side_files(out: CheckpointWriter, ckpt: Checkpoint, plan: Plan, fmt: Any) -> None:
+    """config.json with quantization_config, the format's extra files, the tokenizer/generation files."""
+    config = dict(ckpt.config)
+    config["quantization_config"] = plan.quantization_config
+    out.write_json("config.json", config)
+    for fname, obj in fmt.extra_files(plan.quantization_config).items():
+        out.write_json(fname, obj)
+    for fname, src in ckpt.tokenizer_files.items():
+        out.copy_file(src, fname)
+
+
+def _summary(
+    ckpt: Checkpoint, plan: Plan, opts: QuantizeOptions, results: list, output_bytes: int, t0: float
+) -> QuantizeSummary:
+    source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
+    skipped = [p.prefix for p in plan.layers if p.spec is None]
+    return QuantizeSummary(
+        str(opts.output), opts.method, opts.format, results, skipped, source_bytes, output_bytes,
+        time.monotonic() - t0,
+    )

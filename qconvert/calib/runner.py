@@ -91,6 +91,26 @@ class LayerStep:
         """Run the layer (current weights) over all input batches; returns the outputs per batch."""
         return self._run()
 
+    def call_args(self) -> tuple[tuple, dict]:
+        """The (args, kwargs) the layer is called with besides the hidden states (masks, position
+        embeddings), caught on the first batch of a forward that is then abandoned."""
+        got: dict = {}
+
+        def hook(_m, args, kwargs):
+            got["call"] = (tuple(args[1:]), dict(kwargs))
+            raise _Stop
+
+        handle = self.module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.forward()
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "call" not in got:
+            raise RuntimeError(f"{self.name}: the layer was never called")
+        return got["call"]
+
 
 OnLayer = Callable[[LayerStep], "bool | None"]
 OnFinal = Callable[[int, torch.Tensor, torch.Tensor, nn.Module | None], None]

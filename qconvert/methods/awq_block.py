@@ -175,10 +175,6 @@ def fold_scales(block: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None:
 # capture: inputs and outputs of the modules the search inspects, on a subset of the calibration samples
 
 
-class _GotArgs(Exception):
-    """Stops LayerStep.forward() once the block's call arguments are known."""
-
-
 @dataclass
 class Capture:
     calls: dict[str, list[tuple[tuple, dict, torch.Tensor]]]  # inspected module -> (args, kwargs, output)
@@ -188,28 +184,6 @@ class Capture:
     def linear_input(self, name: str) -> torch.Tensor:
         xs = self.inputs[name]
         return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).to(torch.float32)
-
-
-def block_call_args(step) -> tuple[tuple, dict]:
-    """The extra (args, kwargs) the runner passes the block with its hidden states (masks, position
-    embeddings): caught on the first batch of ``step.forward()``, which is then abandoned.
-    TODO(calib): LayerStep could expose these (or run a subset of batches) so this costs nothing."""
-    got: dict = {}
-
-    def hook(_m, args, kwargs):
-        got["call"] = (tuple(args[1:]), dict(kwargs))
-        raise _GotArgs
-
-    handle = step.module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        step.forward()
-    except _GotArgs:
-        pass
-    finally:
-        handle.remove()
-    if "call" not in got:
-        raise RuntimeError(f"{step.name}: the block was never called")
-    return got["call"]
 
 
 def pick_batches(n_batches: int, tokens_per_batch: int, budget: int | None) -> list[int]:
@@ -222,7 +196,7 @@ def pick_batches(n_batches: int, tokens_per_batch: int, budget: int | None) -> l
 
 def capture(step, inspect: set[str], linears: list[str], budget: int | None) -> Capture:
     """Run the block (original weights) on a subset of its input batches, keeping what the search needs."""
-    args, kwargs = block_call_args(step)
+    args, kwargs = step.call_args()
     first = step.inputs[0]
     size = first.shape[0]
     picks = [i for i in pick_batches(len(step.inputs), first.shape[0] * first.shape[1], budget)]

@@ -116,25 +116,6 @@ def sublayer_groups(stats: dict) -> list[list[str]]:
     return list(groups.values())
 
 
-def call_args(step) -> tuple[tuple, dict]:
-    """The (args, kwargs) the engine calls the layer with besides the hidden states (masks, position
-    embeddings), caught on the first batch of ``step.forward()``, which is abandoned."""
-    got: dict = {}
-
-    def hook(_m, args, kwargs):
-        got["call"] = (tuple(args[1:]), dict(kwargs))
-        raise _Stop
-
-    handle = step.module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        step.forward()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "call" not in got:
-        raise RuntimeError(f"{step.name}: the layer was never called")
-    return got["call"]
 
 
 def collect_hessian(step, lin: nn.Linear, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -206,7 +187,7 @@ class LayerwiseGPTQ:
             raise RuntimeError(f"{step.name}: {', '.join(missing)} never ran in the calibration forward")
         if not groups:
             return False
-        call = call_args(step) if self.cfg.true_sequential else None
+        call = step.call_args() if self.cfg.true_sequential else None
         for group in groups:
             first = step.module.get_submodule(_rel(step.name, group[0]))
             if call is not None:
