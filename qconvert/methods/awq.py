@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from qconvert.methods.quantized import QuantizedTensor
-from qconvert.methods.quantizer import DTYPES, QuantSpec, quantize_codes
+from qconvert.methods.quantizer import DTYPES, QuantSpec, grouped_tensor, quantize_codes
 
 log = logging.getLogger("qconvert.awq")
 
@@ -106,18 +106,9 @@ def awq_quantize(weight: torch.Tensor | np.ndarray, spec: QuantSpec) -> Quantize
     """Quantize an (already scaled and clipped) ``W [N, K]`` with the AWQ pseudo-quantizer."""
     w = torch.as_tensor(weight).detach().to(torch.float32)
     n, k = w.shape
-    rows, g = _group_rows(w, spec)
+    rows, _ = _group_rows(w, spec)
     scale, zero = awq_params(rows, spec)
-    codes = quantize_codes(rows, scale[:, None], zero[:, None], spec.maxq)
-    return QuantizedTensor(
-        codes=codes.reshape(n, k).to(torch.uint8).numpy(),
-        scales=scale.reshape(n, k // g).numpy(),
-        zeros=zero.reshape(n, k // g).to(torch.int32).numpy(),
-        bits=spec.bits,
-        group_size=spec.group_size,
-        sym=spec.sym,
-        scale_dtype=spec.scale_dtype,
-    )
+    return grouped_tensor(rows, scale, zero, (n, k), spec)
 
 
 # ------------------------------------------------------------------------------------------------------------

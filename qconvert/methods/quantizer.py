@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qconvert.methods.quantized import QuantizedTensor
+
 # smallest positive value of each scale dtype: a row of (almost) zeros must not get a zero scale
 _TINY = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133, torch.float32: 2.0**-149}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -104,3 +106,20 @@ def find_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
         scale = torch.where(better, s1, scale)
         zero = torch.where(better, z1, zero)
     return scale, zero
+
+
+def grouped_tensor(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
+                   spec: QuantSpec) -> QuantizedTensor:
+    """Codes of ``rows`` [N*G, g] under per-row (scale, zero), as a QuantizedTensor of ``shape`` [N, K]."""
+    n, k = shape
+    groups = rows.shape[0] // n
+    codes = quantize_codes(rows, scale[:, None], zero[:, None], spec.maxq)
+    return QuantizedTensor(
+        codes=codes.reshape(n, k).to(torch.uint8).numpy(),
+        scales=scale.reshape(n, groups).numpy(),
+        zeros=zero.reshape(n, groups).to(torch.int32).numpy(),
+        bits=spec.bits,
+        group_size=spec.group_size,
+        sym=spec.sym,
+        scale_dtype=spec.scale_dtype,
+    )

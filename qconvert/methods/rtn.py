@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from qconvert.methods.quantized import QuantizedTensor
-from qconvert.methods.quantizer import QuantSpec, find_params, quantize_codes
+from qconvert.methods.quantizer import QuantSpec, find_params, grouped_tensor
 
 
 def _as_float32(weight: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -25,16 +25,7 @@ def rtn_quantize(weight: np.ndarray | torch.Tensor, spec: QuantSpec) -> Quantize
         raise ValueError(f"group size {g} does not divide {k} input columns")
     rows = w.reshape(n * (k // g), g)
     scale, zero = find_params(rows, spec)
-    codes = quantize_codes(rows, scale[:, None], zero[:, None], spec.maxq)
-    return QuantizedTensor(
-        codes=codes.reshape(n, k).to(torch.uint8).numpy(),
-        scales=scale.reshape(n, k // g).numpy(),
-        zeros=zero.reshape(n, k // g).to(torch.int32).numpy(),
-        bits=spec.bits,
-        group_size=spec.group_size,
-        sym=spec.sym,
-        scale_dtype=spec.scale_dtype,
-    )
+    return grouped_tensor(rows, scale, zero, (n, k), spec)
 
 
 def relative_error(weight: np.ndarray | torch.Tensor, qt: QuantizedTensor) -> float:
