@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qconvert.cli.quantize import quantize_command
 from qconvert.formats.gptq import marlin_problems
 from qconvert.kernels import packing
 from qconvert.methods.quantizer import QuantSpec
@@ -25,10 +24,6 @@ from qconvert.methods.rtn import rtn_quantize
 def run(monkeypatch, capsys):
     """Run the CLI in-process: (exit code, stdout, stderr)."""
     from qconvert import cli
-
-    for command in cli.app.registered_commands:  # until cli/__init__.py registers quantize_command itself
-        if command.name == "quantize":
-            monkeypatch.setattr(command, "callback", quantize_command)
 
     def _run(*args: str) -> tuple[int, str, str]:
         with pytest.raises(SystemExit) as e:

@@ -161,18 +161,24 @@ def _display_path(source: str) -> str:
     return source
 
 
-def _read_txt_tokens(source: str, tokenizer, parse_special: bool) -> list[int]:
-    path = Path(source)
-    if not path.exists():
-        raise BadInput("dataset file not found (expected .txt, .jsonl, .parquet or hf:NAME)", path)
+def read_text(path: str | Path) -> str:
+    """A prompt/text file as llama.cpp's -f reads it: UTF-8, minus one trailing newline."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInput("dataset file not found (expected .txt, .jsonl, .parquet or hf:NAME)", p)
+    if p.is_dir():
+        raise BadInput("is a directory, expected a text file", p)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadInput(f"not UTF-8 text (byte {e.start})", path) from e
+        raise BadInput(f"not UTF-8 text (byte {e.start})", p) from None
     except OSError as e:
-        raise IOFailure(f"cannot read: {e.strerror or e}", path) from e
-    if text.endswith("\n"):  # llama.cpp drops one trailing newline of a prompt file
-        text = text[:-1]
+        raise IOFailure(f"cannot read: {e.strerror or e}", p) from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _read_txt_tokens(source: str, tokenizer, parse_special: bool) -> list[int]:
+    text = read_text(source)
     return encode(tokenizer, text, parse_special)
 
 

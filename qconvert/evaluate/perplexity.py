@@ -14,28 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from qconvert.errors import BadInput, IOFailure
-
-
-def read_text(path: str | Path) -> str:
-    """The evaluation text, minus one trailing newline (llama.cpp's -f drops it)."""
-    p = Path(path)
-    if not p.exists():
-        raise BadInput("dataset file not found", p)
-    if p.is_dir():
-        raise BadInput("is a directory, expected a text file", p)
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"not UTF-8 text (byte {e.start})", p) from None
-    except OSError as e:
-        raise IOFailure(f"cannot read: {e.strerror or e}", p) from None
-    return text[:-1] if text.endswith("\n") else text
+from qconvert.errors import BadInput
 
 
 def make_chunks(tokens: list[int], ctx: int, n_chunks: int | None, add_bos: bool, bos_id: int | None,

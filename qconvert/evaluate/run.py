@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qconvert.calib.datasets import read_text
 from qconvert.errors import BadInput
 from qconvert.evaluate.backends import Backend, check_ctx, open_backend
 from qconvert.evaluate.kl import DEFAULT_TOP_K, KlStats, RefLogits, kl_rows, load_logits
-from qconvert.evaluate.perplexity import NllStats, first_scored, make_chunks, read_text, score_rows, token_nll
+from qconvert.evaluate.perplexity import NllStats, first_scored, make_chunks, score_rows, token_nll
 
 # progress(label, total) -> advance(n): the CLI draws a bar, the library default draws nothing
 Progress = Callable[[str, int], Callable[[int], None]]

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from qconvert.calib.datasets import read_text
 from qconvert.errors import BadInput
 from qconvert.evaluate import run
 from qconvert.evaluate.kl import KlStats, RefLogits, kl_rows, load_logits
-from qconvert.evaluate.perplexity import NllStats, make_chunks, read_text
+from qconvert.evaluate.perplexity import NllStats, make_chunks
 
 VOCAB = 64
 

@@ -16,7 +16,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qconvert.cli.quantize import quantize_command
 from qconvert.kernels import packing
 from qconvert.methods import gptq_layerwise
 
@@ -27,10 +26,6 @@ SAMPLES, SEQ = 4, 64
 def run(monkeypatch, capsys):
     """Run the CLI in-process: (exit code, stdout, stderr)."""
     from qconvert import cli
-
-    for command in cli.app.registered_commands:
-        if command.name == "quantize":
-            monkeypatch.setattr(command, "callback", quantize_command)
 
     def _run(*args: str) -> tuple[int, str, str]:
         with pytest.raises(SystemExit) as e:
