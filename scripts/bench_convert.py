@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Time and peak RSS of `qconvert convert` against llama.cpp's llama-quantize.
 
-    python scripts/bench_convert.py [--model HF_DIR] [--type Q4_K_M] [--threads 2] [--repeat 1] [--json]
+    python scripts/bench_convert.py [--model HF_DIR] [--type Q4_K_M ...] [--imatrix FILE] [--threads 2]
+                                    [--repeat 1] [--json]
 
 Runs, each as its own child process (peak RSS from wait4's rusage):
-  1. qconvert convert HF_DIR --type BF16          (the intermediate file llama-quantize needs; also timed)
+  1. qconvert convert HF_DIR --type BF16          (the file llama-quantize needs; also timed, once)
+and for each --type (with --imatrix FILE also given to every command when set):
   2. qconvert convert HF_DIR --type TYPE          (one step: HF → quantized)
   3. qconvert convert BF16.gguf --type TYPE       (drop-in for llama-quantize)
   4. llama-quantize BF16.gguf OUT TYPE THREADS    (built by scripts/build_llamacpp_tools.sh)
@@ -44,16 +46,34 @@ def run(cmd: list[str]) -> dict:
     return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
-def qconvert(model: Path | str, file_type: str, out: Path, threads: int) -> list[str]:
-    return [sys.executable, "-m", "qconvert", "convert", str(model), "--type", file_type, "-o", str(out),
-            "--threads", str(threads)]
+def qconvert(
+    model: Path | str, file_type: str, out: Path, threads: int, imatrix: Path | None = None
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "qconvert",
+        "convert",
+        str(model),
+        "--type",
+        file_type,
+        "-o",
+        str(out),
+        "--threads",
+        str(threads),
+    ]
+    return cmd + (["--imatrix", str(imatrix)] if imatrix else [])
 
 
 def llama_quantize_bin(given: str | None) -> Path:
     if given:
         return Path(given)
-    built = subprocess.run(["bash", str(ROOT / "scripts" / "build_llamacpp_tools.sh")], check=True,
-                           capture_output=True, text=True)
+    built = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_llamacpp_tools.sh")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return Path(built.stdout.strip().splitlines()[-1]) / "llama-quantize"
 
 
@@ -67,28 +87,55 @@ def default_model() -> Path:
     return mod.smollm2_dir()
 
 
-def bench(model: Path, file_type: str, threads: int, repeat: int, quantize_bin: Path, work: Path) -> dict:
+def bench(
+    model: Path,
+    file_type: str,
+    threads: int,
+    repeat: int,
+    quantize_bin: Path,
+    work: Path,
+    imatrix: Path | None = None,
+) -> dict:
     bf16 = work / "model-BF16.gguf"
-    names = ["qconvert HF→BF16", f"qconvert HF→{file_type}", f"qconvert BF16.gguf→{file_type}",
-             f"llama-quantize BF16→{file_type}"]
+    tag = file_type + ("+imatrix" if imatrix else "")
+    names = [
+        "qconvert HF→BF16",
+        f"qconvert HF→{tag}",
+        f"qconvert BF16.gguf→{tag}",
+        f"llama-quantize BF16→{tag}",
+    ]
     rows: dict[str, list[dict]] = {n: [] for n in names}
     outs = [work / "one-step.gguf", work / "drop-in.gguf", work / "llama.gguf"]
+    extra = ["--imatrix", str(imatrix)] if imatrix else []
     for _ in range(repeat):
-        rows["qconvert HF→BF16"].append(run(qconvert(model, "BF16", bf16, threads)))
-        rows[f"qconvert HF→{file_type}"].append(run(qconvert(model, file_type, outs[0], threads)))
-        rows[f"qconvert BF16.gguf→{file_type}"].append(run(qconvert(bf16, file_type, outs[1], threads)))
-        rows[f"llama-quantize BF16→{file_type}"].append(
-            run([str(quantize_bin), str(bf16), str(outs[2]), file_type, str(threads)]))
-    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in rows.items()}
+        if not bf16.exists():
+            rows["qconvert HF→BF16"].append(run(qconvert(model, "BF16", bf16, threads)))
+        rows[f"qconvert HF→{tag}"].append(run(qconvert(model, file_type, outs[0], threads, imatrix)))
+        rows[f"qconvert BF16.gguf→{tag}"].append(run(qconvert(bf16, file_type, outs[1], threads, imatrix)))
+        rows[f"llama-quantize BF16→{tag}"].append(
+            run([str(quantize_bin), *extra, str(bf16), str(outs[2]), file_type, str(threads)])
+        )
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in rows.items() if v}
     same = all(filecmp.cmp(outs[0], o, shallow=False) for o in outs[1:])
-    return {"model": str(model), "type": file_type, "threads": threads, "repeat": repeat,
-            "output_bytes": outs[0].stat().st_size, "identical_outputs": same, "runs": best}
+    size = outs[0].stat().st_size
+    for o in outs:
+        o.unlink()
+    return {
+        "model": str(model),
+        "type": tag,
+        "threads": threads,
+        "repeat": repeat,
+        "output_bytes": size,
+        "identical_outputs": same,
+        "runs": best,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="HF checkpoint directory (default: the SmolLM2 fixture)")
-    ap.add_argument("--type", default="Q4_K_M")
+    ap.add_argument("--type", action="append", help="file type (repeatable; default Q4_K_M)")
+    ap.add_argument("--imatrix", type=Path, help="importance matrix given to every quantizing command")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1, help="runs per command; the fastest is reported")
     ap.add_argument("--llama-quantize", help="llama-quantize path (default: scripts/build_llamacpp_tools.sh)")
@@ -97,17 +144,24 @@ def main() -> None:
     model = args.model or default_model()
     quantize_bin = llama_quantize_bin(args.llama_quantize)
     cache_root().mkdir(parents=True, exist_ok=True)
+    reports = []
     with tempfile.TemporaryDirectory(dir=cache_root(), prefix="bench-convert-") as tmp:
-        report = bench(model, args.type, args.threads, args.repeat, quantize_bin, Path(tmp))
+        for file_type in args.type or ["Q4_K_M"]:
+            reports.append(
+                bench(model, file_type, args.threads, args.repeat, quantize_bin, Path(tmp), args.imatrix)
+            )
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(reports, indent=2))
         return
-    print(f"{report['model']} → {report['type']}, {report['threads']} threads, "
-          f"output {report['output_bytes'] / 2**20:.1f} MiB, "
-          f"identical outputs: {report['identical_outputs']}")
-    print(f"{'command':<40} {'seconds':>9} {'peak RSS MiB':>13}")
-    for name, r in report["runs"].items():
-        print(f"{name:<40} {r['seconds']:>9.2f} {r['peak_rss_mib']:>13.1f}")
+    for report in reports:
+        print(
+            f"{report['model']} → {report['type']}, {report['threads']} threads, "
+            f"output {report['output_bytes'] / 2**20:.1f} MiB, "
+            f"identical outputs: {report['identical_outputs']}"
+        )
+        print(f"{'command':<40} {'seconds':>9} {'peak RSS MiB':>13}")
+        for name, r in report["runs"].items():
+            print(f"{name:<40} {r['seconds']:>9.2f} {r['peak_rss_mib']:>13.1f}")
 
 
 if __name__ == "__main__":

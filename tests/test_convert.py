@@ -327,3 +327,36 @@ def test_default_output_name(synthetic_dir, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["qwen3-Q8_0.gguf"]
     assert json.loads(json.dumps(gguf.GGUFReader(tmp_path / "qwen3-Q8_0.gguf").fields["general.file_type"]
                                  .contents())) == int(FT.MOSTLY_Q8_0)
+
+
+def test_phi3_long_rope_factors_match_transformers(synthetic_dir, tmp_path):
+    """phi3 128k-style rope: rope_factors_long/short tensors, the attention factor right after
+    general.architecture (where convert_hf_to_gguf.py adds it), and llama.cpp's logits = transformers'."""
+    import math
+
+    model = tmp_path / "phi3-long"
+    shutil.copytree(synthetic_dir("phi3"), model)
+    cfg = json.loads((model / "config.json").read_text())
+    half = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    short = [1.0 + 0.05 * i for i in range(half)]
+    long = [2.0 + 0.5 * i for i in range(half)]
+    cfg["max_position_embeddings"] = 4 * cfg["original_max_position_embeddings"]
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], "rope_type": "longrope", "short_factor": short,
+                              "long_factor": long}
+    (model / "config.json").write_text(json.dumps(cfg))
+    out = _convert(model, tmp_path / "long.gguf", "F32", override_kv=["general.name=str:tiny synthetic"])
+    r = gguf.GGUFReader(out)
+    tensors = {t.name: np.asarray(t.data) for t in r.tensors}
+    assert np.array_equal(tensors["rope_factors_short.weight"], np.asarray(short, dtype=np.float32))
+    assert np.array_equal(tensors["rope_factors_long.weight"], np.asarray(long, dtype=np.float32))
+    keys = list(r.fields)
+    assert keys[keys.index("general.architecture") + 1] == "phi3.rope.scaling.attn_factor"
+    attn = float(r.fields["phi3.rope.scaling.attn_factor"].contents())
+    assert attn == pytest.approx(math.sqrt(1 + math.log(4) / math.log(cfg["original_max_position_embeddings"])))
+    ref, got = _hf_logits(model, TOKENS), _llama_logits(out, TOKENS)
+    assert np.abs(got - ref).max() < 0.01 * np.abs(ref).max()
+    # without the short factors llama.cpp would compute other logits: the comparison has teeth
+    cfg["rope_parameters"]["short_factor"] = [1.0] * half
+    (model / "config.json").write_text(json.dumps(cfg))
+    plain = _convert(model, tmp_path / "plain.gguf", "F32", override_kv=["general.name=str:tiny synthetic"])
+    assert np.abs(_llama_logits(plain, TOKENS) - ref).max() > 0.01 * np.abs(ref).max()

@@ -327,8 +327,43 @@ def _check_unique(planned: list[PlannedTensor], ckpt: Any) -> None:
         seen.add(t.name)
 
 
+def _phi3_long_rope(cfg: dict) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """phi3 long-context rope (su / longrope): attention factor and per-frequency long/short factors."""
+    rp = rope_parameters(cfg)
+    long, short = rp.get("long_factor"), rp.get("short_factor")
+    if not long:
+        return None
+    max_pos = _find(cfg, ["n_positions", "max_position_embeddings"])
+    orig = rp.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    if not short or not orig:
+        raise BadInput("phi3 long rope needs rope_scaling.short_factor and original_max_position_embeddings")
+    dims = int(rp.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // cfg["num_attention_heads"]
+    if len(long) != len(short) or len(long) * 2 != dims:
+        raise BadInput(f"phi3 rope long/short factors must have {dims // 2} entries, "
+                       f"got {len(long)} and {len(short)}")
+    kind = str(rp.get("rope_type") or rp.get("type") or "").lower()
+    scale = max_pos / orig
+    if kind in ("su", "longrope"):
+        attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    elif kind == "yarn":
+        attn = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    else:
+        raise BadInput(f"phi3 rope scaling type {kind or '(missing)'!r} is not supported")
+    return attn, np.asarray(long, dtype=np.float32), np.asarray(short, dtype=np.float32)
+
+
+def extra_kvs(spec: ArchSpec, cfg: dict, w: Any) -> None:
+    """KVs the converter adds while generating extra tensors — before general.*, as it does."""
+    if spec.name == "phi3" and (lr := _phi3_long_rope(cfg)) is not None:
+        w.add_rope_scaling_attn_factors(lr[0])
+
+
 def _extra_tensors(spec: ArchSpec, cfg: dict) -> list[PlannedTensor]:
-    """Tensors the converter generates (llama3 rope frequency factors)."""
+    """Tensors the converter generates (llama3 rope frequency factors, phi3 long/short rope factors)."""
+    if spec.name == "phi3" and (lr := _phi3_long_rope(cfg)) is not None:
+        names = (gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)
+        return [PlannedTensor(gguf.TENSOR_NAMES[n] + ".weight", f.shape, None, lambda f=f: f)
+                for n, f in zip(names, lr[1:], strict=True)]
     rp = _full_rope(cfg)
     if spec.name != "llama" or str(rp.get("rope_type", "")).lower() != "llama3":
         return []

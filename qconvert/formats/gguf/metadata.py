@@ -15,7 +15,7 @@ import gguf
 
 from qconvert.formats.gguf.tokenizer import TokenizerInfo, add_tokenizer
 from qconvert.formats.gguf.writer import GGUF_QUANT_VERSION, GGUFOutput
-from qconvert.load.architectures import ArchSpec
+from qconvert.load.architectures import ArchSpec, extra_kvs
 
 logging.getLogger("gguf.metadata").setLevel(logging.ERROR)
 
@@ -44,6 +44,7 @@ def build_header(spec: ArchSpec, cfg: dict, model_dir: Path, name: str, total_pa
                  tokenizer: GGUFOutput) -> GGUFOutput:
     """A GGUFOutput holding every KV of the converted model, in converter order."""
     w = GGUFOutput(spec.name)
+    extra_kvs(spec, cfg, w)
     add_general(w, model_dir, name, total_params)
     spec.hparams(cfg, w)
     w.add_quantization_version(GGUF_QUANT_VERSION)
