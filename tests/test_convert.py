@@ -360,3 +360,18 @@ def test_phi3_long_rope_factors_match_transformers(synthetic_dir, tmp_path):
     (model / "config.json").write_text(json.dumps(cfg))
     plain = _convert(model, tmp_path / "plain.gguf", "F32", override_kv=["general.name=str:tiny synthetic"])
     assert np.abs(_llama_logits(plain, TOKENS) - ref).max() > 0.01 * np.abs(ref).max()
+
+
+def test_config_recipe_equals_the_same_flags(synthetic_dir, tmp_path):
+    """--config configs/gguf/example-recipe.yaml writes the very file its flags write (the flags themselves
+    are held to llama-quantize by test_flags_match_llama_quantize)."""
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "gguf" / "example-recipe.yaml"
+    model = synthetic_dir("llama", tied=False)
+    by_config = _convert(model, tmp_path / "config.gguf", None, config=recipe)
+    by_flags = _convert(model, tmp_path / "flags.gguf", "Q4_K_M", output_tensor_type="q8_0",
+                        token_embedding_type="q8_0",
+                        tensor_types=[r"attn_v\.weight$=q6_k", r"^blk\.(0|1)\.ffn_down=q8_0"])
+    assert by_config.read_bytes() == by_flags.read_bytes()
+    types = {name: t for name, (t, _) in _tensor_bytes(by_config).items()}
+    assert types["blk.0.ffn_down.weight"] == Q.Q8_0 and types["blk.2.attn_v.weight"] == Q.Q6_K
+    assert types["output.weight"] == Q.Q8_0 and types["token_embd.weight"] == Q.Q8_0
