@@ -352,7 +352,8 @@ def test_phi3_long_rope_factors_match_transformers(synthetic_dir, tmp_path):
     keys = list(r.fields)
     assert keys[keys.index("general.architecture") + 1] == "phi3.rope.scaling.attn_factor"
     attn = float(r.fields["phi3.rope.scaling.attn_factor"].contents())
-    assert attn == pytest.approx(math.sqrt(1 + math.log(4) / math.log(cfg["original_max_position_embeddings"])))
+    orig = cfg["original_max_position_embeddings"]
+    assert attn == pytest.approx(math.sqrt(1 + math.log(4) / math.log(orig)))
     ref, got = _hf_logits(model, TOKENS), _llama_logits(out, TOKENS)
     assert np.abs(got - ref).max() < 0.01 * np.abs(ref).max()
     # without the short factors llama.cpp would compute other logits: the comparison has teeth
@@ -375,3 +376,53 @@ def test_config_recipe_equals_the_same_flags(synthetic_dir, tmp_path):
     types = {name: t for name, (t, _) in _tensor_bytes(by_config).items()}
     assert types["blk.0.ffn_down.weight"] == Q.Q8_0 and types["blk.2.attn_v.weight"] == Q.Q6_K
     assert types["output.weight"] == Q.Q8_0 and types["token_embd.weight"] == Q.Q8_0
+
+
+def test_llama_hf_tokenizer_export(synthetic_dir, calib_text, tmp_path):
+    """A llama checkpoint with only tokenizer.json (byte-fallback BPE + Metaspace, what transformers saves
+    for Llama-2-style tokenizers) goes through gguf-py's LlamaHfVocab: model "llama", the vocabulary padded
+    to the embedding rows, loadable by llama.cpp, text round-trips. (LlamaHfVocab gives every piece the same
+    score, so llama.cpp's split can differ from the source tokenizer's — as with convert_hf_to_gguf.py.)"""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    spm_dir = tmp_path / "spm"
+    spm_dir.mkdir()
+    spm.SentencePieceTrainer.train(
+        input=str(calib_text), model_prefix=str(spm_dir / "tokenizer"), vocab_size=1000, model_type="bpe",
+        byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, input_sentence_size=20000, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False)
+    model = tmp_path / "llama-hf"
+    shutil.copytree(synthetic_dir("llama"), model)
+    for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+        (model / f).unlink(missing_ok=True)
+    # tokenizer.json as transformers' LlamaConverter builds it: the SentencePiece pieces as a byte-fallback
+    # BPE whose merges are every split of a piece into two pieces, ranked by the merged piece
+    sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "tokenizer.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []
+    for piece in sorted(vocab, key=vocab.get):
+        pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        merges += sorted(pairs, key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))
+    tk = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+                            ).save_pretrained(str(model))
+    assert not (model / "tokenizer.model").exists()
+    out = _convert(model, tmp_path / "hf.gguf", "BF16")
+    kv = gguf.GGUFReader(out).fields
+    assert kv["tokenizer.ggml.model"].contents() == "llama"
+    assert kv["tokenizer.ggml.bos_token_id"].contents() == 1
+    llm = _llama(out)
+    pieces = kv["tokenizer.ggml.tokens"].contents()
+    assert len(pieces) == 4096 and pieces[:1000] == [sp.id_to_piece(i) for i in range(1000)]
+    assert pieces[1000:] == [f"[PAD{i}]" for i in range(1000, 4096)]
+    text = TEXT + " ü€"  # byte fallback for characters the vocabulary lacks
+    got = llm.tokenize(text.encode(), add_bos=False, special=False)
+    assert max(got) < 1000 and llm.detokenize(got).decode().lstrip(" ") == text
+    llm.close()

@@ -271,12 +271,21 @@ def _export_llama_hf(w: Any, model_dir: Path, cfg: dict) -> TokenizerInfo:
     if model.get("type") != "BPE" or not model.get("byte_fallback", False):
         raise FileNotFoundError(tj_path)  # not a llama-style BPE: the next exporter applies
     vocab = gguf.LlamaHfVocab(model_dir)
-    tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
+    tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens(), strict=True))
+    # llama.cpp refuses a token list shorter than the embedding: pad as the SentencePiece path does
+    # (convert_hf_to_gguf.py's llama_hf path does not, and writes files llama.cpp cannot load)
+    vocab_size = int(cfg.get("vocab_size") or len(tokens))
+    if len(tokens) > vocab_size:
+        raise BadInput(f"tokenizer has {len(tokens)} tokens but vocab_size is {vocab_size}", tj_path)
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-10000.0)
+        types.append(gguf.TokenType.UNUSED)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
-    w.add_token_list(list(tokens))
-    w.add_token_scores(list(scores))
-    w.add_token_types(list(types))
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
     gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
     return TokenizerInfo("llama", "default", len(tokens), len(tokens))
 
