@@ -2,23 +2,58 @@
 
 Everything goes into a temp directory next to the target (same filesystem) and is renamed into place only when
 the last byte is written; an error or Ctrl-C leaves the target untouched and removes the temp directory.
-Shards are flushed as they fill, so at most one shard of tensors is held in memory.
+
+Tensors are streamed: ``add`` writes a tensor's raw bytes straight to the open shard's data file and keeps
+only its dtype, shape and offsets, so at most one tensor (the caller's) is in memory at a time. When a shard
+closes, its safetensors file is assembled as header + data (an in-kernel copy where the OS has one).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from qconvert.errors import BadInput, IOFailure
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+COPY_CHUNK = 8 * 1024**2  # buffer of the user-space copy fallback
+
+# torch dtype → safetensors dtype string (the names the safetensors library writes)
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+}
+for _attr, _code in [
+    ("uint64", "U64"),
+    ("uint32", "U32"),
+    ("uint16", "U16"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+    ("float8_e8m0fnu", "F8_E8M0"),
+    ("float4_e2m1fn_x2", "F4"),  # two 4-bit values per byte: the header counts values, not bytes
+]:
+    if hasattr(torch, _attr):  # newer dtypes: only where this torch has them
+        SAFETENSORS_DTYPES[getattr(torch, _attr)] = _code
 
 
 def parse_size(text: str) -> int:
@@ -62,9 +97,12 @@ class CheckpointWriter:
             if not self.target.is_dir():
                 raise BadInput("output exists and is not a directory", self.target)
         self.tmp: Path | None = None
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
+        self._names: set[str] = set()
+        self._shards: list[list[str]] = []  # tensor names of the closed shards
+        self._header: dict[str, dict] = {}  # open shard: name → dtype, shape, data_offsets (in add order)
+        self._data = None  # open shard's raw data file (binary, buffered)
+        self._offset = 0  # bytes written to the open shard's data file
+        self._failed: str | None = None  # set when a write failed half-way: the open shard is unusable
         self.total_bytes = 0
 
     def __enter__(self) -> CheckpointWriter:
@@ -77,22 +115,32 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
             self.commit()
-        elif self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        except BaseException:
+            self._discard()  # a failed commit must not leave the temp directory behind either
+            raise
 
     # -- content ---------------------------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in shard for shard in self._shards):
+        if name in self._names:
             raise ValueError(f"tensor {name} written twice")
-        # own contiguous copy: tensors mmapped from one source file share storage, which save_file refuses
-        t = tensor.detach().contiguous().clone()
+        t = _cpu_contiguous(tensor)
+        entry = {"dtype": _dtype_code(name, t), "shape": _header_shape(name, t)}
         size = t.numel() * t.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = t
-        self._pending_bytes += size
+        if self._header and self._offset + size > self.max_shard_bytes:
+            self._close_shard()
+        with self._shard_io(self._data_path()):
+            if self._data is None:
+                self._data = open(self._data_path(), "wb")
+            _write_all(self._data, _raw_bytes(t))
+        entry["data_offsets"] = [self._offset, self._offset + size]
+        self._header[name] = entry
+        self._names.add(name)
+        self._offset += size
         self.total_bytes += size
 
     def write_json(self, filename: str, obj: object) -> None:
@@ -116,15 +164,48 @@ class CheckpointWriter:
         except OSError as e:
             raise IOFailure(f"write failed: {e.strerror or e}", where) from None
 
-    def _flush(self) -> None:
-        if not self._pending:
+    @contextmanager
+    def _shard_io(self, where: object) -> Iterator[None]:
+        # a half-written tensor leaves the data file out of step with the header: refuse to go on with it
+        if self._failed is not None:
+            raise IOFailure(f"write failed earlier: {self._failed}", where)
+        try:
+            yield
+        except OSError as e:
+            self._failed = str(e.strerror or e)
+            raise IOFailure(f"write failed: {self._failed}", where) from None
+
+    def _shard_path(self, index: int | None = None) -> Path:
+        return self._path(f"shard-{index or len(self._shards) + 1:05d}.safetensors")
+
+    def _data_path(self) -> Path:
+        return self._path(f"shard-{len(self._shards) + 1:05d}.data")
+
+    def _close_shard(self) -> None:
+        """Write the open shard's safetensors file (header, then the data file's bytes) and drop the data
+        file."""
+        if self._data is None:
             return
-        index = len(self._shards) + 1
-        path = self._path(f"shard-{index:05d}.safetensors")
-        self._io(lambda: save_file(self._pending, str(path), metadata={"format": "pt"}), path)
-        self._shards.append(list(self._pending))
-        self._pending = {}
-        self._pending_bytes = 0
+        data_path, path = self._data_path(), self._shard_path()
+        with self._shard_io(path):
+            self._data.close()
+            with open(data_path, "rb") as src, open(path, "wb") as dst:
+                dst.write(_header_bytes(self._header))
+                dst.flush()  # _append writes through the descriptor
+                _append(dst, src)
+            os.remove(data_path)
+        self._data = None
+        self._shards.append(list(self._header))
+        self._header = {}
+        self._offset = 0
+
+    def _discard(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
     def _shard_names(self) -> list[str]:
         n = len(self._shards)
@@ -137,10 +218,10 @@ class CheckpointWriter:
     def commit(self) -> None:
         if self.tmp is None:
             return
-        self._flush()
+        self._close_shard()
         names = self._shard_names()
         for i, final in enumerate(names, start=1):
-            src = self._path(f"shard-{i:05d}.safetensors")
+            src = self._shard_path(i)
             self._io(lambda s=src, f=final: os.replace(s, self._path(f)), src)
         if len(names) > 1:
             weight_map = {t: names[i] for i, shard in enumerate(self._shards) for t in shard}
@@ -177,3 +258,72 @@ class CheckpointWriter:
             ) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# -- tensor bytes and the safetensors file layout -----------------------------------------------------------
+
+
+def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    # conj/neg bits are lazy views: materialize them, as the bytes on disk must be the values
+    t = tensor.detach().resolve_conj().resolve_neg()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous()
+
+
+def _dtype_code(name: str, t: torch.Tensor) -> str:
+    code = SAFETENSORS_DTYPES.get(t.dtype)
+    if code is None:
+        raise ValueError(f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors")
+    return code
+
+
+def _header_shape(name: str, t: torch.Tensor) -> list[int]:
+    shape = list(t.shape)
+    if SAFETENSORS_DTYPES[t.dtype] == "F4":  # torch packs two values per element; safetensors counts values
+        if not shape:
+            raise ValueError(f"tensor {name}: a 0-d float4_e2m1fn_x2 tensor cannot be stored in safetensors")
+        shape[-1] *= 2
+    return shape
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (a uint8 view: numpy has no bf16/fp8, and bool is one byte)."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_all(f, buf: memoryview) -> None:
+    # a buffered file writes a large buffer straight through, without copying it
+    if len(buf):
+        f.write(buf)
+
+
+def _header_bytes(header: dict[str, dict]) -> bytes:
+    """8-byte little-endian length + JSON, padded with spaces to a multiple of 8 as the safetensors library
+    does (the spec allows trailing whitespace)."""
+    text = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":"), ensure_ascii=False)
+    raw = text.encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _append(dst, src) -> None:
+    """Append all of ``src`` (read from its current position) to ``dst``: in the kernel where it can (no
+    user-space buffer; a reflink on btrfs/xfs), else through a fixed-size buffer."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            while os.copy_file_range(src.fileno(), dst.fileno(), 1 << 30):
+                pass
+            return
+        except OSError as e:  # other filesystem, old kernel, or a file system that does not support it
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+    # positions were moved by the kernel copy, if any: carry on from there through raw descriptors
+    buf = bytearray(COPY_CHUNK)
+    view = memoryview(buf)
+    while n := os.readv(src.fileno(), [buf]):
+        done = 0
+        while done < n:
+            done += os.write(dst.fileno(), view[done:n])
