@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from qconvert.errors import BadInput, NotAvailable
+from qconvert.errors import BadInput
 from qconvert.formats.awq import AWQFormat
 from qconvert.formats.compressed_tensors import CompressedTensorsFormat
 from qconvert.formats.gptq import GPTQFormat
@@ -37,7 +37,7 @@ from qconvert.methods.quantized import QuantizedTensor
 from qconvert.methods.quantizer import QuantSpec
 from qconvert.methods.rtn import relative_error, rtn_quantize
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "fp8")
 FORMATS = {
     "gptq": lambda: GPTQFormat(v2=False),
     "gptq_v2": lambda: GPTQFormat(v2=True),
@@ -76,7 +76,9 @@ class QuantizeOptions:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False
     device: str = "auto"  # calibrated methods: auto (GPU if present), cpu, cuda, cuda:N
-    stats: str | None = None  # gptq: Hessians from a `qconvert calibrate` file instead of --dataset
+    stats: str | None = None  # gptq: Hessians (fp8 static: max |x|) from a `qconvert calibrate` file
+    scheme: str = "dynamic"  # fp8: dynamic | static | block
+    percentile: float = 100.0  # fp8 static: input scale from this percentile of per-token max |x|
 
     def spec(self) -> QuantSpec:
         return QuantSpec(
@@ -116,8 +118,9 @@ class LayerResult:
     group_size: int
     sym: bool
     shape: tuple[int, int]
-    error: float  # RTN, AWQ: ||W-Wq||/||W||; GPTQ: ||(W-Wq)X||/||WX|| on the calibration inputs
+    error: float  # RTN, AWQ, FP8: ||W-Wq||/||W||; GPTQ: ||(W-Wq)X||/||WX|| on the calibration inputs
     bytes: int
+    kind: str = "int"  # int, or fp8-tensor / fp8-channel / fp8-block
 
     @property
     def bpw(self) -> float:
@@ -134,6 +137,7 @@ class QuantizeSummary:
     source_bytes: int
     output_bytes: int
     seconds: float
+    scheme: str = ""  # fp8 only
 
     def table(self) -> list[dict]:
         """One row per scheme: layers, bits, group, size, bits per weight (packed tensors incl.
@@ -141,8 +145,9 @@ class QuantizeSummary:
         rows: dict[tuple, dict] = {}
         for r in self.layers:
             row = rows.setdefault(
-                (r.bits, r.group_size, r.sym),
+                (r.kind, r.bits, r.group_size, r.sym),
                 {
+                    "kind": r.kind,
                     "bits": r.bits,
                     "group_size": r.group_size,
                     "sym": r.sym,
@@ -165,6 +170,7 @@ class QuantizeSummary:
             "output": self.output,
             "method": self.method,
             "format": self.format,
+            **({"scheme": self.scheme} if self.scheme else {}),
             "schemes": self.table(),
             "skipped": self.skipped,
             "source_bytes": self.source_bytes,
@@ -348,7 +354,7 @@ def quantize_linear(
             damp=opts.damp,
             name=plan.prefix,
         )
-    raise NotAvailable(f"--method {opts.method} is not available yet in this version")
+    raise ValueError(f"quantize_linear: no per-layer path for --method {opts.method}")
 
 
 def _label(p: LayerPlan, error: float) -> str:
@@ -358,22 +364,20 @@ def _label(p: LayerPlan, error: float) -> str:
 
 
 def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> QuantizeSummary:
-    """The RTN pipeline end to end (GPTQ/AWQ: planning and checks run, then NotAvailable until calib
-    lands)."""
+    """Plan, then run the chosen method (RTN here; GPTQ, AWQ and FP8 in their own functions)."""
     from qconvert.load import open_checkpoint
 
     t0 = time.monotonic()
     ckpt = open_checkpoint(opts.model)
+    if opts.method == "fp8":
+        from qconvert.quantize_fp8 import run_fp8
+
+        return run_fp8(ckpt, opts, progress, t0)
     plan = plan_quantization(ckpt, opts)
     if opts.method == "awq":
         return run_awq(ckpt, plan, opts, progress, t0)
     if opts.method == "gptq":
         return run_gptq(ckpt, plan, opts, progress, t0)
-    if opts.method != "rtn":
-        raise NotAvailable(
-            f"--method {opts.method} needs the calibration engine, not available yet in this "
-            "version; --method rtn works now"
-        )
     fmt = plan.fmt
     wanted = plan.by_weight()
     results: list[LayerResult] = []
@@ -500,11 +504,8 @@ def run_gptq(
         from qconvert.calib.runner import resolve_device
 
         resolve_device(opts.device)  # a bad --device fails before the data is read
-        tokenizer = load_tokenizer(ckpt)
-        # the text is tokenized whole, then cut into chunks: no "longer than the model's maximum" warning
-        tokenizer.model_max_length = 1 << 62
         tokens = load_calibration(
-            opts.dataset, tokenizer, seq_len=opts.seq_len, num_samples=opts.num_samples
+            opts.dataset, load_tokenizer(ckpt), seq_len=opts.seq_len, num_samples=opts.num_samples
         ).tokens
     fmt = plan.fmt
     results: list[LayerResult] = []

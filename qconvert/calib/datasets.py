@@ -50,11 +50,14 @@ def load_tokenizer(ckpt):
     if not ckpt.tokenizer_files:
         raise BadInput("checkpoint has no tokenizer files (tokenizer.json or tokenizer.model)", ckpt.path)
     try:
-        return AutoTokenizer.from_pretrained(str(ckpt.path))
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
     except OSError as e:
         raise IOFailure(f"cannot read the tokenizer: {e}", ckpt.path) from e
     except Exception as e:  # transformers raises ValueError/KeyError/... for unusable tokenizer files
         raise BadInput(f"cannot load the tokenizer: {e}", ckpt.path) from e
+    # texts are tokenized whole and cut into chunks by us: no "longer than the model maximum" warning
+    tokenizer.model_max_length = 1 << 62
+    return tokenizer
 
 
 def adds_bos(tokenizer) -> bool:

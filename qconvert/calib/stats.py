@@ -6,6 +6,7 @@ For every linear layer the engine sees inputs x (rows = tokens, columns = input 
     abs_sum  Σ |x| per channel  float32 [in]       (AWQ: mean |x| = abs_sum / count)
     sq_sum   Σ x² per channel   float32 [in]       (imatrix: llama.cpp's in_sum2)
     abs_max  max |x| per channel float32 [in]      (static FP8 activation scales)
+    token_max max |x| per token  float32 [count]   (static FP8 with a percentile; only when asked for)
     count    number of tokens (rows)
 
 Linears that receive the very same input tensor (q/k/v, gate/up) share one `LinearStats` object: the numbers
@@ -25,7 +26,8 @@ import torch
 
 from qconvert.errors import BadInput, IOFailure
 
-STAT_KINDS = ("hessian", "abs_sum", "sq_sum", "abs_max")
+STAT_KINDS = ("hessian", "abs_sum", "sq_sum", "abs_max", "token_max")
+DEFAULT_KINDS = ("hessian", "abs_sum", "sq_sum", "abs_max")  # token_max grows with the token count: opt-in
 FILE_KIND = "qconvert-calibration-stats"
 FILE_VERSION = "1"
 # config.json keys that change when a checkpoint is re-saved without changing the model
@@ -40,8 +42,11 @@ _VOLATILE_CONFIG_KEYS = {
 
 
 def parse_kinds(kinds: Iterable[str] | str | None) -> frozenset[str]:
-    """Normalise a request such as "sq_sum,abs_max" or ["hessian"]; None or "all" = every statistic."""
-    if kinds is None or kinds == "all":
+    """Normalise a request such as "sq_sum,abs_max" or ["hessian"]; None = the default four, "all" = every
+    statistic."""
+    if kinds is None:
+        return frozenset(DEFAULT_KINDS)
+    if kinds == "all":
         return frozenset(STAT_KINDS)
     items = [k.strip() for k in (kinds.split(",") if isinstance(kinds, str) else kinds) if k.strip()]
     unknown = sorted(set(items) - set(STAT_KINDS))
@@ -63,6 +68,7 @@ class LinearStats:
     abs_sum: torch.Tensor | None = None
     sq_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
+    token_max: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch of inputs x [..., in_features] (any float dtype; sums are float32)."""
@@ -74,8 +80,11 @@ class LinearStats:
                     self.in_features, self.in_features, dtype=torch.float32, device=x.device
                 )
             self.hessian.addmm_(xf.T, xf)
-        if "abs_sum" in self.kinds or "abs_max" in self.kinds:
+        if self.kinds & {"abs_sum", "abs_max", "token_max"}:
             a = xf.abs()
+            if "token_max" in self.kinds:
+                m = a.amax(1)
+                self.token_max = m if self.token_max is None else torch.cat([self.token_max, m])
             if "abs_sum" in self.kinds:
                 self.abs_sum = _acc(self.abs_sum, a.sum(0))
             if "abs_max" in self.kinds:
@@ -185,7 +194,9 @@ def _linears_from_tensors(raw: dict[str, torch.Tensor], aliases: dict[str, str])
     out: dict[str, LinearStats] = {}
     for name, parts in grouped.items():
         kinds = frozenset(k for k in STAT_KINDS if k in parts)
-        some = next(parts[k] for k in STAT_KINDS if k in parts)
+        some = next((parts[k] for k in DEFAULT_KINDS if k in parts), None)
+        if some is None:
+            raise BadInput(f"stats for {name} have no per-channel statistic ({', '.join(sorted(parts))})")
         st = LinearStats(in_features=some.shape[-1], kinds=kinds, count=int(parts["count"][0]))
         for k in kinds:
             setattr(st, k, parts[k])

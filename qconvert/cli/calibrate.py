@@ -20,7 +20,9 @@ def calibrate_command(
         None, "--text-field", help="Record field holding the text (jsonl/parquet/hf)."
     ),
     stats: str = typer.Option(
-        "all", "--stats", help="Comma list of hessian, abs_sum, sq_sum, abs_max (or all)."
+        "hessian,abs_sum,sq_sum,abs_max", "--stats",
+        help="Comma list of hessian, abs_sum, sq_sum, abs_max, token_max (per-token max |x|, for FP8 "
+        "percentiles), or all.",
     ),
     lm_head: bool = typer.Option(False, "--lm-head", help="Also collect the input of lm_head."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),

@@ -80,8 +80,8 @@ def eval_command(
         DEFAULT_TOP_K, "--kl-top-k", help="Keep only the reference's top-k tokens per position (smaller "
         "logits file; KL then slightly underestimated); 0 = the full distribution."),
     loader: str = typer.Option(
-        "auto", "--loader", help="HF checkpoints: auto, transformers, or unpack (our kernels dequantize "
-        "GPTQ/AWQ/compressed-tensors/FP8)."),
+        "auto", "--loader", help="HF checkpoints: auto, transformers, unpack (our kernels dequantize "
+        "GPTQ/AWQ/compressed-tensors/FP8), or emulate (compressed-tensors with activation quantization)."),
     threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: all available)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:

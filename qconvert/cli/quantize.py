@@ -20,6 +20,7 @@ class Method(str, Enum):
     gptq = "gptq"
     rtn = "rtn"
     awq = "awq"
+    fp8 = "fp8"
 
 
 class Format(str, Enum):
@@ -27,6 +28,17 @@ class Format(str, Enum):
     gptq_v2 = "gptq_v2"
     compressed_tensors = "compressed-tensors"
     awq = "awq"
+    fp8 = "fp8"
+
+
+class Scheme(str, Enum):
+    dynamic = "dynamic"
+    static = "static"
+    block = "block"
+
+
+# --format when none is given: each method's native layout (fp8: compressed-tensors, as llm-compressor writes)
+DEFAULT_FORMAT = {"gptq": "gptq", "rtn": "gptq", "awq": "awq", "fp8": "compressed-tensors"}
 
 
 def _size(n: float) -> str:
@@ -42,13 +54,18 @@ def _render(summary: QuantizeSummary) -> None:
     from rich.table import Table
 
     table = Table(title=f"{summary.method} → {summary.format}: {summary.output}", title_justify="left")
-    for col in ("layers", "bits", "group", "sym", "size", "bits/weight", "max error"):
+    for col in ("layers", "type", "bits", "group", "sym", "size", "bits/weight", "max error"):
         table.add_column(col, justify="right")
     for row in summary.table():
+        fp8 = row["kind"].startswith("fp8-")
+        group = row["kind"].removeprefix("fp8-") if fp8 else str(row["group_size"])
+        if row["kind"] == "fp8-block":
+            group = f"block {row['group_size']}×{row['group_size']}"
         table.add_row(
             str(row["layers"]),
+            "fp8 e4m3" if fp8 else "int",
             str(row["bits"]),
-            str(row["group_size"]),
+            group,
             "yes" if row["sym"] else "no",
             _size(row["bytes"]),
             f"{row['bits_per_weight']:.3f}",
@@ -102,18 +119,51 @@ def resolve_sym(method: str, sym: bool | None, zero_point: bool | None) -> bool:
     return method != "awq"
 
 
+def check_method_options(method: str, bits, group_size, sym, zero_point, scheme, percentile) -> None:
+    """Refuse options the chosen method would silently ignore."""
+    if method == "fp8":
+        given = [
+            flag
+            for flag, value in (("--bits", bits), ("--group-size", group_size), ("--sym/--asym", sym),
+                                ("--zero-point/--no-zero-point", zero_point))
+            if value is not None and not (flag == "--bits" and value == 8)
+        ]
+        if given:
+            raise BadInput(f"{given[0]} does not apply to --method fp8 (8-bit E4M3, symmetric scales; the "
+                           "granularity comes from --scheme)")
+    elif scheme is not None or percentile is not None:
+        raise BadInput(f"--{'scheme' if scheme is not None else 'percentile'} applies to --method fp8 only")
+
+
 def quantize_command(
     model: str = typer.Argument(..., help="HF checkpoint directory, .safetensors file or hub id."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
     method: Method = typer.Option(
         ...,
         "--method",
-        help="gptq (calibrated), rtn (round-to-nearest, no data), awq (activation-aware, calibrated).",
+        help="gptq (calibrated), rtn (round-to-nearest, no data), awq (activation-aware, calibrated), "
+        "fp8 (E4M3 weights; see --scheme).",
     ),
-    fmt: Format = typer.Option(Format.gptq, "--format", help="Packed layout of the output."),
-    bits: int = typer.Option(4, "--bits", help="Weight bits: 2, 3, 4 or 8 (awq: 4)."),
+    fmt: Format = typer.Option(
+        None,
+        "--format",
+        help="Output layout [default: gptq for gptq/rtn, awq for awq, compressed-tensors for fp8]; "
+        "fp8 also writes vLLM's legacy 'fp8'.",
+    ),
+    scheme: Scheme = typer.Option(
+        None,
+        "--scheme",
+        help="fp8: dynamic (per-channel weights, per-token activations, no data), static (per-tensor "
+        "weight and input scales; needs --dataset or --stats), block (128×128 weight blocks) "
+        "[default: dynamic].",
+    ),
+    percentile: float = typer.Option(
+        None, "--percentile", help="fp8 static: input scale from this percentile of the per-token max |x| "
+        "[default: 100 = the largest value seen]."
+    ),
+    bits: int = typer.Option(None, "--bits", help="Weight bits: 2, 3, 4 or 8 (awq: 4) [default: 4]."),
     group_size: int = typer.Option(
-        128, "--group-size", help="Input columns per scale: 32, 64, 128 or -1 (per row)."
+        None, "--group-size", help="Input columns per scale: 32, 64, 128 or -1 (per row) [default: 128]."
     ),
     sym: bool = typer.Option(
         None, "--sym/--asym", help="Symmetric (fixed zero point) or asymmetric [default: sym; awq: asym]."
@@ -139,13 +189,13 @@ def quantize_command(
     ),
     mse: bool = typer.Option(False, "--mse", help="Search scales on a shrink grid minimising |Q(w)-w|^2.4."),
     dataset: str = typer.Option(
-        None, "--dataset", help="Calibration text (gptq/awq): .txt, .jsonl, .parquet."
+        None, "--dataset", help="Calibration text (gptq, awq, fp8 static): .txt, .jsonl, .parquet, hf:NAME."
     ),
     num_samples: int = typer.Option(128, "--num-samples", help="Calibration sequences."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
     stats: str = typer.Option(
-        None, "--stats", help="GPTQ: Hessians from a 'qconvert calibrate' file instead of --dataset (not "
-        "sequential: every layer sees the original model's activations)."
+        None, "--stats", help="A 'qconvert calibrate' file instead of --dataset: GPTQ Hessians (not "
+        "sequential: every layer sees the original model's activations), fp8 static max |x|."
     ),
     device: str = typer.Option(
         "auto", "--device", help="Calibration device: auto (GPU if present), cpu, cuda:N."
@@ -161,7 +211,9 @@ def quantize_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON summary object instead of the table."),
 ) -> None:
-    """Quantize to packed safetensors for vLLM, SGLang and transformers (GPTQ, AWQ, compressed-tensors)."""
+    """Quantize to packed safetensors for vLLM, SGLang and transformers (GPTQ, AWQ, FP8;
+    compressed-tensors)."""
+    check_method_options(method.value, bits, group_size, sym, zero_point, scheme, percentile)
     sym = resolve_sym(method.value, sym, zero_point)
     from qconvert.formats.safetensors_out import parse_size
     from qconvert.quantize_pipeline import QuantizeOptions, run_quantize
@@ -170,9 +222,11 @@ def quantize_command(
         model=model,
         output=output,
         method=method.value,
-        format=fmt.value,
-        bits=bits,
-        group_size=group_size,
+        format=fmt.value if fmt is not None else DEFAULT_FORMAT[method.value],
+        scheme=(scheme or Scheme.dynamic).value,
+        percentile=100.0 if percentile is None else percentile,
+        bits=8 if method is Method.fp8 else (4 if bits is None else bits),
+        group_size=128 if group_size is None else group_size,
         sym=sym,
         act_order=act_order,
         static_groups=static_groups,

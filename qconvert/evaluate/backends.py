@@ -15,6 +15,9 @@ HF checkpoints are made dense by one of two loaders (``open_backend(..., loader=
   "unpack"        our own reference kernels (qconvert.evaluate.unpack → qconvert.kernels.packing) unpack every
                   packed Linear to a dense float32 weight, and the model is built from its config without the
                   quantization_config — the hook for formats transformers cannot load on CPU (GPTQ, AWQ)
+  "emulate"       compressed-tensors kept compressed by transformers: the forward also quantizes activations
+                  as the scheme says (FP8 dynamic per token, static per tensor, INT8...) — W8A8 as an engine
+                  would run it, emulated in float
   "auto"          dense and compressed-tensors → transformers; gptq / awq → unpack
 """
 
@@ -35,7 +38,7 @@ from qconvert.errors import BadInput, IOFailure
 from qconvert.load.gguf_file import is_gguf, open_gguf
 
 LLAMA_N_BATCH = 2048  # llama-perplexity's default -b: it packs n_batch // ctx chunks into one decode
-LOADERS = ("auto", "transformers", "unpack")
+LOADERS = ("auto", "transformers", "unpack", "emulate")
 
 
 class Backend(Protocol):
@@ -245,7 +248,7 @@ class HFBackend:
         if self.loader == "unpack":
             self.model = _load_unpacked(self.ckpt)
         else:
-            self.model = _load_transformers(self.ckpt, self.method)
+            self.model = _load_transformers(self.ckpt, self.method, emulate=self.loader == "emulate")
         self.model.eval()
         rows = int(self.model.get_output_embeddings().weight.shape[0])
         if rows != self.n_vocab:  # logits must have the width the vocabulary checks assumed
@@ -279,12 +282,14 @@ def _attn(config: dict) -> str:
     return "eager" if text.get("attn_logit_softcapping") else "sdpa"
 
 
-def _load_transformers(ckpt, method: str | None):
+def _load_transformers(ckpt, method: str | None, emulate: bool = False):
     """from_pretrained in float32 (bf16 weights widen exactly; CPU bf16 matmuls would add their own error)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch.float32, "attn_implementation": _attn(ckpt.config)}
-    if method == "compressed-tensors":
+    if emulate and method != "compressed-tensors":
+        raise BadInput("--loader emulate runs compressed-tensors checkpoints only", ckpt.path)
+    if method == "compressed-tensors" and not emulate:
         from transformers import CompressedTensorsConfig
 
         # dense at load: the default mode emulates activation quantization and fails on asym packs (§5.3)

@@ -91,7 +91,9 @@ def _fp8(ckpt, prefix: str, qc: dict) -> torch.Tensor:
     w = ckpt.read(f"{prefix}.weight").float()
     block = f"{prefix}.weight_scale_inv" in ckpt.tensors  # DeepSeek-style 128x128 tiles
     s = ckpt.read(f"{prefix}.weight_scale_inv" if block else f"{prefix}.weight_scale").float()
-    if block or (s.dim() == 2 and s.shape[1] not in (1, w.shape[1])):  # compressed-tensors block strategy
+    # compressed-tensors block (or group) strategy: any 2-D grid but a channel column [N, 1] (a block grid
+    # can be [N/128, 1] when K <= 128)
+    if block or (s.dim() == 2 and tuple(s.shape) != (w.shape[0], 1)):
         s = _expand_blocks(s, w.shape)
     return w * s  # tensor ([] / [1]) and channel ([N, 1]) scales broadcast
 
@@ -132,7 +134,7 @@ def dense_tensors(ckpt) -> Iterator[tuple[str, torch.Tensor]]:
     for prefix, kind in packed.items():
         try:
             yield f"{prefix}.weight", _UNPACKERS[kind](ckpt, prefix, qc)
-        except (ValueError, KeyError, IndexError) as e:
+        except (ValueError, KeyError, IndexError, RuntimeError) as e:  # RuntimeError: torch shape clash
             raise BadInput(f"cannot unpack {prefix} ({kind}): {e}", ckpt.path) from None
     for name in ckpt:
         head, _, leaf = name.rpartition(".")

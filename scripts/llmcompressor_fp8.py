@@ -1,0 +1,77 @@
+"""Anchor run: llm-compressor's own FP8 (``oneshot`` + ``QuantizationModifier``), FP8_DYNAMIC or static FP8.
+
+Runs in the SEPARATE llm-compressor venv (see scripts/llmcompressor_gptq.py for how it is made):
+
+    ~/.cache/qconvert/venv-llmcompressor/bin/python scripts/llmcompressor_fp8.py MODEL -o OUT
+        [--scheme FP8_DYNAMIC|FP8] [--tokens TOKENS.npy (FP8 static: calibration chunks)] [--threads N]
+
+Targets Linear, lm_head ignored, as llm-compressor's examples do. Prints one JSON line: wall seconds of
+``oneshot`` and of the whole process (model load and save included), peak RSS, versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+T0 = time.monotonic()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--scheme", default="FP8_DYNAMIC", choices=["FP8_DYNAMIC", "FP8"])
+    ap.add_argument("--tokens", help=".npy int64 [n_samples, seq_len] (static FP8)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    import llmcompressor
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    recipe = QuantizationModifier(targets="Linear", scheme=args.scheme, ignore=["lm_head"])
+    data: dict = {}
+    if args.scheme == "FP8":
+        if not args.tokens:
+            raise SystemExit("--scheme FP8 (static) needs --tokens")
+        import numpy as np
+        from datasets import Dataset
+
+        ids = np.load(args.tokens).astype(np.int64)
+        data = {
+            "dataset": Dataset.from_dict(
+                {"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()}
+            ),
+            "num_calibration_samples": ids.shape[0],
+            "max_seq_length": ids.shape[1],
+            "shuffle_calibration_samples": False,
+            "batch_size": 1,
+        }
+    t_start = time.monotonic()
+    oneshot(model=model, tokenizer=tok, recipe=recipe, output_dir=args.output, **data)
+    print(
+        json.dumps(
+            {
+                "llmcompressor": llmcompressor.__version__,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "scheme": args.scheme,
+                "oneshot_seconds": round(time.monotonic() - t_start, 2),
+                "process_seconds": round(time.monotonic() - T0, 2),
+                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
