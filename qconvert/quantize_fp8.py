@@ -156,7 +156,7 @@ def _input_scales(ckpt, opts: QuantizeOptions, layers: list[LayerPlan]) -> dict[
         tokens = load_calibration(
             opts.dataset, load_tokenizer(ckpt), seq_len=opts.seq_len, num_samples=opts.num_samples
         ).tokens
-        runner = LayerwiseRunner(ckpt, device=opts.device, dtype="bf16")
+        runner = LayerwiseRunner(ckpt, device=opts.device, dtype=opts.calib_dtype)
         stats = runner.run(tokens, kinds=kinds, lm_head_stats=any(p.layer is None for p in layers))
         where = None
     out = {}

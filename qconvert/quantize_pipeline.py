@@ -76,6 +76,7 @@ class QuantizeOptions:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False
     device: str = "auto"  # calibrated methods: auto (GPU if present), cpu, cuda, cuda:N
+    calib_dtype: str = "bf16"  # calibrated methods: the forward's dtype (Hessians and sums stay float32)
     stats: str | None = None  # gptq: Hessians (fp8 static: max |x|) from a `qconvert calibrate` file
     scheme: str = "dynamic"  # fp8: dynamic | static | block
     percentile: float = 100.0  # fp8 static: input scale from this percentile of per-token max |x|
@@ -369,6 +370,9 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
 
     t0 = time.monotonic()
     ckpt = open_checkpoint(opts.model)
+    from qconvert.calib.runner import resolve_dtype
+
+    resolve_dtype(opts.calib_dtype)  # a bad --calib-dtype fails before any work
     if opts.method == "fp8":
         from qconvert.quantize_fp8 import run_fp8
 
@@ -458,7 +462,7 @@ def run_awq(ckpt, plan: Plan, opts: QuantizeOptions, progress: Progress | None, 
                 progress(step.index + 1, total, f"layers.{step.index} max err {worst:.4g}")
             return True  # re-run the block: the next one sees the quantized outputs
 
-        runner = LayerwiseRunner(ckpt, device=getattr(opts, "device", "auto"), dtype=torch.float32)
+        runner = LayerwiseRunner(ckpt, device=opts.device, dtype=opts.calib_dtype)
         runner.run(data.tokens, kinds=("abs_sum",), on_layer=on_layer)
         wanted = plan.by_weight()
         for name in ckpt.tensors:
@@ -526,7 +530,7 @@ def run_gptq(
             run_layerwise_gptq(
                 ckpt, tokens, {k: p.spec for k, p in quantized.items() if p.layer is not None}, cfg,
                 lambda prefix, qt, err: add(out, prefix, qt, err), n_layers=plan.n_decoder_layers,
-                device=opts.device, lm_head=head.spec if head else None,
+                device=opts.device, dtype=opts.calib_dtype, lm_head=head.spec if head else None,
                 lm_head_weight=ckpt.read(head.weight) if head else None, progress=progress,
             )
         else:

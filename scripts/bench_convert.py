@@ -10,8 +10,10 @@ and for each --type (with --imatrix FILE also given to every command when set):
   2. qconvert convert HF_DIR --type TYPE          (one step: HF → quantized)
   3. qconvert convert BF16.gguf --type TYPE       (drop-in for llama-quantize)
   4. llama-quantize BF16.gguf OUT TYPE THREADS    (built by scripts/build_llamacpp_tools.sh)
-and checks that 2, 3 and 4 wrote the same bytes. Default model: the SmolLM2 fixture. Work files go to a
-temp dir under the cache (QCONVERT_CACHE), removed at the end.
+and checks that 2, 3 and 4 wrote the same bytes. With --two-step, also llama.cpp's own first step,
+  5. convert_hf_to_gguf.py HF_DIR --outtype bf16  (kept beside the tools by scripts/build_llamacpp_tools.sh)
+whose time plus llama-quantize's is what users pay today. Default model: the SmolLM2 fixture. Work files go
+to a temp dir under the cache (QCONVERT_CACHE), removed at the end.
 """
 
 from __future__ import annotations
@@ -140,12 +142,41 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per command; the fastest is reported")
     ap.add_argument("--llama-quantize", help="llama-quantize path (default: scripts/build_llamacpp_tools.sh)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--two-step", action="store_true", help="also time convert_hf_to_gguf.py --outtype bf16")
     args = ap.parse_args()
     model = args.model or default_model()
     quantize_bin = llama_quantize_bin(args.llama_quantize)
     cache_root().mkdir(parents=True, exist_ok=True)
-    reports = []
+    reports: list[dict] = []
     with tempfile.TemporaryDirectory(dir=cache_root(), prefix="bench-convert-") as tmp:
+        if args.two_step:
+            converter = quantize_bin.parent.parent / "converter"
+            out = Path(tmp) / "hf-converter-BF16.gguf"
+            env_py = f"PYTHONPATH={converter / 'gguf-py'}"
+            cmd = [
+                "env",
+                env_py,
+                sys.executable,
+                str(converter / "convert_hf_to_gguf.py"),
+                str(model),
+                "--outtype",
+                "bf16",
+                "--outfile",
+                str(out),
+            ]
+            reports.append(
+                {
+                    "model": str(model),
+                    "type": "BF16 (llama.cpp converter)",
+                    "threads": 1,
+                    "repeat": 1,
+                    "output_bytes": 0,
+                    "identical_outputs": None,
+                    "runs": {"convert_hf_to_gguf.py --outtype bf16": run(cmd)},
+                }
+            )
+            reports[-1]["output_bytes"] = out.stat().st_size
+            out.unlink()
         for file_type in args.type or ["Q4_K_M"]:
             reports.append(
                 bench(model, file_type, args.threads, args.repeat, quantize_bin, Path(tmp), args.imatrix)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's llama-imatrix, llama-quantize and llama-perplexity from the llama-cpp-python 0.3.36 sdist
-# (its vendor/llama.cpp is the exact llama.cpp our oracle wheel uses), once, into the cache.
+# (its vendor/llama.cpp is the exact llama.cpp our oracle wheel uses), once, into the cache; its Python converter
+# (convert_hf_to_gguf.py with conversion/ and gguf-py/) is kept beside bin/ for the two-step benchmark baseline.
 #
 #   scripts/build_llamacpp_tools.sh            -> prints the bin directory on the last line of stdout
 #
@@ -17,6 +18,7 @@ PY="${PYTHON:-python3}"
 
 complete() {
     for t in "${TOOLS[@]}"; do [[ -x "$DEST/bin/$t" ]] || return 1; done
+    [[ -f "$DEST/converter/convert_hf_to_gguf.py" ]]
 }
 
 if complete; then echo "$DEST/bin"; exit 0; fi
@@ -41,6 +43,8 @@ cmake --build "$WORK/build" -j"${JOBS:-2}" --target "${TOOLS[@]}" >&2
 
 mkdir -p "$WORK/out/bin"
 for t in "${TOOLS[@]}"; do cp "$WORK/build/bin/$t" "$WORK/out/bin/"; done
+mkdir -p "$WORK/out/converter"
+cp -r "$SRC/convert_hf_to_gguf.py" "$SRC/conversion" "$SRC/gguf-py" "$WORK/out/converter/"
 echo "$VERSION" >"$WORK/out/VERSION"
 rm -rf "$DEST"
 mv "$WORK/out" "$DEST"

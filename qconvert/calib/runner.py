@@ -141,7 +141,7 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         "f16": torch.float16,
     }
     if name.lower() not in table:
-        raise BadInput(f"unknown --dtype '{name}' (use f32, bf16 or f16)")
+        raise BadInput(f"unknown dtype '{name}' (use f32, bf16 or f16)")
     return table[name.lower()]
 
 
@@ -175,6 +175,7 @@ class LayerwiseRunner:
         *,
         kinds=None,
         on_layer: OnLayer | None = None,
+        stats_batches: int | None = None,
         lm_head_stats: bool = False,
         on_final: OnFinal | None = None,
         progress: Progress | None = None,
@@ -183,7 +184,9 @@ class LayerwiseRunner:
 
         `tokens` int64 [n_samples, seq_len]. `kinds`: the statistics to compute (see stats.STAT_KINDS).
         `on_final(batch_index, normed_hidden, token_batch, lm_head)` sees the final-norm output of each batch,
-        with the lm_head module materialised (for perplexity).
+        with the lm_head module materialised (for perplexity). `stats_batches` (with `on_layer`): the
+        statistics pass runs over the first n batches only — for callers that only need the layer's shape
+        (which Linears share an input) and re-run the layer anyway; the outputs then come from the re-run.
         """
         kinds = parse_kinds(kinds)
         if tokens.ndim != 2 or tokens.shape[0] == 0:
@@ -208,6 +211,7 @@ class LayerwiseRunner:
                     kinds,
                     stats,
                     on_layer,
+                    stats_batches if on_layer is not None else None,
                     spill,
                     lambda b, i=i: tick(f"layer {i + 1}/{n_layers}"),
                 )
@@ -250,7 +254,8 @@ class LayerwiseRunner:
                 args_by_size[size] = [(s[1], s[2]) for s in sink]
         return hidden, args_by_size
 
-    def _run_layer(self, sk, i, hidden: ActivationStore, layer_args, kinds, stats, on_layer, spill, tick):
+    def _run_layer(self, sk, i, hidden: ActivationStore, layer_args, kinds, stats, on_layer, probe, spill,
+                   tick):
         layer = sk.layers[i]
         name = f"{sk.layers_prefix}.{i}"
         materialise(layer, name, self.ckpt, self.device, self.dtype)
@@ -258,9 +263,14 @@ class LayerwiseRunner:
         layer_stats: dict[str, LinearStats] = {}
         handles, memo = _attach_stats_hooks(linears, kinds, layer_stats)
 
-        def run_all(collect: bool) -> ActivationStore:
+        def run_all(collect: bool, limit: int | None = None) -> ActivationStore:
             out = ActivationStore(self.device, spill)
-            for b, h in enumerate(hidden):
+            for b in range(len(hidden)):
+                if limit is not None and b >= limit:
+                    if collect:
+                        tick(b)  # the progress bar counts batches either way
+                    continue
+                h = hidden[b]
                 args, kwargs = layer_args[h.shape[0]][i]
                 y = layer(h, *args, **kwargs)
                 out.append(y[0] if isinstance(y, tuple) else y)
@@ -270,14 +280,14 @@ class LayerwiseRunner:
             return out
 
         try:
-            out = run_all(collect=True)
+            out = run_all(collect=True, limit=probe)
         finally:
             for hd in handles:
                 hd.remove()
         stats.update(layer_stats)
         if on_layer is not None:
             step = LayerStep(i, name, layer, layer_stats, hidden, lambda: list(run_all(collect=False)))
-            if on_layer(step):
+            if on_layer(step) or probe is not None:  # a probe pass has no complete outputs
                 out.clear()
                 out = run_all(collect=False)
         release(layer)

@@ -200,6 +200,10 @@ def quantize_command(
     device: str = typer.Option(
         "auto", "--device", help="Calibration device: auto (GPU if present), cpu, cuda:N."
     ),
+    calib_dtype: str = typer.Option(
+        "bf16", "--calib-dtype", help="Calibration forward dtype: bf16 (as the engines run), f16 or f32 "
+        "(Hessians and statistics are float32 either way)."
+    ),
     ignore: list[str] = typer.Option(
         None, "--ignore", help="Regex of Linear names to keep unquantized (repeatable)."
     ),
@@ -241,6 +245,7 @@ def quantize_command(
         seq_len=seq_len,
         stats=stats,
         device=device,
+        calib_dtype=calib_dtype,
         max_shard_bytes=parse_size(max_shard_size),
         overwrite=overwrite,
     )

@@ -59,6 +59,39 @@ def inverse_hessian_upper(
     )
 
 
+def column_loop_reference(w1: torch.Tensor, u1: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int,
+                          losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block, column by column: quantize column i with its (scale, zero) ``s[:, i], z[:, i]`` and
+    spread its error over the block's later columns through the inverse Hessian's Cholesky row ``u1[i]``.
+    Updates ``w1`` and ``losses`` in place; returns the codes and the scaled errors. The spec of
+    ``column_loop`` (numba, same float32 operations in the same order, no FMA)."""
+    codes = torch.zeros_like(w1)
+    err1 = torch.zeros_like(w1)
+    for i in range(w1.shape[1]):
+        col_w = w1[:, i]
+        q = quantize_codes(col_w, s[:, i], z[:, i], maxq)
+        deq = s[:, i] * (q - z[:, i])
+        codes[:, i] = q
+        d = u1[i, i]
+        losses += (col_w - deq) ** 2 / d**2 / 2
+        err = (col_w - deq) / d
+        w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+        err1[:, i] = err
+    return codes, err1
+
+
+def column_loop(w1: torch.Tensor, u1: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int,
+                losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``column_loop_reference`` compiled (numba): thousands of tiny torch ops per layer become one loop."""
+    from qconvert.methods._gptq_loop import block_loop
+
+    codes = torch.empty_like(w1)
+    err1 = torch.empty_like(w1)
+    block_loop(w1.numpy(), u1.numpy(), s.numpy(), z.numpy(), np.float32(maxq), codes.numpy(), err1.numpy(),
+               losses.numpy())
+    return codes, err1
+
+
 def gptq_quantize(
     weight: np.ndarray | torch.Tensor,
     hessian: np.ndarray | torch.Tensor,
@@ -105,29 +138,19 @@ def gptq_quantize(
     losses = torch.zeros(n)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if fixed:
-                grp = int(perm[col]) // g
-            else:
-                grp = col // g
-                if col % g == 0:  # first column of a group (in processing order)
-                    # as the references: fit on W as of the block start (in-block updates live in w1); this
-                    # measured better than fitting on the freshly updated columns at 2-3 bits
-                    scales[:, grp], zeros[:, grp] = find_params(w[:, col : col + g], spec)
-            s, z = scales[:, grp], zeros[:, grp]
-            col_w = w1[:, i]
-            q = quantize_codes(col_w, s, z, maxq)
-            deq = s * (q - z)
-            codes[:, col] = q
-            d = u1[i, i]
-            losses += (col_w - deq) ** 2 / d**2 / 2
-            err = (col_w - deq) / d
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            err1[:, i] = err
+        cols = torch.arange(i1, i2)
+        if fixed:
+            grp = perm[i1:i2] // g
+        else:
+            grp = cols // g
+            for col in range(i1 + (-i1) % g, i2, g):  # first columns of groups (in processing order)
+                # as the references: fit on W as of the block start (in-block updates live in w1); this
+                # measured better than fitting on the freshly updated columns at 2-3 bits
+                scales[:, col // g], zeros[:, col // g] = find_params(w[:, col : col + g], spec)
+        w1 = w[:, i1:i2].contiguous()
+        q1, err1 = column_loop(w1, u[i1:i2, i1:i2].contiguous(), scales[:, grp].contiguous(),
+                               zeros[:, grp].contiguous(), maxq, losses)
+        codes[:, i1:i2] = q1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 
     invperm = torch.argsort(perm)

@@ -171,7 +171,7 @@ class LayerwiseGPTQ:
     @property
     def kinds(self) -> tuple[str, ...]:
         """Statistics to ask the engine for: Hessians only when its own pass provides them; else the
-        cheapest statistic (the engine always runs its pass; only its grouping of the Linears is used)."""
+        cheapest statistic (only the engine's grouping of the Linears is used, from one probe batch)."""
         return ("abs_max",) if self.cfg.true_sequential else ("hessian",)
 
     def _tell(self, index: int, text: str) -> None:
@@ -229,7 +229,7 @@ def _short(layer_name: str, group: list[str]) -> str:
 
 def run_layerwise_gptq(ckpt, tokens: torch.Tensor, specs: dict[str, QuantSpec | None], cfg: GPTQConfig,
                        on_quantized: OnQuantized, *, n_layers: int, device: str | None = "auto",
-                       dtype: str | torch.dtype = torch.float32, lm_head: QuantSpec | None = None,
+                       dtype: str | torch.dtype = "bf16", lm_head: QuantSpec | None = None,
                        lm_head_weight: torch.Tensor | None = None,
                        progress: Progress | None = None) -> None:
     """GPTQ every Linear of ``specs`` over the calibration ``tokens`` [n, seq] (and lm_head when its spec is
@@ -238,7 +238,10 @@ def run_layerwise_gptq(ckpt, tokens: torch.Tensor, specs: dict[str, QuantSpec | 
 
     driver = LayerwiseGPTQ(specs, cfg, on_quantized, n_layers, progress)
     runner = LayerwiseRunner(ckpt, device=device, dtype=dtype, batch_size=1)
+    # true-sequential collects its own Hessians: the engine's pass only has to show which Linears share an
+    # input, which one batch does
     runner.run(tokens, kinds=driver.kinds, on_layer=driver.on_layer,
+               stats_batches=1 if cfg.true_sequential else None,
                on_final=driver.on_final if lm_head is not None else None)
     if lm_head is not None:
         assert lm_head_weight is not None

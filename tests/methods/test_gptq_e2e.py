@@ -153,7 +153,8 @@ def test_each_layer_sees_the_quantized_layers_before(run, recorded, synthetic_di
     src = synthetic_dir("llama", tied=False)
     flag = "--true-sequential" if true_sequential else "--no-true-sequential"
     code, _, err = run(src, "--method", "gptq", "--format", "gptq", "--group-size", "64", flag,
-                       "--quantize-lm-head", *calib_args(calib_text), "-o", tmp_path / "out")
+                       "--quantize-lm-head", *calib_args(calib_text), "--calib-dtype", "f32",
+                       "-o", tmp_path / "out")
     assert code == 0, err
     tokens = load_calibration(str(calib_text), load_tokenizer(open_checkpoint(src)), seq_len=SEQ,
                               num_samples=SAMPLES).tokens
