@@ -294,7 +294,7 @@ def _load_transformers(ckpt, method: str | None, emulate: bool = False):
 
         # dense at load: the default mode emulates activation quantization and fails on asym packs (§5.3)
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    elif method is not None and method not in ("fp8",):
+    elif method is not None and method not in ("fp8", "compressed-tensors"):
         raise BadInput(f"transformers cannot load {method} checkpoints on CPU here; use --loader unpack",
                        ckpt.path)
     try:

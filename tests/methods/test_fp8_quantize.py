@@ -609,3 +609,17 @@ def test_smollm2_generates_and_tracks_bf16(smollm2_fp8, smollm2_reference, schem
     print(f"{scheme}: {text!r}; top-1 agreement with bf16 {agree:.3f}, KL {kl:.4f}")
     assert "Paris" in text, text
     assert agree >= 0.8 and kl < 0.1, (agree, kl)
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+def test_eval_emulate_loader_quantizes_activations(synth, eval_text, scheme):
+    """`eval --loader emulate` keeps the compressed-tensors model compressed: the activations are quantized
+    too, so its perplexity differs from the weight-only (dequantized) one, and stays finite."""
+    from qconvert.evaluate.run import evaluate
+
+    out = synth["compressed-tensors", scheme]
+    dense = evaluate(out, eval_text, ctx=64, chunks=4, loader="transformers")
+    emulated = evaluate(out, eval_text, ctx=64, chunks=4, loader="emulate")
+    assert np.isfinite(emulated.perplexity) and emulated.perplexity > 1
+    assert emulated.perplexity != dense.perplexity
+    assert abs(np.log(emulated.perplexity / dense.perplexity)) < 0.5
