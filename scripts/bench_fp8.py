@@ -26,14 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from bench_gptq import LLMC_PYTHON, _fixtures, make_tokens, timed  # noqa: E402
-
-
-def perplexity(model: Path, text: Path, threads: int, loader: str) -> dict:
-    from qconvert.evaluate.run import evaluate
-
-    r = evaluate(model, text, ctx=512, threads=threads, loader=loader)
-    return {"ppl": round(r.perplexity, 4), "stderr": round(r.perplexity_stderr, 4), "chunks": r.chunks}
+from bench_gptq import LLMC_PYTHON, _fixtures, make_tokens, perplexity, timed  # noqa: E402
 
 
 def main() -> None:
@@ -98,20 +91,13 @@ def main() -> None:
             result[key].update(json.loads(lines[-1]))
         print(key, result[key], flush=True)
 
+    def ours(key: str, *extra: str) -> None:
+        cmd = [*quantize, str(model), "--method", "fp8", *extra, "-o", str(outs[key]), "--overwrite"]
+        result[key] = timed(cmd, args.threads, cache / f"{key}.log")
+        print(key, result[key], flush=True)
+
     if "ours" in only:
-        cmd = [
-            *quantize,
-            str(model),
-            "--method",
-            "fp8",
-            "--scheme",
-            "dynamic",
-            "-o",
-            str(outs["ours_dynamic"]),
-            "--overwrite",
-        ]
-        result["ours_dynamic"] = timed(cmd, args.threads, cache / "ours_dynamic.log")
-        print("ours_dynamic", result["ours_dynamic"], flush=True)
+        ours("ours_dynamic", "--scheme", "dynamic")
     if "llmc" in only:
         llmc_run("llmc_dynamic", ["--scheme", "FP8_DYNAMIC"])
     if "ours_dynamic" in result and "llmc_dynamic" in result:
@@ -119,27 +105,8 @@ def main() -> None:
             result["ours_dynamic"]["wall_s"] / result["llmc_dynamic"]["wall_s"], 3
         )
     if "static" in only:
-        cmd = [
-            *quantize,
-            str(model),
-            "--method",
-            "fp8",
-            "--scheme",
-            "static",
-            "--dataset",
-            str(calib),
-            "--num-samples",
-            str(args.samples),
-            "--seq-len",
-            str(args.seq_len),
-            "--device",
-            "cpu",
-            "-o",
-            str(outs["ours_static"]),
-            "--overwrite",
-        ]
-        result["ours_static"] = timed(cmd, args.threads, cache / "ours_static.log")
-        print("ours_static", result["ours_static"], flush=True)
+        ours("ours_static", "--scheme", "static", "--dataset", str(calib), "--num-samples", str(args.samples),
+             "--seq-len", str(args.seq_len), "--device", "cpu")
         if "llmc" in only:
             llmc_run("llmc_static", ["--scheme", "FP8", "--tokens", str(tokens)])
     if "eval" in only:

@@ -76,10 +76,10 @@ def make_tokens(model: Path, text: Path, samples: int, seq_len: int, out: Path) 
     np.save(out, data.tokens.numpy())
 
 
-def perplexity(model: Path, text: Path, threads: int) -> dict:
+def perplexity(model: Path, text: Path, threads: int, loader: str = "auto") -> dict:
     from qconvert.evaluate.run import evaluate
 
-    r = evaluate(model, text, ctx=512, threads=threads)
+    r = evaluate(model, text, ctx=512, threads=threads, loader=loader)
     return {"ppl": round(r.perplexity, 4), "stderr": round(r.perplexity_stderr, 4), "chunks": r.chunks}
 
 
