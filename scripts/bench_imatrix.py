@@ -85,97 +85,49 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak / 2**20, 1), "output": output}
 
 
-# run through the library when the CLI still has the pending stub for these commands
-_IMATRIX_PY = """
-import sys
-from qconvert.calib.imatrix import compute_imatrix, write
-from qconvert.load import open_checkpoint
-model, text, out, ctx, chunks, threads = sys.argv[1:7]
-n = int(chunks) if chunks != "-1" else None
-run = compute_imatrix(open_checkpoint(model), text, ctx_size=int(ctx), chunks=n,
-                      device="cpu", threads=int(threads))
-write(out, run.imatrix)
-print(f"Final estimate: PPL = {run.ppl:.4f}")
-"""
-_CALIB_PY = """
-import sys
-from qconvert.calib.calibrate import calibrate
-from qconvert.calib.stats import save_stats
-from qconvert.load import open_checkpoint
-model, text, out, n, seq, threads = sys.argv[1:7]
-save_stats(out, calibrate(open_checkpoint(model), text, num_samples=int(n), seq_len=int(seq), device="cpu",
-                          threads=int(threads)))
-"""
-
-
-def _cli_wired(command: str) -> bool:
-    from qconvert.cli import pending
-
-    try:
-        from qconvert.cli import app
-    except ImportError:
-        return False
-    fns = {c.name: c.callback for c in app.registered_commands}
-    return fns.get(command) is not None and fns.get(command) is not pending.COMMANDS.get(command)
-
-
 def qconvert_imatrix_cmd(
     model: Path, text: Path, out: Path, ctx: int, chunks: int | None, threads: int
 ) -> list[str]:
-    if _cli_wired("imatrix"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "qconvert",
-            "imatrix",
-            str(model),
-            "-f",
-            str(text),
-            "-o",
-            str(out),
-            "-c",
-            str(ctx),
-            "-t",
-            str(threads),
-            "--device",
-            "cpu",
-        ]
-        return cmd + (["--chunks", str(chunks)] if chunks else [])
-    return [
+    cmd = [
         sys.executable,
-        "-c",
-        _IMATRIX_PY,
+        "-m",
+        "qconvert",
+        "imatrix",
         str(model),
+        "-f",
         str(text),
+        "-o",
         str(out),
+        "-c",
         str(ctx),
-        str(chunks or -1),
+        "-t",
         str(threads),
+        "--device",
+        "cpu",
     ]
+    return cmd + (["--chunks", str(chunks)] if chunks else [])
 
 
 def qconvert_calibrate_cmd(model: Path, text: Path, out: Path, n: int, seq: int, threads: int) -> list[str]:
-    if _cli_wired("calibrate"):
-        return [
-            sys.executable,
-            "-m",
-            "qconvert",
-            "calibrate",
-            str(model),
-            "--dataset",
-            str(text),
-            "-o",
-            str(out),
-            "--num-samples",
-            str(n),
-            "--seq-len",
-            str(seq),
-            "-t",
-            str(threads),
-            "--device",
-            "cpu",
-        ]
-    return [sys.executable, "-c", _CALIB_PY, str(model), str(text), str(out), str(n), str(seq), str(threads)]
+    return [
+        sys.executable,
+        "-m",
+        "qconvert",
+        "calibrate",
+        str(model),
+        "--dataset",
+        str(text),
+        "-o",
+        str(out),
+        "--num-samples",
+        str(n),
+        "--seq-len",
+        str(seq),
+        "-t",
+        str(threads),
+        "--device",
+        "cpu",
+    ]
 
 
 def _ppl(output: str) -> float | None:
