@@ -147,7 +147,7 @@ def quantize_command(
     fmt: Format = typer.Option(
         None,
         "--format",
-        help="Output layout [default: gptq for gptq/rtn, awq for awq, compressed-tensors for fp8]; "
+        help="Output layout (default: gptq for gptq/rtn, awq for awq, compressed-tensors for fp8); "
         "fp8 also writes vLLM's legacy 'fp8'.",
     ),
     scheme: Scheme = typer.Option(
@@ -155,21 +155,21 @@ def quantize_command(
         "--scheme",
         help="fp8: dynamic (per-channel weights, per-token activations, no data), static (per-tensor "
         "weight and input scales; needs --dataset or --stats), block (128×128 weight blocks) "
-        "[default: dynamic].",
+        "(default: dynamic).",
     ),
     percentile: float = typer.Option(
         None, "--percentile", help="fp8 static: input scale from this percentile of the per-token max |x| "
-        "[default: 100 = the largest value seen]."
+        "(default: 100 = the largest value seen)."
     ),
-    bits: int = typer.Option(None, "--bits", help="Weight bits: 2, 3, 4 or 8 (awq: 4) [default: 4]."),
+    bits: int = typer.Option(None, "--bits", help="Weight bits: 2, 3, 4 or 8 (awq: 4); default 4."),
     group_size: int = typer.Option(
-        None, "--group-size", help="Input columns per scale: 32, 64, 128 or -1 (per row) [default: 128]."
+        None, "--group-size", help="Input columns per scale: 32, 64, 128 or -1 (per row); default 128."
     ),
     sym: bool = typer.Option(
-        None, "--sym/--asym", help="Symmetric (fixed zero point) or asymmetric [default: sym; awq: asym]."
+        None, "--sym/--asym", help="Symmetric (fixed zero point) or asymmetric (default: sym; awq: asym)."
     ),
     zero_point: bool = typer.Option(
-        None, "--zero-point/--no-zero-point", help="AWQ's name for --asym/--sym [awq default: zero point]."
+        None, "--zero-point/--no-zero-point", help="AWQ's name for --asym/--sym (awq default: zero point)."
     ),
     act_order: bool = typer.Option(
         False,
