@@ -63,3 +63,17 @@ def calib_text(fixtures_lib: ModuleType) -> Path:
 def eval_text(fixtures_lib: ModuleType) -> Path:
     """~110k characters of held-out prose (docstrings of other stdlib modules) for evaluation."""
     return fixtures_lib.eval_text()
+
+
+@pytest.fixture
+def quantize_cli(capsys) -> Callable[..., tuple[int, str, str]]:
+    """Run `qconvert quantize ARGS` in-process: (exit code, stdout, stderr)."""
+    from qconvert import cli
+
+    def _run(*args: object) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["quantize", *map(str, args)])
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+
+    return _run

@@ -21,17 +21,8 @@ from qconvert.methods.rtn import rtn_quantize
 
 
 @pytest.fixture
-def run(monkeypatch, capsys):
-    """Run the CLI in-process: (exit code, stdout, stderr)."""
-    from qconvert import cli
-
-    def _run(*args: str) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as e:
-            cli.main(["quantize", *map(str, args)])
-        out = capsys.readouterr()
-        return e.value.code, out.out, out.err
-
-    return _run
+def run(quantize_cli):
+    return quantize_cli
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
