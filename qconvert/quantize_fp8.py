@@ -144,9 +144,10 @@ def _input_scales(ckpt, opts: QuantizeOptions, layers: list[LayerPlan]) -> dict[
     kinds = ("abs_max",) if opts.percentile >= 100 else ("abs_max", "token_max")
     scale_dtype = layers[0].spec.scale_dtype  # type: ignore[union-attr]
     if opts.stats:
-        from qconvert.calib.stats import load_stats
+        from qconvert.calib.stats import StatsFile
 
-        stats = load_stats(opts.stats, ckpt).linears
+        sf = StatsFile(opts.stats, ckpt)
+        stats = {p.prefix: sf.read(p.prefix, kinds) for p in layers if sf.kinds(p.prefix)}
         where = opts.stats
     else:
         from qconvert.calib.datasets import load_calibration, load_tokenizer

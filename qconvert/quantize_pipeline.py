@@ -535,7 +535,7 @@ def run_gptq(
             )
         else:
             for prefix, p in quantized.items():
-                qt, _deq, err = gptq_weight(ckpt.read(p.weight), hessians[prefix], p.spec, cfg, prefix)
+                qt, _deq, err = gptq_weight(ckpt.read(p.weight), hessians(prefix), p.spec, cfg, prefix)
                 add(out, prefix, qt, err)
                 if progress:
                     progress((p.layer or 0) + 1, plan.n_decoder_layers, _label(p, err))
@@ -547,20 +547,19 @@ def run_gptq(
     return _summary(ckpt, plan, opts, results, output_bytes, t0)
 
 
-def _stats_hessians(ckpt, prefixes: list[str], path: str) -> dict[str, torch.Tensor]:
-    """The Hessian of every Linear to quantize, from a stats file made on this model."""
-    from qconvert.calib.stats import load_stats
+def _stats_hessians(ckpt, prefixes: list[str], path: str) -> Callable[[str], torch.Tensor]:
+    """Reader of the Hessian of each Linear to quantize, from a stats file made on this model. All are checked
+    up front; each is read when its Linear's turn comes (together they can outweigh the model)."""
+    from qconvert.calib.stats import StatsFile
 
-    stats = load_stats(path, ckpt)
-    out = {}
+    stats = StatsFile(path, ckpt)
     for prefix in prefixes:
-        st = stats.linears.get(prefix)
-        if st is None or st.hessian is None:
-            what = "no statistics" if st is None else "no Hessian"
+        kinds = stats.kinds(prefix)
+        if "hessian" not in kinds:
+            what = "no Hessian" if kinds else "no statistics"
             raise BadInput(f"{what} for {prefix}; collect them with 'qconvert calibrate --stats hessian"
                            f"{' --lm-head' if prefix == 'lm_head' else ''}'", path)
-        out[prefix] = st.hessian
-    return out
+    return lambda prefix: stats.read(prefix).hessian  # type: ignore[return-value]
 
 
 def _write_side_files(out: CheckpointWriter, ckpt: Checkpoint, plan: Plan, fmt: Any) -> None:

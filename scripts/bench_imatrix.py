@@ -2,11 +2,15 @@
 """Benchmark `qconvert imatrix` against llama.cpp's `llama-imatrix`, and a 128 x 512 calibration run.
 
     python scripts/bench_imatrix.py [--threads 2] [--ctx 512] [--chunks N] [--skip-calibrate] [--json]
+    python scripts/bench_imatrix.py --skip-imatrix --samples 16 \
+        --calibrate-model ~/.cache/qconvert/fixtures/bench/llama-1b
+        (calibrate's peak RSS against the model's size; target: well below it)
 
 Model: the SmolLM2 fixture (bf16 checkpoint; llama.cpp runs its BF16 GGUF written by `qconvert convert`).
 Text: the calibration fixture text. Both tools run as subprocesses with the same thread count; wall time
 and peak RSS (process tree, sampled every 50 ms) are reported, with both perplexity estimates.
-Target: qconvert imatrix <= 0.5 x llama-imatrix wall time.
+Target: qconvert imatrix <= 0.5 x llama-imatrix wall time. The calibrate run (all default statistics,
+Hessians included) reports its wall time and peak RSS next to the size of the model's weights.
 """
 
 from __future__ import annotations
@@ -142,52 +146,29 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=None, help="default: the whole text")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples (x --ctx tokens)")
     ap.add_argument("--skip-calibrate", action="store_true")
+    ap.add_argument("--skip-imatrix", action="store_true")
+    ap.add_argument("--calibrate-model", type=Path, default=None, help="default: the SmolLM2 fixture")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
     fx = _fixtures()
     model, text = fx.smollm2_dir(), fx.calib_text()
     cache = fx.cache_root()
-    gguf_path = bf16_gguf(model, cache)
-    tools = llamacpp_bin()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     results: dict = {"threads": args.threads, "ctx": args.ctx, "chunks": args.chunks}
     with tempfile.TemporaryDirectory() as tmp:
-        ref_cmd = [
-            str(tools / "llama-imatrix"),
-            "-m",
-            str(gguf_path),
-            "-f",
-            str(text),
-            "-o",
-            f"{tmp}/ref.gguf",
-            "-c",
-            str(args.ctx),
-            "-t",
-            str(args.threads),
-        ] + (["--chunks", str(args.chunks)] if args.chunks else [])
-        ref = measure(ref_cmd, env)
-        ours = measure(
-            qconvert_imatrix_cmd(model, text, Path(tmp) / "ours.gguf", args.ctx, args.chunks, args.threads),
-            env,
-        )
-        from qconvert.formats.imatrix import read_imatrix
-
-        chunks = read_imatrix(Path(tmp) / "ours.gguf").chunk_count
-        results["imatrix"] = {
-            "chunks": chunks,
-            "llama_imatrix": {k: ref[k] for k in ("wall_s", "peak_rss_mib")} | {"ppl": _ppl(ref["output"])},
-            "qconvert": {k: ours[k] for k in ("wall_s", "peak_rss_mib")} | {"ppl": _ppl(ours["output"])},
-            "ratio": round(ours["wall_s"] / ref["wall_s"], 3),
-        }
+        if not args.skip_imatrix:
+            results["imatrix"] = bench_imatrix(model, text, cache, tmp, args, env)
         if not args.skip_calibrate:
+            cal_model = (args.calibrate_model or model).expanduser()
+            out = Path(tmp) / "stats.safetensors"
             cal = measure(
-                qconvert_calibrate_cmd(
-                    model, text, Path(tmp) / "stats.safetensors", args.samples, args.ctx, args.threads
-                ),
-                env,
+                qconvert_calibrate_cmd(cal_model, text, out, args.samples, args.ctx, args.threads), env
             )
             results["calibrate"] = {
+                "model": str(cal_model),
+                "model_mib": round(sum(f.stat().st_size for f in cal_model.glob("*.safetensors")) / 2**20, 1),
+                "stats_file_mib": round(out.stat().st_size / 2**20, 1),
                 "samples": args.samples,
                 "seq_len": args.ctx,
                 **{k: cal[k] for k in ("wall_s", "peak_rss_mib")},
@@ -195,18 +176,52 @@ def main() -> None:
     if args.json:
         print(json.dumps(results))
         return
-    im = results["imatrix"]
-    print(f"imatrix, {im['chunks']} chunks x {args.ctx} tokens, {args.threads} threads:")
-    for who in ("llama_imatrix", "qconvert"):
-        r = im[who]
-        print(f"  {who:14s} {r['wall_s']:8.2f} s  peak RSS {r['peak_rss_mib']:8.1f} MiB  PPL {r['ppl']}")
-    print(f"  ratio qconvert / llama-imatrix = {im['ratio']:.3f} (target <= 0.5)")
+    if "imatrix" in results:
+        im = results["imatrix"]
+        print(f"imatrix, {im['chunks']} chunks x {args.ctx} tokens, {args.threads} threads:")
+        for who in ("llama_imatrix", "qconvert"):
+            r = im[who]
+            print(f"  {who:14s} {r['wall_s']:8.2f} s  peak RSS {r['peak_rss_mib']:8.1f} MiB  PPL {r['ppl']}")
+        print(f"  ratio qconvert / llama-imatrix = {im['ratio']:.3f} (target <= 0.5)")
     if "calibrate" in results:
         c = results["calibrate"]
         print(
-            f"calibrate {c['samples']} x {c['seq_len']} tokens (all statistics): {c['wall_s']:.2f} s, "
-            f"peak RSS {c['peak_rss_mib']:.1f} MiB"
+            f"calibrate {c['model']}: {c['samples']} x {c['seq_len']} tokens (default statistics): "
+            f"{c['wall_s']:.2f} s, peak RSS {c['peak_rss_mib']:.1f} MiB; "
+            f"model weights {c['model_mib']:.1f} MiB, stats file {c['stats_file_mib']:.1f} MiB"
         )
+
+
+def bench_imatrix(model: Path, text: Path, cache: Path, tmp: str, args, env: dict) -> dict:
+    gguf_path = bf16_gguf(model, cache)
+    tools = llamacpp_bin()
+    ref_cmd = [
+        str(tools / "llama-imatrix"),
+        "-m",
+        str(gguf_path),
+        "-f",
+        str(text),
+        "-o",
+        f"{tmp}/ref.gguf",
+        "-c",
+        str(args.ctx),
+        "-t",
+        str(args.threads),
+    ] + (["--chunks", str(args.chunks)] if args.chunks else [])
+    ref = measure(ref_cmd, env)
+    ours = measure(
+        qconvert_imatrix_cmd(model, text, Path(tmp) / "ours.gguf", args.ctx, args.chunks, args.threads),
+        env,
+    )
+    from qconvert.formats.imatrix import read_imatrix
+
+    chunks = read_imatrix(Path(tmp) / "ours.gguf").chunk_count
+    return {
+        "chunks": chunks,
+        "llama_imatrix": {k: ref[k] for k in ("wall_s", "peak_rss_mib")} | {"ppl": _ppl(ref["output"])},
+        "qconvert": {k: ours[k] for k in ("wall_s", "peak_rss_mib")} | {"ppl": _ppl(ours["output"])},
+        "ratio": round(ours["wall_s"] / ref["wall_s"], 3),
+    }
 
 
 if __name__ == "__main__":

@@ -6,13 +6,31 @@ import json
 from pathlib import Path
 
 from qconvert.calib.datasets import load_calibration, load_tokenizer
-from qconvert.calib.runner import LayerwiseRunner, OnLayer, Progress
-from qconvert.calib.stats import CalibStats, config_hash, parse_kinds
+from qconvert.calib.runner import LayerwiseRunner, OnLayer, OnStats, Progress
+from qconvert.calib.stats import CalibStats, LinearStats, StatsFileWriter, config_hash, parse_kinds
 
 
-def calibrate(
+def calibrate(ckpt, dataset: str, **options) -> CalibStats:
+    """Run `num_samples` x `seq_len` tokens of `dataset` through `ckpt` one layer at a time and keep every
+    statistic in memory: per linear (HF module names), with the provenance metadata `load_stats` checks.
+    Options: see `_run`."""
+    linears: dict[str, LinearStats] = {}
+    meta = _run(ckpt, dataset, linears.update, **options)
+    return CalibStats(linears, meta)
+
+
+def calibrate_to_file(path: str | Path, ckpt, dataset: str, **options) -> dict[str, str]:
+    """As `calibrate`, but each layer's statistics go into the stats file as soon as the layer is done, so
+    memory holds one layer's (the Hessians of a whole model can be larger than the model). Returns the
+    file's metadata; the file appears only when complete."""
+    with StatsFileWriter(path) as w:
+        return w.commit(_run(ckpt, dataset, w.add, **options))
+
+
+def _run(
     ckpt,
     dataset: str,
+    on_stats: OnStats,
     *,
     num_samples: int = 128,
     seq_len: int = 512,
@@ -27,12 +45,9 @@ def calibrate(
     offload_dir: str | Path | None = None,
     on_layer: OnLayer | None = None,
     progress: Progress | None = None,
-) -> CalibStats:
-    """Run `num_samples` x `seq_len` tokens of `dataset` through `ckpt` one layer at a time.
-
-    Returns the statistics per linear (HF module names) with provenance metadata (what `save_stats` writes
-    and `load_stats` checks). `on_layer` is passed to the engine (quantize-as-you-go, see calib.runner).
-    """
+) -> dict[str, str]:
+    """The calibration pass: statistics go to `on_stats` layer by layer; returns the provenance metadata.
+    `on_layer` is passed to the engine (quantize-as-you-go, see calib.runner)."""
     kinds = parse_kinds(kinds)
     data = load_calibration(
         dataset,
@@ -45,10 +60,9 @@ def calibrate(
     runner = LayerwiseRunner(
         ckpt, device=device, dtype=dtype, threads=threads, batch_size=batch_size, offload_dir=offload_dir
     )
-    linears = runner.run(
-        data.tokens, kinds=kinds, lm_head_stats=lm_head, on_layer=on_layer, progress=progress
-    )
-    meta = {
+    runner.run(data.tokens, kinds=kinds, lm_head_stats=lm_head, on_layer=on_layer, on_stats=on_stats,
+               progress=progress)
+    return {
         "model": ckpt.name,
         "config_sha256": config_hash(ckpt.config),
         "architecture": ",".join(ckpt.config.get("architectures") or []),
@@ -62,4 +76,3 @@ def calibrate(
         "dtype": str(runner.dtype).removeprefix("torch."),
         "stats": ",".join(sorted(kinds)),
     }
-    return CalibStats(linears, meta)

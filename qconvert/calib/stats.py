@@ -19,12 +19,14 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.formats.safetensors_out import SafetensorsStream, current_umask
 
 STAT_KINDS = ("hessian", "abs_sum", "sq_sum", "abs_max", "token_max")
 DEFAULT_KINDS = ("hessian", "abs_sum", "sq_sum", "abs_max")  # token_max grows with the token count: opt-in
@@ -126,53 +128,141 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def save_stats(path: str | Path, stats: CalibStats) -> Path:
-    """Write stats to one safetensors file (temp file next to the target, renamed on success)."""
-    from safetensors.torch import save_file
+class StatsFileWriter:
+    """Writes statistics into one safetensors file as they are finished, so only the statistics handed to one
+    `add` (one decoder layer's) need be in memory:
 
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    aliases = {}
-    for name, leader in stats.aliases().items():
-        if name != leader:
-            aliases[name] = leader
-            continue
-        st = stats.linears[name]
-        for kind, t in st.tensors().items():
-            tensors[f"{name}.{kind}"] = t
-        tensors[f"{name}.count"] = torch.tensor([st.count], dtype=torch.int64)
-    meta = {**stats.meta, "format": FILE_KIND, "format_version": FILE_VERSION, "aliases": json.dumps(aliases)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise IOFailure(f"cannot write stats file: {e.strerror or e}", path) from e
-    return path
+        with StatsFileWriter(path) as w:
+            w.add(layer_stats) ...
+            w.commit(meta)
+
+    The file is built next to the target under a temp name and renamed into place by `commit`; leaving the
+    block without a commit (an error, Ctrl-C) removes it and leaves the target untouched."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.aliases: dict[str, str] = {}  # name -> the name whose statistics it shares
+        self.names: list[str] = []  # every linear added, aliases included
+        self._stream: SafetensorsStream | None = None
+
+    def __enter__(self) -> StatsFileWriter:
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._io(lambda: self.path.parent.mkdir(parents=True, exist_ok=True))
+        self._stream = SafetensorsStream(tmp)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stream is not None:  # not committed
+            self._stream.abort()
+            self._stream = None
+
+    def add(self, linears: dict[str, LinearStats]) -> None:
+        """Write these statistics; linears that share one LinearStats object are stored once (aliases)."""
+        assert self._stream is not None, "use StatsFileWriter as a context manager"
+        first: dict[int, str] = {}
+        for name, st in linears.items():
+            leader = first.setdefault(id(st), name)
+            self.names.append(name)
+            if leader != name:
+                self.aliases[name] = leader
+                continue
+            parts = {**st.tensors(), "count": torch.tensor([st.count], dtype=torch.int64)}
+            for kind, t in parts.items():
+                self._io(lambda k=f"{name}.{kind}", t=t: self._stream.add(k, t))  # type: ignore[union-attr]
+
+    def commit(self, meta: dict[str, str]) -> dict[str, str]:
+        """Finish the file with `meta` (plus the format fields) and move it into place; returns the metadata
+        written."""
+        assert self._stream is not None, "use StatsFileWriter as a context manager"
+        meta = {**meta, "format": FILE_KIND, "format_version": FILE_VERSION, "linears": str(len(self.names))}
+        meta["aliases"] = json.dumps(self.aliases)
+        stream = self._stream
+        self._io(lambda: stream.finish(meta))
+        self._io(lambda: os.chmod(stream.path, 0o666 & ~current_umask()))
+        self._io(lambda: os.replace(stream.path, self.path))
+        self._stream = None
+        return meta
+
+    def _io(self, fn) -> None:
+        try:
+            fn()
+        except OSError as e:
+            raise IOFailure(f"cannot write stats file: {e.strerror or e}", self.path) from e
+
+
+def save_stats(path: str | Path, stats: CalibStats) -> Path:
+    """Write stats (all in memory) to one safetensors file, atomically (see StatsFileWriter)."""
+    with StatsFileWriter(path) as w:
+        w.add(stats.linears)
+        w.commit(stats.meta)
+    return Path(path)
+
+
+class StatsFile:
+    """An open stats file: its metadata and names from the header; a linear's tensors are read only when asked
+    for (a 1B model's Hessians take several GB; a pass needs one at a time). With `ckpt` (a load-stage
+    Checkpoint), a file made for another model is refused."""
+
+    def __init__(self, path: str | Path, ckpt=None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BadInput("stats file not found", self.path)
+        with self._open() as f:
+            self.meta: dict[str, str] = dict(f.metadata() or {})
+            keys = list(f.keys())
+        if self.meta.get("format") != FILE_KIND:
+            raise BadInput("not a qconvert calibration stats file (made by 'qconvert calibrate')", self.path)
+        if ckpt is not None:
+            _check_model(self.path, self.meta, ckpt)
+        self._keys: dict[str, list[str]] = {}  # stored name -> its tensor keys
+        for key in keys:
+            self._keys.setdefault(key.rpartition(".")[0], []).append(key)
+        self.aliases: dict[str, str] = json.loads(self.meta.get("aliases", "{}"))
+
+    def names(self) -> list[str]:
+        """Every linear with statistics, aliases included."""
+        return [*self._keys, *self.aliases]
+
+    def kinds(self, name: str) -> frozenset[str]:
+        """The statistics stored for `name` (empty if it has none)."""
+        keys = self._keys.get(self.aliases.get(name, name), [])
+        return frozenset(k.rpartition(".")[2] for k in keys) & frozenset(STAT_KINDS)
+
+    def read(self, name: str, kinds: Iterable[str] | None = None) -> LinearStats:
+        """One linear's statistics, all or only `kinds` (KeyError if the file has none for it)."""
+        stored = self.aliases.get(name, name)
+        keys = self._keys[stored]
+        if kinds is not None:
+            want = {*kinds, "count"}
+            keys = [k for k in keys if k.rpartition(".")[2] in want]
+        with self._open() as f:
+            parts = {key.rpartition(".")[2]: f.get_tensor(key) for key in keys}
+        return _linear_from_tensors(stored, parts)
+
+    def read_all(self) -> CalibStats:
+        linears = {name: self.read(name) for name in self._keys}
+        for name, leader in self.aliases.items():
+            linears[name] = linears[leader]
+        return CalibStats(linears, self.meta)
+
+    @contextmanager
+    def _open(self):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                yield f
+        except OSError as e:
+            raise IOFailure(f"cannot read stats file: {e.strerror or e}", self.path) from e
+        except (BadInput, IOFailure):
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise BadInput(f"not a safetensors stats file ({e})", self.path) from e
 
 
 def load_stats(path: str | Path, ckpt=None) -> CalibStats:
-    """Read a stats file; with `ckpt` (a load-stage Checkpoint), refuse a file made for another model."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput("stats file not found", path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except OSError as e:
-        raise IOFailure(f"cannot read stats file: {e.strerror or e}", path) from e
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise BadInput(f"not a safetensors stats file ({e})", path) from e
-    if meta.get("format") != FILE_KIND:
-        raise BadInput("not a qconvert calibration stats file (made by 'qconvert calibrate')", path)
-    if ckpt is not None:
-        _check_model(path, meta, ckpt)
-    return CalibStats(_linears_from_tensors(raw, json.loads(meta.get("aliases", "{}"))), meta)
+    """Read a whole stats file into memory (see StatsFile to read one linear at a time)."""
+    return StatsFile(path, ckpt).read_all()
 
 
 def _check_model(path: Path, meta: dict[str, str], ckpt) -> None:
@@ -186,21 +276,13 @@ def _check_model(path: Path, meta: dict[str, str], ckpt) -> None:
         )
 
 
-def _linears_from_tensors(raw: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, LinearStats]:
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in raw.items():
-        name, _, kind = key.rpartition(".")
-        grouped.setdefault(name, {})[kind] = t
-    out: dict[str, LinearStats] = {}
-    for name, parts in grouped.items():
-        kinds = frozenset(k for k in STAT_KINDS if k in parts)
-        some = next((parts[k] for k in DEFAULT_KINDS if k in parts), None)
-        if some is None:
-            raise BadInput(f"stats for {name} have no per-channel statistic ({', '.join(sorted(parts))})")
-        st = LinearStats(in_features=some.shape[-1], kinds=kinds, count=int(parts["count"][0]))
-        for k in kinds:
-            setattr(st, k, parts[k])
-        out[name] = st
-    for name, leader in aliases.items():
-        out[name] = out[leader]
-    return out
+def _linear_from_tensors(name: str, parts: dict[str, torch.Tensor]) -> LinearStats:
+    kinds = frozenset(k for k in STAT_KINDS if k in parts)
+    if "count" not in parts:
+        raise BadInput(f"stats for {name} have no token count ({', '.join(sorted(parts))})")
+    per_channel = next((parts[k] for k in STAT_KINDS if k in parts and k != "token_max"), None)
+    in_features = per_channel.shape[-1] if per_channel is not None else 0  # 0: token_max alone
+    st = LinearStats(in_features=in_features, kinds=kinds, count=int(parts["count"][0]))
+    for k in kinds:
+        setattr(st, k, parts[k])
+    return st

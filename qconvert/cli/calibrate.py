@@ -42,8 +42,7 @@ def calibrate_command(
         TimeRemainingColumn,
     )
 
-    from qconvert.calib.calibrate import calibrate
-    from qconvert.calib.stats import save_stats
+    from qconvert.calib.calibrate import calibrate_to_file
     from qconvert.load import open_checkpoint
 
     ckpt = open_checkpoint(model)
@@ -64,7 +63,8 @@ def calibrate_command(
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        result = calibrate(
+        m = calibrate_to_file(
+            output,
             ckpt,
             dataset,
             num_samples=num_samples,
@@ -80,9 +80,7 @@ def calibrate_command(
             offload_dir=offload_dir,
             progress=progress,
         )
-    save_stats(output, result)
-    m = result.meta
     typer.echo(
-        f"{output}: {len(result.linears)} linears, {m['num_samples']} x {m['seq_len']} tokens "
+        f"{output}: {m['linears']} linears, {m['num_samples']} x {m['seq_len']} tokens "
         f"({m['tokens']}), stats {m['stats']}"
     )

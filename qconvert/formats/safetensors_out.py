@@ -81,6 +81,52 @@ def parse_size(text: str) -> int:
     return value
 
 
+class SafetensorsStream:
+    """One safetensors file written tensor by tensor: each tensor's raw bytes go to a data file as they come
+    (only dtype, shape and offsets are kept); `finish` writes the file as header + data. The caller decides
+    where the file goes and handles errors (OSError is raised as is)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data")
+        self.header: dict[str, dict] = {}  # name → dtype, shape, data_offsets (in add order)
+        self.offset = 0  # bytes written to the data file
+        self._data = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> int:
+        """Append one tensor; returns its size in bytes."""
+        if name in self.header:
+            raise ValueError(f"tensor {name} written twice")
+        t = _cpu_contiguous(tensor)
+        entry = {"dtype": _dtype_code(name, t), "shape": _header_shape(name, t)}
+        size = t.numel() * t.element_size()
+        if self._data is None:
+            self._data = open(self.data_path, "wb")
+        _write_all(self._data, _raw_bytes(t))
+        entry["data_offsets"] = [self.offset, self.offset + size]
+        self.header[name] = entry
+        self.offset += size
+        return size
+
+    def finish(self, metadata: dict[str, str] | None = None) -> None:
+        """Write `path` (header with `metadata`, then the data) and remove the data file."""
+        if self._data is None:
+            self._data = open(self.data_path, "wb")
+        self._data.close()
+        with open(self.data_path, "rb") as src, open(self.path, "wb") as dst:
+            dst.write(_header_bytes(self.header, metadata))
+            dst.flush()  # _append writes through the descriptor
+            _append(dst, src)
+        os.remove(self.data_path)
+
+    def abort(self) -> None:
+        """Close and remove what was written (the data file and a half-written `path`)."""
+        if self._data is not None:
+            self._data.close()
+        self.data_path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+
+
 class CheckpointWriter:
     """``with CheckpointWriter(out) as w: w.add(name, tensor); w.write_json(...)`` — committed on clean
     exit."""
@@ -99,9 +145,7 @@ class CheckpointWriter:
         self.tmp: Path | None = None
         self._names: set[str] = set()
         self._shards: list[list[str]] = []  # tensor names of the closed shards
-        self._header: dict[str, dict] = {}  # open shard: name → dtype, shape, data_offsets (in add order)
-        self._data = None  # open shard's raw data file (binary, buffered)
-        self._offset = 0  # bytes written to the open shard's data file
+        self._shard: SafetensorsStream | None = None  # the open shard
         self._failed: str | None = None  # set when a write failed half-way: the open shard is unusable
         self.total_bytes = 0
 
@@ -128,20 +172,15 @@ class CheckpointWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
             raise ValueError(f"tensor {name} written twice")
-        t = _cpu_contiguous(tensor)
-        entry = {"dtype": _dtype_code(name, t), "shape": _header_shape(name, t)}
-        size = t.numel() * t.element_size()
-        if self._header and self._offset + size > self.max_shard_bytes:
+        size = tensor.numel() * tensor.element_size()
+        shard = self._shard
+        if shard is not None and shard.header and shard.offset + size > self.max_shard_bytes:
             self._close_shard()
-        with self._shard_io(self._data_path()):
-            if self._data is None:
-                self._data = open(self._data_path(), "wb")
-            _write_all(self._data, _raw_bytes(t))
-        entry["data_offsets"] = [self._offset, self._offset + size]
-        self._header[name] = entry
+        if self._shard is None:
+            self._shard = SafetensorsStream(self._shard_path())
+        with self._shard_io(self._shard.data_path):
+            self.total_bytes += self._shard.add(name, tensor)
         self._names.add(name)
-        self._offset += size
-        self.total_bytes += size
 
     def write_json(self, filename: str, obj: object) -> None:
         self._io(
@@ -178,31 +217,19 @@ class CheckpointWriter:
     def _shard_path(self, index: int | None = None) -> Path:
         return self._path(f"shard-{index or len(self._shards) + 1:05d}.safetensors")
 
-    def _data_path(self) -> Path:
-        return self._path(f"shard-{len(self._shards) + 1:05d}.data")
-
     def _close_shard(self) -> None:
-        """Write the open shard's safetensors file (header, then the data file's bytes) and drop the data
-        file."""
-        if self._data is None:
+        """Write the open shard's safetensors file (header, then the data file's bytes)."""
+        if self._shard is None:
             return
-        data_path, path = self._data_path(), self._shard_path()
-        with self._shard_io(path):
-            self._data.close()
-            with open(data_path, "rb") as src, open(path, "wb") as dst:
-                dst.write(_header_bytes(self._header))
-                dst.flush()  # _append writes through the descriptor
-                _append(dst, src)
-            os.remove(data_path)
-        self._data = None
-        self._shards.append(list(self._header))
-        self._header = {}
-        self._offset = 0
+        with self._shard_io(self._shard.path):
+            self._shard.finish()
+        self._shards.append(list(self._shard.header))
+        self._shard = None
 
     def _discard(self) -> None:
-        if self._data is not None:
-            self._data.close()
-            self._data = None
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
@@ -235,8 +262,7 @@ class CheckpointWriter:
 
     def _fix_modes(self) -> None:
         # mkdtemp makes the directory 0700 (and some writers make files 0600): give the usual umask modes
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = current_umask()
         assert self.tmp is not None
         os.chmod(self.tmp, 0o777 & ~umask)
         for f in self.tmp.iterdir():
@@ -261,6 +287,13 @@ class CheckpointWriter:
 
 
 # -- tensor bytes and the safetensors file layout -----------------------------------------------------------
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -300,10 +333,11 @@ def _write_all(f, buf: memoryview) -> None:
         f.write(buf)
 
 
-def _header_bytes(header: dict[str, dict]) -> bytes:
+def _header_bytes(header: dict[str, dict], metadata: dict[str, str] | None = None) -> bytes:
     """8-byte little-endian length + JSON, padded with spaces to a multiple of 8 as the safetensors library
     does (the spec allows trailing whitespace)."""
-    text = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":"), ensure_ascii=False)
+    meta = {"format": "pt", **(metadata or {})}
+    text = json.dumps({"__metadata__": meta, **header}, separators=(",", ":"), ensure_ascii=False)
     raw = text.encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw

@@ -75,3 +75,89 @@ def test_not_a_stats_file(tmp_path: Path, synthetic_dir) -> None:
         load_stats(other)
     with pytest.raises(BadInput, match="stats file not found"):
         load_stats(tmp_path / "nope.safetensors")
+
+
+def test_calibrate_to_file_streams_layer_by_layer(synthetic_dir, small_text: Path, tmp_path: Path,
+                                                 monkeypatch) -> None:
+    """The CLI's path: each layer's statistics are written as the layer finishes (never all in memory), and
+    the file holds exactly what the in-memory pass + save_stats writes."""
+    from qconvert.calib import calibrate as calibrate_mod
+    from qconvert.calib.stats import StatsFileWriter
+
+    ckpt = open_checkpoint(synthetic_dir("qwen3"))
+    opts = dict(num_samples=2, seq_len=32, dtype="f32", device="cpu", lm_head=True)
+    seen: list[list[str]] = []
+    real_add = StatsFileWriter.add
+
+    def spy(self, linears):  # one call per layer (+ lm_head), never the whole model at once
+        seen.append(sorted(linears))
+        real_add(self, linears)
+
+    monkeypatch.setattr(StatsFileWriter, "add", spy)
+    meta = calibrate_mod.calibrate_to_file(tmp_path / "streamed.safetensors", ckpt, str(small_text), **opts)
+    n_layers = ckpt.config["num_hidden_layers"]
+    assert len(seen) == n_layers + 1 and seen[-1] == ["lm_head"]
+    assert all({n.split(".")[2] for n in names} == {str(i)} for i, names in enumerate(seen[:-1]))
+
+    in_memory = save_stats(tmp_path / "memory.safetensors", calibrate(ckpt, str(small_text), **opts))
+    with safe_open(str(tmp_path / "streamed.safetensors"), framework="pt") as a, \
+            safe_open(str(in_memory), framework="pt") as b:
+        assert a.metadata() == b.metadata() == meta
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    assert int(meta["linears"]) == 7 * n_layers + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.safetensors", "streamed.safetensors"]
+
+
+def test_failed_calibration_leaves_no_file(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
+    from qconvert.calib.calibrate import calibrate_to_file
+
+    ckpt = open_checkpoint(synthetic_dir("llama"))
+    out = tmp_path / "stats.safetensors"
+
+    def boom(step):
+        if step.index == 1:
+            raise KeyboardInterrupt  # Ctrl-C after layer 0's statistics were written
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_to_file(out, ckpt, str(small_text), num_samples=1, seq_len=32, device="cpu", on_layer=boom)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(BadInput, match="tokens"):  # too little text: refused before anything is written
+        calibrate_to_file(out, ckpt, str(small_text), num_samples=10_000, seq_len=32, device="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stats_file_mode_follows_umask(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
+    import os
+
+    ckpt = open_checkpoint(synthetic_dir("llama"))
+    stats = calibrate(ckpt, str(small_text), num_samples=1, seq_len=32, kinds="abs_max", device="cpu")
+    old = os.umask(0o022)
+    try:
+        out = save_stats(tmp_path / "s.safetensors", stats)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_stats_file_reads_one_linear_at_a_time(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
+    """quantize --stats reads each Linear's statistics when its turn comes (all Hessians can outweigh the
+    model): the header gives names and kinds; `read` returns one linear, all or only the kinds asked for."""
+    from qconvert.calib.stats import StatsFile
+
+    ckpt = open_checkpoint(synthetic_dir("llama"))
+    stats = calibrate(ckpt, str(small_text), num_samples=2, seq_len=32, kinds="hessian,abs_max,token_max",
+                      device="cpu")
+    out = save_stats(tmp_path / "s.safetensors", stats)
+    sf = StatsFile(out, ckpt)
+    assert sorted(sf.names()) == sorted(stats.linears)
+    k = "model.layers.0.self_attn.k_proj"  # an alias of q_proj
+    assert sf.kinds(k) == {"hessian", "abs_max", "token_max"} and sf.kinds("lm_head") == frozenset()
+    one = sf.read(k)
+    assert torch.equal(one.hessian, stats.linears[k].hessian) and one.count == 64
+    small = sf.read(k, ["token_max"])
+    assert small.hessian is None and small.abs_max is None and small.count == 64
+    assert torch.equal(small.token_max, stats.linears[k].token_max)
+    with pytest.raises(BadInput, match="not on 'qwen3'"):
+        StatsFile(out, open_checkpoint(synthetic_dir("qwen3")))
