@@ -217,6 +217,21 @@ def _ct_weights(qc: dict[str, Any]) -> list[dict[str, Any]]:
             if isinstance(g, dict) and isinstance(g.get("weights"), dict)]
 
 
+def _ct_activations(group: Any) -> str | None:
+    """A config group's input-activation scheme in a few words ("float8 static tensor", "float8 dynamic
+    group 128"); None for weight-only quantization."""
+    x = group.get("input_activations") if isinstance(group, dict) else None
+    if not isinstance(x, dict):
+        return None
+    kind = f"{x.get('type', '?')}{x.get('num_bits', '?')}"
+    dynamic = x.get("dynamic")
+    how = "dynamic" if dynamic is True else "static" if dynamic is False else str(dynamic)  # or "local"
+    words = [kind, how, str(x.get("strategy", "?"))]
+    if x.get("strategy") == "group":
+        words.append(str(x.get("group_size")))
+    return " ".join(words)
+
+
 def _one(values: list[Any]) -> Any:
     """The common value, or the list of distinct values when groups disagree, or None."""
     distinct = list(dict.fromkeys(v for v in values if v is not None))
@@ -256,6 +271,9 @@ def summarize_quantization_config(qc: dict[str, Any] | None) -> dict[str, Any] |
         s["desc_act"] = _one([w.get("actorder") for w in weights])
         s["type"] = _one([w.get("type") for w in weights])
         s["strategy"] = _one([w.get("strategy") for w in weights])
+        blocks = _one([tuple(w["block_structure"]) for w in weights if w.get("block_structure")])
+        s["block_structure"] = list(blocks) if isinstance(blocks, tuple) else blocks
+        s["activations"] = _one([_ct_activations(g) for g in (qc.get("config_groups") or {}).values()])
         s["ignore"] = qc.get("ignore")
     elif method == "fp8":
         s["bits"] = s["bits"] or 8

@@ -33,7 +33,9 @@ Schema of `qconvert inspect --json` (one JSON object):
                       "desc_act", "source", ...method extras}. safetensors: from config.json
                       quantization_config / quantize_config.json (source names the file) or inferred from
                       the tensors (source "tensors"); AWQ adds "zero_point"; compressed-tensors adds "type",
-                      "strategy", "ignore" (per-group values become lists when groups differ); fp8 adds
+                      "strategy", "block_structure" (block strategy), "activations" (input activations,
+                      e.g. "float8 static tensor"; null if weight-only), "ignore" (per-group values become
+                      lists when groups differ); fp8 adds
                       "activation_scheme", "weight_block_size", "ignore". gguf (only if some tensor has a
                       block type): {"method": "ggml", "format": "gguf v3", "file_type": "Q4_K_M" (from
                       general.file_type), "quantization_version", "source": "gguf", and bits / group_size /

@@ -117,6 +117,7 @@ def test_compressed_tensors_pack_quantized(tmp_path, build):
     s = summarize_quantization_config(CT_W4A16)
     assert (s["method"], s["bits"], s["group_size"], s["format"], s["sym"], s["type"], s["ignore"]) == \
         ("compressed-tensors", 4, 128, "pack-quantized", True, "int", ["lm_head"])
+    assert s["activations"] is None and s["block_structure"] is None  # weight-only, groups
 
 
 def test_nvfp4(tmp_path, build):

@@ -536,6 +536,10 @@ def test_inspect_recognises_the_fp8_layers(synth, synth_src, fmt, scheme):
     if fmt == "compressed-tensors":
         assert (q["format"], q["type"], q["strategy"]) == ("float-quantized", "float", strategy)
         assert q["group_size"] == (-1 if strategy == "channel" else None)
+        assert q["block_structure"] == ([128, 128] if scheme == "block" else None)
+        want_x = {"dynamic": "float8 dynamic token", "static": "float8 static tensor",
+                  "block": "float8 dynamic group 128"}
+        assert q["activations"] == want_x[scheme]
     else:
         assert q["activation_scheme"] == ("static" if scheme == "static" else "dynamic")
         assert q["weight_block_size"] == ([128, 128] if scheme == "block" else None)
