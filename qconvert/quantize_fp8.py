@@ -32,10 +32,11 @@ from qconvert.quantize_pipeline import (
     QuantizeOptions,
     QuantizeSummary,
     _compile,
-    _label,
     _model_dtype,
     find_linears,
     load_layer_config,
+    stream_quantized,
+    write_tensors,
 )
 
 STRATEGY_GROUP = {"tensor": 0, "channel": -1}  # LayerResult.group_size: 0 = one scale per tensor
@@ -89,29 +90,17 @@ def run_fp8(ckpt, opts: QuantizeOptions, progress: Progress | None, t0: float) -
     quantized = {p.weight: p for p in plans if p.spec is not None}
     in_scales = _input_scales(ckpt, opts, list(quantized.values())) if opts.scheme == "static" else {}
     skipped = [p.prefix for p in plans if p.spec is None]
-    results: list[LayerResult] = []
-    done: set[int] = set()
+
+    def fp8(out: CheckpointWriter, p: LayerPlan, w: torch.Tensor) -> LayerResult:
+        try:
+            qt = fp8_quantize(w, p.spec, p.prefix)  # type: ignore[arg-type]
+        except BadInput as e:  # name the file the bad tensor is in
+            raise BadInput(str(e), ckpt.tensors[p.weight].file) from None
+        packed = fmt.pack(p.prefix, qt, in_scales.get(p.prefix))
+        return write_tensors(out, packed, _result(p, qt.spec, relative_error(w, qt)))
+
     with CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite) as out:
-        for name in ckpt.tensors:
-            p = quantized.get(name)
-            if p is None:
-                out.add(name, ckpt.read(name))
-                continue
-            w = ckpt.read(name)
-            try:
-                qt = fp8_quantize(w, p.spec, p.prefix)  # type: ignore[arg-type]
-            except BadInput as e:  # name the file the bad tensor is in
-                raise BadInput(str(e), ckpt.tensors[name].file) from None
-            err = relative_error(w, qt)
-            tensors = fmt.pack(p.prefix, qt, in_scales.get(p.prefix))
-            for tname, t in tensors.items():
-                out.add(tname, t)
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            results.append(_result(p, qt.spec, err, nbytes))
-            if p.layer is not None:
-                done.add(p.layer)
-            if progress:
-                progress(len(done), n_layers, _label(p, err))
+        results = stream_quantized(ckpt, out, quantized, fp8, n_layers, progress)
         config = dict(ckpt.config)
         config["quantization_config"] = fmt.quantization_config(
             opts.scheme, skipped, lm_head=opts.quantize_lm_head
@@ -134,9 +123,9 @@ def run_fp8(ckpt, opts: QuantizeOptions, progress: Progress | None, t0: float) -
     )
 
 
-def _result(p: LayerPlan, spec: FP8Spec, err: float, nbytes: int) -> LayerResult:
+def _result(p: LayerPlan, spec: FP8Spec, err: float) -> LayerResult:
     group = spec.block[1] if spec.strategy == "block" else STRATEGY_GROUP[spec.strategy]
-    return LayerResult(p.prefix, 8, group, True, p.shape, err, nbytes, kind=f"fp8-{spec.strategy}")
+    return LayerResult(p.prefix, 8, group, True, p.shape, err, 0, kind=f"fp8-{spec.strategy}")
 
 
 def _input_scales(ckpt, opts: QuantizeOptions, layers: list[LayerPlan]) -> dict[str, torch.Tensor]:

@@ -364,6 +364,47 @@ def _label(p: LayerPlan, error: float) -> str:
     return f"{where} {short} err {error:.4g}"
 
 
+def write_packed(out: CheckpointWriter, fmt: Any, prefix: str, qt: QuantizedTensor, err: float
+                 ) -> LayerResult:
+    """Pack one quantized Linear in the output format, write its tensors, and report it."""
+    result = LayerResult(prefix, qt.bits, qt.group_size, qt.sym, tuple(qt.shape), err, 0)  # type: ignore[arg-type]
+    return write_tensors(out, fmt.pack(prefix, qt), result)
+
+
+def write_tensors(out: CheckpointWriter, tensors: dict[str, torch.Tensor], result: LayerResult
+                  ) -> LayerResult:
+    """Write a quantized Linear's packed tensors; `result` gets their size in bytes."""
+    for name, t in tensors.items():
+        out.add(name, t)
+    return replace(result, bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def stream_quantized(
+    ckpt: Checkpoint,
+    out: CheckpointWriter,
+    wanted: dict[str, LayerPlan],
+    quantize: Callable[[CheckpointWriter, LayerPlan, torch.Tensor], LayerResult],
+    n_layers: int,
+    progress: Progress | None,
+) -> list[LayerResult]:
+    """Copy every tensor of `ckpt` to `out` in checkpoint order, replacing each weight named in `wanted` by
+    what `quantize(out, plan, weight)` writes. One tensor is in memory at a time (data-free methods)."""
+    results: list[LayerResult] = []
+    done_layers: set[int] = set()
+    for name in ckpt.tensors:
+        p = wanted.get(name)
+        if p is None:
+            out.add(name, ckpt.read(name))
+            continue
+        result = quantize(out, p, ckpt.read(name))
+        results.append(result)
+        if p.layer is not None:
+            done_layers.add(p.layer)
+        if progress:
+            progress(len(done_layers), n_layers, _label(p, result.error))
+    return results
+
+
 def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> QuantizeSummary:
     """Plan, then run the chosen method (RTN here; GPTQ, AWQ and FP8 in their own functions)."""
     from qconvert.load import open_checkpoint
@@ -383,26 +424,13 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     if opts.method == "gptq":
         return run_gptq(ckpt, plan, opts, progress, t0)
     fmt = plan.fmt
-    wanted = plan.by_weight()
-    results: list[LayerResult] = []
-    done_layers: set[int] = set()
-    total = plan.n_decoder_layers
+
+    def rtn(out: CheckpointWriter, p: LayerPlan, w: torch.Tensor) -> LayerResult:
+        qt, err = quantize_linear(p, w, opts)
+        return write_packed(out, fmt, p.prefix, qt, err)
+
     with CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite) as out:
-        for name in ckpt.tensors:
-            p = wanted.get(name)
-            if p is None:
-                out.add(name, ckpt.read(name))
-                continue
-            qt, err = quantize_linear(p, ckpt.read(name), opts)
-            tensors = fmt.pack(p.prefix, qt)
-            for tname, t in tensors.items():
-                out.add(tname, t)
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            results.append(LayerResult(p.prefix, qt.bits, qt.group_size, qt.sym, p.shape, err, nbytes))
-            if p.layer is not None:
-                done_layers.add(p.layer)
-            if progress:
-                progress(len(done_layers), total, _label(p, err))
+        results = stream_quantized(ckpt, out, plan.by_weight(), rtn, plan.n_decoder_layers, progress)
         _write_side_files(out, ckpt, plan, fmt)
         output_bytes = out.total_bytes
     return _summary(ckpt, plan, opts, results, output_bytes, t0)
@@ -439,11 +467,7 @@ def run_awq(ckpt, plan: Plan, opts: QuantizeOptions, progress: Progress | None, 
         return TORCH_DTYPES.get(info.dtype, torch.float32) if info is not None else torch.float32
 
     def add_quantized(out: CheckpointWriter, prefix: str, qt: QuantizedTensor, err: float) -> None:
-        tensors = fmt.pack(prefix, qt)
-        for tname, t in tensors.items():
-            out.add(tname, t)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        results.append(LayerResult(prefix, qt.bits, qt.group_size, qt.sym, qt.shape, err, nbytes))
+        results.append(write_packed(out, fmt, prefix, qt, err))
         written.add(f"{prefix}.weight")
 
     with CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite) as out:
@@ -516,13 +540,8 @@ def run_gptq(
     written: set[str] = set()
 
     def add(out: CheckpointWriter, prefix: str, qt: QuantizedTensor, err: float) -> None:
-        p = quantized[prefix]
-        tensors = fmt.pack(prefix, qt)
-        for tname, t in tensors.items():
-            out.add(tname, t)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        results.append(LayerResult(prefix, qt.bits, qt.group_size, qt.sym, p.shape, err, nbytes))
-        written.add(p.weight)
+        results.append(write_packed(out, fmt, prefix, qt, err))
+        written.add(quantized[prefix].weight)
 
     with CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite) as out:
         if hessians is None:
