@@ -112,14 +112,6 @@ class CalibStats:
     linears: dict[str, LinearStats]
     meta: dict[str, str] = field(default_factory=dict)
 
-    def aliases(self) -> dict[str, str]:
-        """name -> the first name (in insertion order) that shares its LinearStats object."""
-        first: dict[int, str] = {}
-        out = {}
-        for name, st in self.linears.items():
-            out[name] = first.setdefault(id(st), name)
-        return out
-
 
 def config_hash(config: dict) -> str:
     """sha256 of the model's config.json, ignoring keys that do not describe the model itself."""
