@@ -138,6 +138,8 @@ class StatsFileWriter:
         self._stream: SafetensorsStream | None = None
 
     def __enter__(self) -> StatsFileWriter:
+        if self.path.is_dir():  # found now, not after the whole calibration pass
+            raise BadInput("output is a directory; give a file name (stats.safetensors)", self.path)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._io(lambda: self.path.parent.mkdir(parents=True, exist_ok=True))
         self._stream = SafetensorsStream(tmp)

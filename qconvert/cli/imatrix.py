@@ -68,6 +68,7 @@ def imatrix_command(
     from rich.console import Console
 
     from qconvert.calib import imatrix as im
+    from qconvert.formats.gguf.writer import check_output_path
 
     inputs = [p for item in (in_file or []) for p in item.split(",") if p]
     if output_format not in im.OUTPUT_FORMATS:
@@ -76,6 +77,7 @@ def imatrix_command(
         raise BadInput("give --dataset (with a MODEL) and/or --in-file")
     if dataset is not None and model is None:
         raise BadInput("--dataset needs a MODEL to run")
+    check_output_path(output)  # before the pass, not after it
     err = Console(stderr=True, highlight=False)
     run = None
     if dataset is not None:

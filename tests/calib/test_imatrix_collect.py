@@ -147,3 +147,7 @@ def test_cli_merge_and_errors(synthetic_dir, calib_text: Path, tmp_path: Path) -
     assert read_imatrix(dat).legacy and set(read_imatrix(dat).entries) == set(read_imatrix(first).entries)
     res = CliRunner().invoke(app, ["-o", str(tmp_path / "x.gguf")])
     assert isinstance(res.exception, BadInput) and "--in-file" in str(res.exception)
+    # refused before the pass (after it, the write would fail as IOFailure "cannot write imatrix")
+    for bad, needle in [(tmp_path, "output path is a directory"), (tmp_path / "no" / "x.gguf", "not exist")]:
+        res = CliRunner().invoke(app, [model, "-f", str(text), "-o", str(bad), "-c", "64", "--chunks", "2"])
+        assert isinstance(res.exception, BadInput) and needle in str(res.exception), res.output

@@ -126,6 +126,8 @@ def test_failed_calibration_leaves_no_file(synthetic_dir, small_text: Path, tmp_
     with pytest.raises(BadInput, match="tokens"):  # too little text: refused before anything is written
         calibrate_to_file(out, ckpt, str(small_text), num_samples=10_000, seq_len=32, device="cpu")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(BadInput, match="is a directory"):  # refused before the pass, not after it
+        calibrate_to_file(tmp_path, ckpt, str(small_text), num_samples=10_000, seq_len=32, device="cpu")
 
 
 def test_stats_file_mode_follows_umask(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
