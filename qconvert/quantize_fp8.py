@@ -88,6 +88,8 @@ def plan_fp8(ckpt, opts: QuantizeOptions):
 def run_fp8(ckpt, opts: QuantizeOptions, progress: Progress | None, t0: float) -> QuantizeSummary:
     fmt, plans, n_layers = plan_fp8(ckpt, opts)
     quantized = {p.weight: p for p in plans if p.spec is not None}
+    # the writer checks the output path now, before the calibration pass
+    writer = CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite)
     in_scales = _input_scales(ckpt, opts, list(quantized.values())) if opts.scheme == "static" else {}
     skipped = [p.prefix for p in plans if p.spec is None]
 
@@ -99,7 +101,7 @@ def run_fp8(ckpt, opts: QuantizeOptions, progress: Progress | None, t0: float) -
         packed = fmt.pack(p.prefix, qt, in_scales.get(p.prefix))
         return write_tensors(out, packed, _result(p, qt.spec, relative_error(w, qt)))
 
-    with CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite) as out:
+    with writer as out:
         results = stream_quantized(ckpt, out, quantized, fp8, n_layers, progress)
         config = dict(ckpt.config)
         config["quantization_config"] = fmt.quantization_config(

@@ -519,6 +519,17 @@ def test_non_finite_values_are_refused(synth_src, calib_text, tmp_path, scheme, 
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
 
 
+def test_existing_output_is_refused_before_calibrating(synth_src, tmp_path):
+    """The output check comes before the calibration pass (the dataset here does not even exist)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, _, err = run_cli("quantize", synth_src, "--method", "fp8", "--scheme", "static", "--dataset",
+                           tmp_path / "missing.txt", "-o", out)
+    assert code == 2 and "output exists" in err and err.count("\n") == 1, err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
 # --- inspect ------------------------------------------------------------------------------------------------
 
 
