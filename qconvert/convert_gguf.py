@@ -23,7 +23,8 @@ from qconvert.errors import BadInput
 from qconvert.formats.gguf.metadata import build_header, tokenizer_kvs
 from qconvert.formats.gguf.reader import FLOAT_TYPES, GGUFSource, facts_from_header, read_gguf_source
 from qconvert.formats.gguf.tokenizer import llama_load_problem
-from qconvert.formats.gguf.writer import GGUFOutput, check_output_path, tensor_nbytes, write_gguf
+from qconvert.formats.gguf.writer import GGUFOutput, tensor_nbytes, write_gguf
+from qconvert.formats.output import check_output_path
 from qconvert.load.architectures import PlannedTensor, model_facts, plan_tensors, resolve, text_config
 
 Q = gguf.GGMLQuantizationType

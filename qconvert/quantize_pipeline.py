@@ -578,7 +578,7 @@ def _stats_hessians(ckpt, prefixes: list[str], path: str) -> Callable[[str], tor
             what = "no Hessian" if kinds else "no statistics"
             raise BadInput(f"{what} for {prefix}; collect them with 'qconvert calibrate --stats hessian"
                            f"{' --lm-head' if prefix == 'lm_head' else ''}'", path)
-    return lambda prefix: stats.read(prefix).hessian  # type: ignore[return-value]
+    return lambda prefix: stats.read(prefix, ("hessian",)).hessian  # type: ignore[return-value]
 
 
 def _write_side_files(out: CheckpointWriter, ckpt: Checkpoint, plan: Plan, fmt: Any) -> None:

@@ -152,7 +152,9 @@ def main() -> None:
     args = ap.parse_args()
 
     fx = _fixtures()
-    model, text = fx.smollm2_dir(), fx.calib_text()
+    text = fx.calib_text()
+    need_fixture = not args.skip_imatrix or (not args.skip_calibrate and args.calibrate_model is None)
+    model = fx.smollm2_dir() if need_fixture else None
     cache = fx.cache_root()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     results: dict = {"threads": args.threads, "ctx": args.ctx, "chunks": args.chunks}

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.formats.output import check_output_path
 from qconvert.formats.safetensors_out import SafetensorsStream, current_umask
 
 STAT_KINDS = ("hessian", "abs_sum", "sq_sum", "abs_max", "token_max")
@@ -138,11 +139,8 @@ class StatsFileWriter:
         self._stream: SafetensorsStream | None = None
 
     def __enter__(self) -> StatsFileWriter:
-        if self.path.is_dir():  # found now, not after the whole calibration pass
-            raise BadInput("output is a directory; give a file name (stats.safetensors)", self.path)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._io(lambda: self.path.parent.mkdir(parents=True, exist_ok=True))
-        self._stream = SafetensorsStream(tmp)
+        check_output_path(self.path)  # now, not after the whole calibration pass
+        self._stream = SafetensorsStream(self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}"))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -222,12 +220,12 @@ class StatsFile:
         keys = self._keys.get(self.aliases.get(name, name), [])
         return frozenset(k.rpartition(".")[2] for k in keys) & frozenset(STAT_KINDS)
 
-    def read(self, name: str, kinds: Iterable[str] | None = None) -> LinearStats:
+    def read(self, name: str, kinds: Iterable[str] | str | None = None) -> LinearStats:
         """One linear's statistics, all or only `kinds` (KeyError if the file has none for it)."""
         stored = self.aliases.get(name, name)
         keys = self._keys[stored]
         if kinds is not None:
-            want = {*kinds, "count"}
+            want = {*parse_kinds(kinds), "count"}
             keys = [k for k in keys if k.rpartition(".")[2] in want]
         with self._open() as f:
             parts = {key.rpartition(".")[2]: f.get_tensor(key) for key in keys}
@@ -244,14 +242,13 @@ class StatsFile:
         from safetensors import safe_open
 
         try:
-            with safe_open(str(self.path), framework="pt") as f:
-                yield f
+            handle = safe_open(str(self.path), framework="pt")  # reads and checks the header
         except OSError as e:
             raise IOFailure(f"cannot read stats file: {e.strerror or e}", self.path) from e
-        except (BadInput, IOFailure):
-            raise
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise BadInput(f"not a safetensors stats file ({e})", self.path) from e
+        with handle as f:
+            yield f
 
 
 def load_stats(path: str | Path, ckpt=None) -> CalibStats:

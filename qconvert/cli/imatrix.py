@@ -68,7 +68,7 @@ def imatrix_command(
     from rich.console import Console
 
     from qconvert.calib import imatrix as im
-    from qconvert.formats.gguf.writer import check_output_path
+    from qconvert.formats.output import check_output_path
 
     inputs = [p for item in (in_file or []) for p in item.split(",") if p]
     if output_format not in im.OUTPUT_FORMATS:

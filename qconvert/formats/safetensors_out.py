@@ -121,10 +121,15 @@ class SafetensorsStream:
 
     def abort(self) -> None:
         """Close and remove what was written (the data file and a half-written `path`)."""
-        if self._data is not None:
-            self._data.close()
-        self.data_path.unlink(missing_ok=True)
-        self.path.unlink(missing_ok=True)
+        try:
+            if self._data is not None:
+                self._data.close()  # flushes: fails again on a full disk, which must not stop the cleanup
+        except OSError:
+            pass
+        finally:
+            self._data = None
+            self.data_path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
 
 
 class CheckpointWriter:
@@ -227,12 +232,14 @@ class CheckpointWriter:
         self._shard = None
 
     def _discard(self) -> None:
-        if self._shard is not None:
-            self._shard.abort()
-            self._shard = None
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
+        try:
+            if self._shard is not None:
+                self._shard.abort()
+                self._shard = None
+        finally:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp = None
 
     def _shard_names(self) -> list[str]:
         n = len(self._shards)
@@ -337,6 +344,9 @@ def _header_bytes(header: dict[str, dict], metadata: dict[str, str] | None = Non
     """8-byte little-endian length + JSON, padded with spaces to a multiple of 8 as the safetensors library
     does (the spec allows trailing whitespace)."""
     meta = {"format": "pt", **(metadata or {})}
+    bad = [k for k, v in meta.items() if not isinstance(v, str)]
+    if bad:  # readers refuse a header whose metadata values are not strings
+        raise ValueError(f"safetensors metadata values must be strings: {', '.join(bad)}")
     text = json.dumps({"__metadata__": meta, **header}, separators=(",", ":"), ensure_ascii=False)
     raw = text.encode()
     raw += b" " * (-len(raw) % 8)

@@ -227,9 +227,16 @@ def _ct_activations(group: Any) -> str | None:
     dynamic = x.get("dynamic")
     how = "dynamic" if dynamic is True else "static" if dynamic is False else str(dynamic)  # or "local"
     words = [kind, how, str(x.get("strategy", "?"))]
-    if x.get("strategy") == "group":
+    if x.get("strategy") in ("group", "tensor_group"):
         words.append(str(x.get("group_size")))
     return " ".join(words)
+
+
+def _block(value: Any) -> Any:
+    """A block_structure as a hashable value: [128, 128] (or older compressed-tensors' "128x128") as given."""
+    if isinstance(value, list | tuple):
+        return tuple(value) if all(isinstance(v, int) for v in value) else str(value)
+    return value if isinstance(value, str | int) else None
 
 
 def _one(values: list[Any]) -> Any:
@@ -271,9 +278,12 @@ def summarize_quantization_config(qc: dict[str, Any] | None) -> dict[str, Any] |
         s["desc_act"] = _one([w.get("actorder") for w in weights])
         s["type"] = _one([w.get("type") for w in weights])
         s["strategy"] = _one([w.get("strategy") for w in weights])
-        blocks = _one([tuple(w["block_structure"]) for w in weights if w.get("block_structure")])
+        blocks = _one([_block(w.get("block_structure")) for w in weights])
         s["block_structure"] = list(blocks) if isinstance(blocks, tuple) else blocks
-        s["activations"] = _one([_ct_activations(g) for g in (qc.get("config_groups") or {}).values()])
+        groups = qc.get("config_groups")
+        groups = groups.values() if isinstance(groups, dict) else []
+        acts = list(dict.fromkeys(_ct_activations(g) for g in groups))  # weight-only groups count too (None)
+        s["activations"] = acts[0] if len(acts) == 1 else acts or None
         s["ignore"] = qc.get("ignore")
     elif method == "fp8":
         s["bits"] = s["bits"] or 8

@@ -163,3 +163,42 @@ def test_stats_file_reads_one_linear_at_a_time(synthetic_dir, small_text: Path, 
     assert torch.equal(small.token_max, stats.linears[k].token_max)
     with pytest.raises(BadInput, match="not on 'qwen3'"):
         StatsFile(out, open_checkpoint(synthetic_dir("qwen3")))
+
+
+def test_disk_full_while_writing_stats_leaves_nothing(synthetic_dir, small_text: Path, tmp_path: Path,
+                                                      monkeypatch) -> None:
+    """ENOSPC: a one-line IOFailure, and neither the data file nor the temp file stays behind, even though
+    closing the buffered data file fails again (a full disk must not stay full of our leftovers)."""
+    import errno
+
+    from qconvert.calib.calibrate import calibrate_to_file
+    from qconvert.errors import IOFailure
+    from qconvert.formats import safetensors_out
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def write(self, _buf):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_out, "open", FullDisk, raising=False)
+    ckpt = open_checkpoint(synthetic_dir("llama"))
+    with pytest.raises(IOFailure, match="cannot write stats file: No space left on device"):
+        calibrate_to_file(tmp_path / "s.safetensors", ckpt, str(small_text), num_samples=1, seq_len=32,
+                          device="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_output_directory_is_refused(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
+    from qconvert.calib.calibrate import calibrate_to_file
+
+    ckpt = open_checkpoint(synthetic_dir("llama"))
+    with pytest.raises(BadInput, match="output directory does not exist"):  # not created, not after the pass
+        calibrate_to_file(tmp_path / "new" / "s.safetensors", ckpt, str(small_text), num_samples=10_000,
+                          seq_len=32, device="cpu")
+    assert list(tmp_path.iterdir()) == []

@@ -282,6 +282,36 @@ def test_failure_while_assembling_a_shard_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # the failure came at commit, in __exit__: cleaned up all the same
 
 
+def test_disk_full_cleanup_survives_a_failing_close(tmp_path, monkeypatch):
+    """On a full disk, closing the buffered data file fails too (its flush): the cleanup must go on."""
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def write(self, _buf):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            self.f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors_out, "open", FullDisk, raising=False)
+    with pytest.raises(IOFailure, match="write failed: No space left on device"):
+        with CheckpointWriter(tmp_path / "out") as w:
+            w.add("a", torch.zeros(4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metadata_values_must_be_strings(tmp_path):
+    stream = safetensors_out.SafetensorsStream(tmp_path / "x.safetensors")
+    stream.add("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="metadata values must be strings: seed"):
+        stream.finish({"seed": 0})  # type: ignore[dict-item]
+    stream.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
 def run_script(code: str, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(

@@ -177,3 +177,21 @@ def test_unquantized_checkpoint_has_no_quantization(tmp_path, build):
     summary = inspect(_write(tmp_path, build, {"w.weight": f32(4, 4)}))
     assert summary["quantization"] is None and summary["quantized_layers"] == []
     assert summary["parameters"] == 16 and summary["bits_per_weight"] == 32.0
+
+
+def test_compressed_tensors_summary_of_mixed_and_odd_configs():
+    """Groups that disagree give lists (a weight-only group counts as None); malformed fields never crash."""
+    w = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}
+    x = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}
+    ct = {"quant_method": "compressed-tensors"}
+    groups = {"a": {"weights": w}, "b": {"weights": w, "input_activations": x}}
+    mixed = summarize_quantization_config({**ct, "config_groups": groups})
+    assert mixed["activations"] == [None, "int8 dynamic token"]
+    assert summarize_quantization_config({**ct, "config_groups": [1, 2]})["activations"] is None
+    for given, shown in [("128x128", "128x128"), (128, 128), ([128, 128], [128, 128]), ({"a": 1}, None)]:
+        qc = {**ct, "config_groups": {"a": {"weights": {**w, "strategy": "block", "block_structure": given}}}}
+        assert summarize_quantization_config(qc)["block_structure"] == shown, given
+    nv = {**x, "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}
+    nv["dynamic"] = "local"
+    qc = {**ct, "config_groups": {"a": {"weights": w, "input_activations": nv}}}
+    assert summarize_quantization_config(qc)["activations"] == "float4 local tensor_group 16"

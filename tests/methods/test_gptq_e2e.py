@@ -179,6 +179,14 @@ def test_stats_file_gives_the_hessians(run, recorded, synthetic_dir, calib_text,
     for name, (h, _qt) in recorded.items():
         assert torch.equal(h, stats.linears[name].hessian.double()), name
 
+    no_h = save_stats(tmp_path / "abs.safetensors", calibrate(
+        open_checkpoint(src), str(calib_text), num_samples=1, seq_len=SEQ, kinds="abs_max"))
+    code, _, err = run(src, "--method", "gptq", "--stats", no_h, "-o", tmp_path / "out2")
+    assert code == 2 and err.count("\n") == 1, err
+    assert re.search(r"no Hessian for model\.layers\.0\.\w+\.\w+_proj; collect them with 'qconvert calibrate "
+                     r"--stats hessian'", err), err
+    assert not (tmp_path / "out2").exists()
+
 
 def _with_nan_norm(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)

@@ -18,7 +18,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from qconvert.errors import BadInput, IOFailure
+from qconvert.errors import IOFailure
+from qconvert.formats.output import check_output_path
 
 # gguf-py logs an INFO line per file and a WARNING per re-set key; neither is for our users.
 logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
@@ -77,15 +78,6 @@ class GGUFOutput(gguf.GGUFWriter):
         # a non-uint8 dtype makes GGUFWriter take the shape as element counts (numpy order)
         self.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=qtype)
         return nbytes
-
-
-def check_output_path(target: Path) -> None:
-    """Fail before any work if the output cannot be created there."""
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise BadInput("output directory does not exist", parent)
-    if target.is_dir():
-        raise BadInput("output path is a directory", target)
 
 
 def temp_path(target: Path) -> Path:
