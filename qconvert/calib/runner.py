@@ -21,6 +21,7 @@ layer's input hidden states batch by batch.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -362,22 +363,19 @@ def trim_heap() -> None:
     a layer from its heap once its adaptive mmap threshold has grown, and fragmentation then keeps the
     process growing layer after layer (measured: +40 MB per layer on a 1B model); malloc_trim releases the
     free pages. A no-op where there is no glibc."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-def _load_libc():
+@functools.cache
+def _malloc_trim():
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own symbols: libc is loaded
+    except (OSError, TypeError):  # TypeError: no CDLL(None) on Windows
         return None
-
-
-_LIBC = _load_libc()
 
 
 def _cache_dir() -> Path:

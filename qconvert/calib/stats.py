@@ -27,7 +27,7 @@ import torch
 
 from qconvert.errors import BadInput, IOFailure
 from qconvert.formats.output import check_output_path
-from qconvert.formats.safetensors_out import SafetensorsStream, current_umask
+from qconvert.formats.safetensors_out import SafetensorsStream
 
 STAT_KINDS = ("hessian", "abs_sum", "sq_sum", "abs_max", "token_max")
 DEFAULT_KINDS = ("hessian", "abs_sum", "sq_sum", "abs_max")  # token_max grows with the token count: opt-in
@@ -169,8 +169,7 @@ class StatsFileWriter:
         meta = {**meta, "format": FILE_KIND, "format_version": FILE_VERSION, "linears": str(len(self.names))}
         meta["aliases"] = json.dumps(self.aliases)
         stream = self._stream
-        self._io(lambda: stream.finish(meta))
-        self._io(lambda: os.chmod(stream.path, 0o666 & ~current_umask()))
+        self._io(lambda: stream.finish(meta))  # created by open(): the usual umask mode
         self._io(lambda: os.replace(stream.path, self.path))
         self._stream = None
         return meta
