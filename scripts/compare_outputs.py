@@ -49,14 +49,14 @@ def jobs(model: Path, synth: Path, calib: Path) -> list[tuple[str, str, list[str
         out.append(("rtn", f"rtn-{fmt}", ["quantize", m, "--method", "rtn", "--format", fmt, "--group-size",
                                           "64", "-o", "{out}"]))
     out.append(("rtn", "rtn-ct-asym-mse", ["quantize", m, "--method", "rtn", "--format", "compressed-tensors",
-                                           "--asym", "--mse", "--bits", "8", "-o", "{out}"]))
+                                           "--asym", "--mse", "--bits", "8", "--group-size", "64", "-o", "{out}"]))
     for fmt in ("gptq", "gptq_v2", "compressed-tensors"):
         out.append(("gptq", f"gptq-{fmt}", ["quantize", m, "--method", "gptq", "--format", fmt, "--group-size",
                                             "64", "--dataset", c, *CALIB, "-o", "{out}"]))
     out.append(("gptq", "gptq-actorder", ["quantize", m, "--method", "gptq", "--act-order", "--group-size",
                                           "64", "--dataset", c, *CALIB, "-o", "{out}"]))
     out.append(("gptq", "gptq-stats", ["quantize", m, "--method", "gptq", "--stats",
-                                       "{work}/stats.safetensors", "-o", "{out}"]))
+                                       "{work}/stats.safetensors", "--group-size", "64", "-o", "{out}"]))
     for fmt in ("awq", "gptq", "compressed-tensors"):
         out.append(("awq", f"awq-{fmt}", ["quantize", m, "--method", "awq", "--format", fmt, "--group-size",
                                           "64", "--dataset", c, *CALIB, "-o", "{out}"]))
@@ -89,7 +89,7 @@ def run_commit(commit: str, work: Path, selected: list[tuple[str, str, list[str]
                    check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "QCONVERT_DEBUG": "1"}
     launcher = "import sys; from qconvert.cli import main; main(sys.argv[1:])"
-    check = subprocess.run([sys.executable, "-c", "import qconvert; print(qconvert.__file__)"], env=env,
+    check = subprocess.run([sys.executable, "-P", "-c", "import qconvert; print(qconvert.__file__)"], env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     if not check.startswith(str(tree)):
         raise SystemExit(f"{commit}: imported qconvert from {check}, not from the worktree")
@@ -99,7 +99,7 @@ def run_commit(commit: str, work: Path, selected: list[tuple[str, str, list[str]
             target = work / name
             argv = [a.replace("{out}", str(target)).replace("{work}", str(work)) for a in args]
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", launcher, *argv], env=env, cwd=work,
+            proc = subprocess.run([sys.executable, "-P", "-c", launcher, *argv], env=env, cwd=work,
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
