@@ -59,8 +59,11 @@ def fp16_bits(f: np.ndarray) -> np.ndarray:
 
 
 def fp16_to_f32(h: np.ndarray) -> np.ndarray:
-    """GGML_FP16_TO_FP32: exact widening (the same as NumPy's)."""
-    return np.asarray(h, dtype=np.uint16).view(np.float16).astype(F32)
+    """GGML_FP16_TO_FP32: exact widening, as NumPy's except for signaling NaNs: ggml's conversion ends in a
+    float multiply, which sets the quiet bit (0x7D00 -> 0x7FE00000, NumPy keeps 0x7FA00000)."""
+    f = np.asarray(h, dtype=np.uint16).view(np.float16).astype(F32)
+    quiet = f.view(np.uint32) | np.uint32(0x00400000)
+    return np.where(np.isnan(f), quiet.view(F32), f)
 
 
 def fp16_round(f: np.ndarray) -> np.ndarray:
