@@ -14,7 +14,7 @@ shared. This module has each rounding rule once:
   6, 8, 12, ...), so ``d`` is half the real scale. First-minimum means: zero (and -0.0, NaN, ±inf) -> code 0,
   never 8; an exact tie between two magnitudes goes to the smaller one (toward zero); beyond 6·scale clamps
   to ±6. ggml decodes code 8 as +0 (``kvalues_fp4[8] == 0``).
-* ``nearest_ggml_block`` -- the numba twin of it. It scans only the 8 magnitudes of |x|; this is the same as
+* ``nearest_ggml_scaled`` -- the numba twin of it. It scans only the 8 magnitudes of |x|; this is the same as
   C's 16-code scan because, for x >= 0, each negative code's error ``round(a + x)`` is never below the
   positive one's ``round(|a - x|)`` (rounding is monotone, and ties keep the earlier, positive code), and for
   x < 0 every positive code's ``round(a + |x|)`` is at least code 0's ``|x|``, while code 8+c's error is
@@ -44,6 +44,7 @@ E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -
 # kvalues_fp4 / kvalues_mxfp4 (ggml-common.h): E2M1 doubled as int8; code 8 is a plain 0
 KVALUES_GGML = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=F32)
 _K1, _K2, _K3, _K4, _K6, _K8, _K12 = (F32(k) for k in KVALUES_GGML[1:8])  # numba freezes these constants
+_C = tuple(np.int32(c) for c in range(9))  # int32 codes keep the vector lanes 32-bit wide
 
 # encode_rne: (upper bound on |v|, bound included) of the buckets of codes 0..6; above the last -> 7
 _RNE_BOUNDS = (
@@ -77,21 +78,23 @@ def _keep_first_min(v, a, c, best, code):
     return (err if better else best), (c if better else code)
 
 
-@njit(**JIT)
-def nearest_ggml_block(x, d, codes):
-    """best_index_mxfp4(x[j], d) for a 1-D x into codes[j]: the 8-magnitude scan of the module docstring,
-    unrolled so that LLVM vectorises over j. The magnitudes ``KVALUES_GGML[c]*d`` are the C products."""
+@njit(inline="always", **JIT)
+def nearest_ggml_scaled(x, d, codes):
+    """best_index_mxfp4(x[j], d[j]) for 1-D x and per-element half-scales d, into codes[j] (int32): the
+    8-magnitude scan of the module docstring, unrolled so that LLVM vectorises over j. The magnitudes
+    ``KVALUES_GGML[c]*d[j]`` are the C products."""
     for j in range(x.shape[0]):
         v = np.abs(x[j])
-        best, code = v, 0  # code 0: |0*d - x| = |x|
-        best, code = _keep_first_min(v, _K1 * d, 1, best, code)
-        best, code = _keep_first_min(v, _K2 * d, 2, best, code)
-        best, code = _keep_first_min(v, _K3 * d, 3, best, code)
-        best, code = _keep_first_min(v, _K4 * d, 4, best, code)
-        best, code = _keep_first_min(v, _K6 * d, 5, best, code)
-        best, code = _keep_first_min(v, _K8 * d, 6, best, code)
-        best, code = _keep_first_min(v, _K12 * d, 7, best, code)
-        codes[j] = code + (8 if (x[j] < F0) & (code > 0) else 0)
+        dj = d[j]
+        best, code = v, _C[0]  # code 0: |0*d - x| = |x|
+        best, code = _keep_first_min(v, _K1 * dj, _C[1], best, code)
+        best, code = _keep_first_min(v, _K2 * dj, _C[2], best, code)
+        best, code = _keep_first_min(v, _K3 * dj, _C[3], best, code)
+        best, code = _keep_first_min(v, _K4 * dj, _C[4], best, code)
+        best, code = _keep_first_min(v, _K6 * dj, _C[5], best, code)
+        best, code = _keep_first_min(v, _K8 * dj, _C[6], best, code)
+        best, code = _keep_first_min(v, _K12 * dj, _C[7], best, code)
+        codes[j] = code + (_C[8] if (x[j] < F0) & (code > _C[0]) else _C[0])
 
 
 def encode_rne(v: np.ndarray) -> np.ndarray:

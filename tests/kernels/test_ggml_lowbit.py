@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import re
 from pathlib import Path
 
 import gguf
+import numba
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
@@ -24,7 +26,7 @@ from gguf import GGMLQuantizationType as T
 from safetensors import safe_open
 
 from qconvert.kernels.ggml import fp4_blocks, lowbit
-from qconvert.kernels.ggml_fast import _fp4, _lowbit
+from qconvert.kernels.ggml_fast import _core, _fp4, _lowbit
 from tests.oracle.llamacpp import ggml_dequantize, ggml_quantize_chunk
 
 REF = {
@@ -422,3 +424,23 @@ def test_ue4m3_encode_matches_gguf_py_helper() -> None:
     theirs = np.asarray(gguf.quants.NVFP4.fp32_to_ue4m3(v.copy())).astype(np.int32)
     assert np.array_equal(fp4_blocks.ue4m3_encode(v), theirs)
     assert np.array_equal([_fp4.ue4m3_encode(F32(a)) for a in v], theirs)
+
+
+# --------------------------------------------------------------------------------------------- no FMA
+
+_FMA = re.compile(r"\bvfn?m(?:add|sub)")  # vfmadd*, vfmsub*, vfnmadd*, vfnmsub*
+
+
+def test_fast_kernels_contain_no_fma() -> None:
+    """|KV·d - x| contracted into an FMA would change the E2M1 choice (gguf.md §2.4): scan the machine code of
+    every kernel (its helpers are inlined into it), recompiled without the cache (cached code cannot be
+    inspected)."""
+    x = _random_rows(np.random.default_rng(0))
+    for qtype, kernel in FAST.items():
+        fast_quantize(qtype, x)
+        (sig,) = kernel.signatures
+        fresh = numba.njit(**{**_core.JIT, "cache": False})(kernel.py_func)
+        fresh.compile(sig)
+        asm = fresh.inspect_asm(sig)
+        assert asm.count("\n") > 20
+        assert not _FMA.findall(asm), f"{qtype.name}: fused multiply-adds in {kernel.py_func.__qualname__}"
