@@ -4,7 +4,8 @@
   ggml's dequant grids read back through ggml's own to_float, every grid point and every neighbour list
   exercised through ggml_quantize_chunk);
 * quantize == ggml_quantize_chunk without an imatrix, with a random and with a sparse one, on adversarial
-  blocks and real SmolLM2 rows; the fast twin == the reference == ggml;
+  blocks; the fast twin == the reference == ggml (ordinary and real SmolLM2 rows: the generic
+  test_ggml_reference / test_ggml_fast, which cover every registered type);
 * dequantize == ggml's to_float == gguf-py's;
 * inputs on which ggml aborts (GGML_ASSERT in the neighbour search) are refused with BadInput.
 """
@@ -21,9 +22,9 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
-from safetensors import safe_open
 
 from qconvert.errors import BadInput
+from qconvert.kernels import ggml_fast
 from qconvert.kernels.ggml import grids, iq3
 from tests.oracle.llamacpp import ggml_dequantize, ggml_quantize_chunk
 
@@ -148,6 +149,7 @@ def test_every_grid_point_and_neighbour_list_against_ggml(qtype: T, imatrix: str
     for x, what in ((on, "grid points"), (offrows, "off-grid keys")):
         im = None if imatrix == "none" else (rng.random(x.shape[1]) + 0.1).astype(np.float32)
         ref = check_reference(qtype, x, im, what)
+        assert_same_bytes(qtype, ggml_fast.quantize(x, qtype, im), ref, f"fast, {what}")
         if what == "grid points":
             lo = ref[:, 2:].reshape(-1, GGML_QUANT_SIZES[qtype][1] - 2)[:, :64].astype(np.int64)
             if qtype == T.IQ3_S:
@@ -205,14 +207,6 @@ def _adversarial(rng: np.random.Generator) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def _random(rng: np.random.Generator) -> np.ndarray:
-    return np.concatenate([
-        rng.normal(0, 0.02, (6, 512)).reshape(-1, 256),
-        (rng.standard_t(2, (6, 512)) * 0.01).reshape(-1, 256),
-        rng.normal(0, 0.02, (2, 512)).reshape(-1, 256) * np.where(rng.random((4, 256)) < 0.01, 60, 1),
-    ]).astype(np.float32)
-
-
 def _imatrix(kind: str, n: int, rng: np.random.Generator) -> np.ndarray | None:
     if kind == "none":
         return None
@@ -222,19 +216,18 @@ def _imatrix(kind: str, n: int, rng: np.random.Generator) -> np.ndarray | None:
     return np.where(rng.random(n) < 0.3, 0.0, rng.random(n) ** 4 * 100).astype(np.float32)
 
 
-DATA = {"adversarial": _adversarial, "random": _random}
-
-
 # --------------------------------------------------------------------------------------------- quantize
 
 
 @pytest.mark.parametrize("imatrix", ["none", "random", "sparse"])
-@pytest.mark.parametrize("data", list(DATA))
 @pytest.mark.parametrize("qtype", TYPES, ids=_name)
-def test_reference_matches_ggml(qtype: T, data: str, imatrix: str) -> None:
-    rng = np.random.default_rng([int(qtype), len(data), len(imatrix)])
-    x = DATA[data](rng)
-    check_reference(qtype, x, _imatrix(imatrix, x.shape[1], rng), data)
+def test_adversarial_blocks_match_ggml(qtype: T, imatrix: str) -> None:
+    """Reference and fast twin == ggml (ordinary data and real rows: test_ggml_reference / test_ggml_fast)."""
+    rng = np.random.default_rng([int(qtype), len(imatrix)])
+    x = _adversarial(rng)
+    im = _imatrix(imatrix, x.shape[1], rng)
+    ref = check_reference(qtype, x, im, "adversarial")
+    assert_same_bytes(qtype, ggml_fast.quantize(x, qtype, im, threads=2), ref, "fast, adversarial")
 
 
 def test_negative_scale_complements_the_signs() -> None:
@@ -267,35 +260,13 @@ def test_weights_ggml_aborts_on_are_refused(qtype: T) -> None:
     """|x| ~ 1e30 makes every neighbour score inf and ggml GGML_ASSERTs (the process dies): we raise."""
     x = np.full((1, 256), 1e30, np.float32) * np.sign(np.random.default_rng(0).standard_normal(256))
     x = x.astype(np.float32)
-    with pytest.raises(BadInput, match="llama.cpp aborts on them"):
-        REF[qtype].quantize(x, None)
+    for quantize in (REF[qtype].quantize, lambda x, im: ggml_fast.quantize(x, qtype, im)):
+        with pytest.raises(BadInput, match="llama.cpp aborts on them"):
+            quantize(x, None)
     code = ("import sys, numpy as np; from tests.oracle.llamacpp import ggml_quantize_chunk as q; "
             f"q({int(qtype)}, np.frombuffer(sys.stdin.buffer.read(), np.float32).reshape(1, -1))")
     run = subprocess.run([sys.executable, "-c", code], input=x.tobytes(), cwd=ROOT, capture_output=True)
     assert run.returncode != 0 and b"GGML_ASSERT" in run.stderr
-
-
-# --------------------------------------------------------------------------------------------- real weights
-
-
-@pytest.fixture(scope="module")
-def real_rows(smollm2_dir: Path) -> dict[str, np.ndarray]:
-    """Real SmolLM2 rows: q_proj (576 -> first 512 columns) and down_proj (1536 columns), some zeroed."""
-    with safe_open(str(smollm2_dir / "model.safetensors"), framework="pt") as f:
-        q = f.get_slice("model.layers.0.self_attn.q_proj.weight")[:16].float().numpy()[:, :512].copy()
-        down = f.get_slice("model.layers.3.mlp.down_proj.weight")[:16].float().numpy().copy()
-    q[3, 256:288] = 0  # a zero sub-block and a zero super-block inside real data
-    q[5, :256] = 0
-    return {"q_proj": q.astype(np.float32), "down_proj": down.astype(np.float32)}
-
-
-@pytest.mark.parametrize("imatrix", ["none", "sparse"])
-@pytest.mark.parametrize("tensor", ["q_proj", "down_proj"])
-@pytest.mark.parametrize("qtype", TYPES, ids=_name)
-def test_real_rows_match_ggml(real_rows, qtype: T, tensor: str, imatrix: str) -> None:
-    x = real_rows[tensor]
-    rng = np.random.default_rng(int(qtype))
-    check_reference(qtype, x, _imatrix(imatrix, x.shape[1], rng), tensor)
 
 
 # --------------------------------------------------------------------------------------------- dequantize
@@ -304,7 +275,8 @@ def test_real_rows_match_ggml(real_rows, qtype: T, tensor: str, imatrix: str) ->
 def _sample_bytes(qtype: T) -> np.ndarray:
     """Oracle bytes of ordinary data and of zero sub-blocks, plus random bytes (every bit pattern)."""
     rng = np.random.default_rng(int(qtype))
-    real = ggml_quantize_chunk(qtype, np.concatenate([_random(rng)[:8], _adversarial(rng)[[0, 16, 22]]]))
+    x = np.concatenate([rng.normal(0, 0.02, (8, 256)), _adversarial(rng)[[0, 17, 23]]]).astype(np.float32)
+    real = ggml_quantize_chunk(qtype, x)
     noise = rng.integers(0, 256, real.shape, dtype=np.uint8)
     return np.concatenate([real, noise])
 

@@ -12,7 +12,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import float as _float
-from . import iq4, kquants, legacy
+from . import iq3, iq4, kquants, legacy
 from .helpers import BlockKernel
 
 TYPES: dict[GGMLQuantizationType, type[BlockKernel]] = {
@@ -33,6 +33,8 @@ TYPES: dict[GGMLQuantizationType, type[BlockKernel]] = {
         kquants.Q6_K,
         iq4.IQ4_NL,
         iq4.IQ4_XS,
+        iq3.IQ3_XXS,
+        iq3.IQ3_S,
     )
 }
 

@@ -203,8 +203,14 @@ def best_neighbour(
         best = np.where(better, d2, best)
         index = np.where(better, cand, index)
     if np.any(index < 0):
-        raise BadInput(f"{what}: weights too large (or NaN) for the grid search (llama.cpp aborts on them)")
+        raise search_failed(what)
     return index
+
+
+def search_failed(what: str) -> BadInput:
+    """No neighbour scored below FLT_MAX: huge (|x| beyond ~1e12, x³ overflows) or NaN weights, on which
+    ggml's GGML_ASSERT kills the process."""
+    return BadInput(f"{what}: weights too large (or NaN) for the grid search (llama.cpp aborts on them)")
 
 
 @dataclass(frozen=True)
