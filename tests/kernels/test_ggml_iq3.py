@@ -52,11 +52,12 @@ def check_reference(qtype: T, x: np.ndarray, imatrix: np.ndarray | None, what: s
 
 # --------------------------------------------------------------------------------------------- tables
 
-# reference/gguf-lowbit.md §2.1 / §2.3: Σ of the quantizer grid; neighbour array length, Σ, sha256[:16]
-# (counts included, every off-grid key); Σ of each list's first index; off-grid keys; max list length
+# reference/gguf-lowbit.md §2.1 / §2.3: Σ and sha256[:16] of the quantizer grid (LE uint16); neighbour array
+# length, Σ, sha256[:16] (counts included, every off-grid key); Σ of each list's first index; off-grid keys;
+# longest list
 TABLE_FACTS = {
-    256: (391138, 22825, 2824668, "4b54395c1c3e9766", 565696, 3840, 36),
-    512: (777331, 28317, 7317747, "662208b0d2ce2fa3", 1105857, 3584, 38),
+    256: ((391138, "c9678803c61b2210"), 22825, 2824668, "4b54395c1c3e9766", 565696, 3840, 36),
+    512: ((777331, "353274c58dd7d8dc"), 28317, 7317747, "662208b0d2ce2fa3", 1105857, 3584, 38),
 }
 
 
@@ -64,8 +65,9 @@ TABLE_FACTS = {
 def test_tables_match_the_reference_checksums(grid_size: int) -> None:
     t = iq3.tables(grid_size)
     kgrid = iq3.KGRID_256 if grid_size == 256 else iq3.KGRID_512
-    gsum, length, nsum, sha, firsts, n_off, maxn = TABLE_FACTS[grid_size]
+    (gsum, gsha), length, nsum, sha, firsts, n_off, maxn = TABLE_FACTS[grid_size]
     assert int(kgrid.astype(np.int64).sum()) == gsum and t.size == grid_size
+    assert hashlib.sha256(kgrid.astype("<u2").tobytes()).hexdigest()[:16] == gsha
     assert np.array_equal(t.kmap[kgrid], np.arange(grid_size))  # kmap[kgrid[k]] == k
     off = np.flatnonzero(t.kmap < 0)
     assert off.size == n_off == 4096 - grid_size

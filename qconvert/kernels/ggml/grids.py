@@ -126,6 +126,15 @@ def pack_levels(levels: np.ndarray, bits: int) -> np.ndarray:
     return (np.asarray(levels, dtype=np.int64) << shifts).sum(axis=1)
 
 
+def gguf_py_grid(cls: type, ncoord: int, bits: int, hex_bits: int) -> np.ndarray:
+    """A quantizer grid (ggml's kgrid_* packing: coordinate i at bits ``bits*i``) from the same grid as
+    gguf-py's dequantizer ships it: ``cls.grid_hex``, little-endian uint16 entries with coordinate i's
+    level at bits ``hex_bits*i``."""
+    raw = cls.grid_hex.decode() if isinstance(cls.grid_hex, bytes) else cls.grid_hex
+    entries = np.frombuffer(bytes.fromhex(raw), dtype="<u2")
+    return pack_levels(unpack_levels(entries, ncoord, hex_bits), bits).astype(np.uint16)
+
+
 def ksigns() -> np.ndarray:
     """ksigns_iq2xs (ggml-common.h:513): 7 stored sign bits plus the even-parity eighth, uint8 [128]."""
     s = np.arange(128)
