@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..ggml.grids import search_failed
 from . import _iq3, _iq4, _kquants, _legacy
 
 T = GGMLQuantizationType
@@ -39,8 +38,8 @@ _KERNELS: dict[GGMLQuantizationType, tuple[Callable, Callable, bool]] = {
     T.Q5_1: (_legacy.q5_1_ref, _legacy.q41_51_impl, True),
     T.IQ4_NL: (_iq4.iq4, _iq4.iq4, False),
     T.IQ4_XS: (_iq4.iq4, _iq4.iq4, True),
-    T.IQ3_XXS: (_iq3.iq3, _iq3.iq3, False),
-    T.IQ3_S: (_iq3.iq3, _iq3.iq3, True),
+    T.IQ3_XXS: (_iq3.iq3_xxs, _iq3.iq3_xxs, None),
+    T.IQ3_S: (_iq3.iq3_s, _iq3.iq3_s, None),
 }
 
 SUPPORTED: set[GGMLQuantizationType] = set(_KERNELS)
@@ -65,9 +64,6 @@ def _run(qtype: GGMLQuantizationType, x: np.ndarray, imatrix: np.ndarray | None,
         kernel(blocks, qw, n_per_row // block, outb, flag, _legacy.row_sigma2(x))
     elif qtype in (T.IQ4_NL, T.IQ4_XS):
         kernel(blocks, qw, n_per_row // block, outb, flag, use_qw)
-    elif qtype in (T.IQ3_XXS, T.IQ3_S):
-        if kernel(blocks, qw, n_per_row // block, outb, use_qw, flag, *_iq3.tables(flag)) >= 0:
-            raise search_failed(qtype.name)
     else:
         kernel(blocks, qw, n_per_row // block, outb, flag)
 

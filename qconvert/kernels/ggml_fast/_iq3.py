@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit
 
 from ..ggml import iq3 as _spec
+from ..ggml.grids import search_failed
 from ._core import F0, F1, F2, F_HALF, JIT, clampf, fp32_to_fp16, nearest_int
 from ._grids import FLT_MAX, best_neighbour, flat_tables
 
@@ -256,3 +257,18 @@ def iq3(blocks, qw, nbr, out, use_qw, is_s, kmap, neigh, coords, levels, rows):
             else:
                 o[66 + 4 * ib + 3] = np.uint8(o[66 + 4 * ib + 3] | (ls << 4))
     return -1
+
+
+def _twin(is_s: bool):
+    """The IQ3_XXS / IQ3_S twin in ggml_fast's calling convention; inputs ggml aborts on are BadInput."""
+    name = "IQ3_S" if is_s else "IQ3_XXS"
+
+    def twin(blocks, qw, nbr, out, use_qw):
+        if iq3(blocks, qw, nbr, out, use_qw, is_s, *tables(is_s)) >= 0:
+            raise search_failed(name)
+
+    return twin
+
+
+iq3_xxs = _twin(False)
+iq3_s = _twin(True)
