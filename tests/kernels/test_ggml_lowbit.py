@@ -193,13 +193,21 @@ def _nvfp4_boundaries() -> np.ndarray:
 
 
 def _rounding_boundaries(width: int) -> np.ndarray:
-    """TQ*/Q2_0: x·(1/amax) at ±0.5 exactly and one float32 step around it, for several amax."""
+    """TQ*/Q2_0/Q1_0: x·(1/amax) at ±0.5 exactly and one float32 step around it, for several amax; huge
+    multiples of the scale before a NaN."""
     out = []
     for amax in (1.0, 3.0, 0.1, 7e-3, 1e-38):
         half = F32(amax) * F32(0.5)
         vals = np.array([half, np.nextafter(half, F32(0)), np.nextafter(half, F32(1)), amax, 0.0, -0.0], F32)
         blk = np.resize(np.concatenate([vals, -vals]), width).astype(F32)
         blk[0] = amax
+        out.append(blk)
+    # ggml's MAX macro forgets everything before a NaN: the scale then comes from the elements after it, and
+    # x/amax of the earlier ones reaches lroundf's int/long overflow (|v| >= 2^31, >= 2^63)
+    for big in (3.0, 5e9, 3e12, 1e25):
+        blk = np.full(width, 1e-3, F32)
+        blk[: width // 2] = [big, -big, 0.4, 2.5e-3] * (width // 8)
+        blk[width // 2] = np.nan
         out.append(blk)
     return _pad(out, width)
 
