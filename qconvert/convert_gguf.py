@@ -21,10 +21,11 @@ import numpy as np
 
 from qconvert.errors import BadInput
 from qconvert.formats.gguf.metadata import build_header, tokenizer_kvs
-from qconvert.formats.gguf.reader import FLOAT_TYPES, GGUFSource, facts_from_header, read_gguf_source
+from qconvert.formats.gguf.reader import GGUFSource, facts_from_header, read_gguf_source
 from qconvert.formats.gguf.tokenizer import llama_load_problem
 from qconvert.formats.gguf.writer import GGUFOutput, tensor_nbytes, write_gguf
 from qconvert.formats.output import check_output_path
+from qconvert.kernels import FLOAT_TYPES, quantize
 from qconvert.load.architectures import PlannedTensor, model_facts, plan_tensors, resolve, text_config
 
 Q = gguf.GGMLQuantizationType
@@ -275,30 +276,6 @@ def _imatrix_kvs(imx: Any, path: Path) -> list[tuple[str, Any, gguf.GGUFValueTyp
 # ---------------------------------------------------------------------------------------------------------
 # quantize + stream
 
-def quantize_tensor(x: np.ndarray, qtype: Q, imatrix: np.ndarray | None = None,
-                    threads: int | None = None) -> np.ndarray:
-    """float32 [..., n_per_row] → the bytes ggml stores for it, uint8 [nrows, row_bytes]."""
-    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    if qtype == Q.F32:
-        return rows.view(np.uint8)
-    if qtype == Q.F16:
-        return rows.astype(np.float16).view(np.uint8)
-    if qtype == Q.BF16:
-        return gguf.quants.quantize(rows, Q.BF16)
-    if imatrix is not None and imatrix.shape[0] > 1:  # one imatrix row per expert matrix
-        per = rows.reshape(imatrix.shape[0], -1, rows.shape[1])
-        parts = [quantize_tensor(p, qtype, imatrix[i:i + 1], threads) for i, p in enumerate(per)]
-        return np.concatenate(parts)
-    imx = None if imatrix is None else imatrix.reshape(-1)
-    from qconvert.kernels import ggml_fast
-
-    if qtype in ggml_fast.SUPPORTED:
-        return ggml_fast.quantize(rows, qtype, imx, threads=threads)
-    from qconvert.kernels import ggml
-
-    return ggml.quantize(rows, qtype, imx)
-
-
 def _tensor_bytes(t: PlannedTensor, r: TensorRecord, src: _Source, imx: Any,
                   opts: ConvertOptions) -> np.ndarray:
     if src.gguf is not None:
@@ -312,7 +289,7 @@ def _tensor_bytes(t: PlannedTensor, r: TensorRecord, src: _Source, imx: Any,
         raise BadInput(f"tensor {t.source or t.name} has shape {x.shape}, expected {t.shape}", src.label)
     if not np.isfinite(x).all():
         raise BadInput(f"tensor {t.source or t.name} contains NaN or Inf values", src.label)
-    return quantize_tensor(x, r.qtype, _imatrix_for(imx, r), opts.threads)
+    return quantize(x, r.qtype, _imatrix_for(imx, r), opts.threads)
 
 
 def _stream(src: _Source, records: list[TensorRecord], imx: Any, opts: ConvertOptions,

@@ -1,4 +1,5 @@
-"""Throughput of the fast GGML quantizers (qconvert.kernels.ggml_fast) vs llama.cpp's ggml_quantize_chunk.
+"""Throughput of the fast GGML quantizers (the ggml_fast twins, through qconvert.kernels.quantize) vs
+llama.cpp's ggml_quantize_chunk.
 
     python scripts/bench_kernels.py [--mweights 16] [--types Q4_K,Q6_K] [--c-fraction 0.25] [--lib DIR]
 
@@ -24,7 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qconvert.kernels import ggml_fast  # noqa: E402
+from qconvert.kernels import FAST_TYPES, quantize  # noqa: E402
 
 
 def _c_quantizer(lib: str | None):
@@ -76,7 +77,7 @@ def _rate(fn, x: np.ndarray) -> tuple[float, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mweights", type=float, default=16.0, help="millions of weights (default 16)")
-    ap.add_argument("--types", default=",".join(sorted(t.name for t in ggml_fast.SUPPORTED)))
+    ap.add_argument("--types", default=",".join(sorted(t.name for t in FAST_TYPES)))
     ap.add_argument("--c-fraction", type=float, default=0.25, help="fraction of rows timed for C")
     ap.add_argument("--lib", default=None, help="directory with libggml-base.so (default: llama_cpp wheel)")
     args = ap.parse_args()
@@ -92,9 +93,9 @@ def main() -> None:
     for name in args.types.split(","):
         qtype = GGMLQuantizationType[name.strip()]
         for im in (None, imatrix):
-            ggml_fast.quantize(x[:2], qtype, im, threads=1)  # JIT / cache load outside the timing
-            r1, ours = _rate(lambda q=qtype, i=im: ggml_fast.quantize(x, q, i, threads=1), x)
-            r2, _ = _rate(lambda q=qtype, i=im: ggml_fast.quantize(x, q, i, threads=2), x)
+            quantize(x[:2], qtype, im, threads=1)  # JIT / cache load outside the timing
+            r1, ours = _rate(lambda q=qtype, i=im: quantize(x, q, i, threads=1), x)
+            r2, _ = _rate(lambda q=qtype, i=im: quantize(x, q, i, threads=2), x)
             c1, ref = _rate(lambda q=qtype, i=im: c_quant(q, xc, i, 1), xc)
             c2, _ = _rate(lambda q=qtype, i=im: c_quant(q, xc, i, 2), xc)
             same = np.array_equal(ours[: len(xc)], ref)

@@ -16,6 +16,7 @@ import yaml
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.kernels import BLOCK_TYPES, FLOAT_TYPES
 
 T = GGMLQuantizationType
 FT = LlamaFileType
@@ -60,27 +61,7 @@ _ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 FILE_TYPE_NAMES: tuple[str, ...] = tuple(_FILE_TYPES)
 
-# tensor types our kernels can write (overrides may name any of them)
-TENSOR_TYPES: tuple[GGMLQuantizationType, ...] = (
-    T.F32,
-    T.F16,
-    T.BF16,
-    T.Q4_0,
-    T.Q4_1,
-    T.Q5_0,
-    T.Q5_1,
-    T.Q8_0,
-    T.Q2_K,
-    T.Q3_K,
-    T.Q4_K,
-    T.Q5_K,
-    T.Q6_K,
-    T.IQ4_NL,
-    T.IQ4_XS,
-)
-_FLOAT_TYPES = (T.F32, T.F16, T.BF16)
-# types llama.cpp refuses to write without an imatrix (§3.5); none of them is writable here (parse_tensor_type
-# rejects them), the check is kept for completeness
+# types llama.cpp refuses to write without an imatrix (§3.5)
 _ALWAYS_NEED_IMATRIX = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S)
 
 
@@ -100,10 +81,10 @@ def parse_file_type(name: str) -> FileType:
 def parse_tensor_type(name: str) -> GGMLQuantizationType:
     """A ggml type name as llama-quantize's parse_ggml_type reads it (q8_0, Q6_K, f16, bf16, iq4_xs...)."""
     key = str(name).strip().upper()
-    for t in TENSOR_TYPES:
+    for t in BLOCK_TYPES:  # the tensor types our kernels can write
         if t.name == key:
             return t
-    raise BadInput(f"unknown tensor type {name!r}; valid: {', '.join(t.name.lower() for t in TENSOR_TYPES)}")
+    raise BadInput(f"unknown tensor type {name!r}; valid: {', '.join(t.name.lower() for t in BLOCK_TYPES)}")
 
 
 def block_size(t: GGMLQuantizationType) -> int:
@@ -112,7 +93,7 @@ def block_size(t: GGMLQuantizationType) -> int:
 
 def is_quantized(t: GGMLQuantizationType) -> bool:
     """ggml_is_quantized: every type but the float ones (and the integer ones we never meet)."""
-    return t not in _FLOAT_TYPES
+    return t not in FLOAT_TYPES
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Fast numba GGML quantizers: byte-identical to llama.cpp's ggml_quantize_chunk (x86-64) and to the numpy
-reference, independent of the thread count, and compiled without fused multiply-adds."""
+"""Fast numba GGML quantizers (the registered twins, through qconvert.kernels.quantize): byte-identical to
+llama.cpp's ggml_quantize_chunk (x86-64) and to the numpy reference, independent of the thread count, and
+compiled without fused multiply-adds."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from safetensors import safe_open
 
-from qconvert.kernels import ggml, ggml_fast
+from qconvert.kernels import FAST_TYPES, block_type, quantize
 from qconvert.kernels.ggml_fast import _core, _grids, _iq3, _iq4, _kquants, _legacy, _search
 from tests.oracle.llamacpp import ggml_quantize_chunk
 
 T = GGMLQuantizationType
-TYPES = sorted(ggml_fast.SUPPORTED, key=lambda t: t.name)
+TYPES = sorted(FAST_TYPES, key=lambda t: t.name)
 N = 512  # row length: two super-blocks, sixteen 32-blocks
 # lattice-grid types: ggml aborts (GGML_ASSERT) on weights so large that every neighbour score overflows;
 # those rows are left out here, and test_ggml_iq3 checks that we refuse them
@@ -94,7 +95,7 @@ def test_random_and_special_blocks_match_llamacpp(qtype, use_imatrix):
     x = _rows_for(qtype, np.concatenate([_random_rows(N), _special_rows(N)]))
     im = _imatrix(N, 1) if use_imatrix else None
     with np.errstate(all="ignore"):
-        got = ggml_fast.quantize(x, qtype, im, threads=2)
+        got = quantize(x, qtype, im, threads=2)
         _assert_same(qtype, got, ggml_quantize_chunk(qtype, x, im), "fuzz")
 
 
@@ -102,7 +103,7 @@ def test_random_and_special_blocks_match_llamacpp(qtype, use_imatrix):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_real_weights_match_llamacpp(real_weights, qtype, use_imatrix):
     im = _imatrix(real_weights.shape[1], 2) if use_imatrix else None
-    got = ggml_fast.quantize(real_weights, qtype, im)
+    got = quantize(real_weights, qtype, im)
     _assert_same(qtype, got, ggml_quantize_chunk(qtype, real_weights, im), "SmolLM2 down_proj")
 
 
@@ -110,10 +111,11 @@ def test_real_weights_match_llamacpp(real_weights, qtype, use_imatrix):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matches_numpy_reference(qtype, use_imatrix):
     """Same bytes as the executable spec (qconvert.kernels.ggml), on a small input (the spec is slow)."""
+    reference = block_type(qtype).reference
     x = _rows_for(qtype, np.concatenate([_random_rows(N)[::8], _special_rows(N)[[0, 1, 9, 12]]]))
     im = _imatrix(N, 4) if use_imatrix else None
     with np.errstate(all="ignore"):
-        _assert_same(qtype, ggml_fast.quantize(x, qtype, im), ggml.quantize(x, qtype, im), "numpy reference")
+        _assert_same(qtype, quantize(x, qtype, im), reference.quantize(x, im), "numpy reference")
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.IQ4_XS, T.Q4_0, T.Q8_0, T.IQ3_S], ids=lambda t: t.name)
@@ -121,20 +123,20 @@ def test_bytes_do_not_depend_on_thread_count(qtype):
     x = _random_rows(1024)[:37]  # rows not divisible by the thread counts
     im = _imatrix(1024, 5)
     for imx in (None, im):
-        one = ggml_fast.quantize(x, qtype, imx, threads=1)
+        one = quantize(x, qtype, imx, threads=1)
         for threads in (2, 3, None):
-            _assert_same(qtype, ggml_fast.quantize(x, qtype, imx, threads=threads), one, f"threads={threads}")
+            _assert_same(qtype, quantize(x, qtype, imx, threads=threads), one, f"threads={threads}")
 
 
 def test_rejects_bad_input():
     x = np.zeros((2, 512), np.float32)
-    with pytest.raises(ValueError, match="multiple of 256"):
-        ggml_fast.quantize(np.zeros((2, 96), np.float32), T.Q4_K)
+    with pytest.raises(ValueError, match="multiple of the block size 256"):
+        quantize(np.zeros((2, 96), np.float32), T.Q4_K)
     with pytest.raises(ValueError, match="imatrix"):
-        ggml_fast.quantize(x, T.Q4_K, np.ones(256, np.float32))
-    with pytest.raises(ValueError, match="no kernel"):
-        ggml_fast.quantize(x, T.IQ2_XXS)
-    assert ggml_fast.quantize(np.zeros((0, 512), np.float32), T.Q6_K).shape == (0, 420)
+        quantize(x, T.Q4_K, np.ones(256, np.float32))
+    with pytest.raises(ValueError, match="no GGUF kernel"):  # Q8_K: ggml's dot-product type, never stored
+        quantize(x, T.Q8_K)
+    assert quantize(np.zeros((0, 512), np.float32), T.Q6_K).shape == (0, 420)
 
 
 _FMA = re.compile(r"\bvfn?m(?:add|sub)")  # vfmadd*, vfmsub*, vfnmadd*, vfnmsub* (FMA3/FMA4)
@@ -153,8 +155,8 @@ def test_compiled_kernels_contain_no_fma():
     Cached code cannot be inspected, so each compiled signature is recompiled here without the cache."""
     x = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
     for qtype in TYPES:  # populate the signatures the public entry point uses
-        ggml_fast.quantize(x, qtype)
-        ggml_fast.quantize(x, qtype, np.ones(512, np.float32))
+        quantize(x, qtype)
+        quantize(x, qtype, np.ones(512, np.float32))
     options = {**_core.JIT, "cache": False}
     done: set[tuple[str, object]] = set()
     scanned = 0

@@ -23,8 +23,8 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from qconvert import kernels
 from qconvert.errors import BadInput
-from qconvert.kernels import ggml_fast
 from qconvert.kernels.ggml import grids, iq3
 from tests.oracle.llamacpp import ggml_dequantize, ggml_quantize_chunk
 
@@ -151,7 +151,7 @@ def test_every_grid_point_and_neighbour_list_against_ggml(qtype: T, imatrix: str
     for x, what in ((on, "grid points"), (offrows, "off-grid keys")):
         im = None if imatrix == "none" else (rng.random(x.shape[1]) + 0.1).astype(np.float32)
         ref = check_reference(qtype, x, im, what)
-        assert_same_bytes(qtype, ggml_fast.quantize(x, qtype, im), ref, f"fast, {what}")
+        assert_same_bytes(qtype, kernels.quantize(x, qtype, im), ref, f"fast, {what}")
         if what == "grid points":
             lo = ref[:, 2:].reshape(-1, GGML_QUANT_SIZES[qtype][1] - 2)[:, :64].astype(np.int64)
             if qtype == T.IQ3_S:
@@ -229,7 +229,7 @@ def test_adversarial_blocks_match_ggml(qtype: T, imatrix: str) -> None:
     x = _adversarial(rng)
     im = _imatrix(imatrix, x.shape[1], rng)
     ref = check_reference(qtype, x, im, "adversarial")
-    assert_same_bytes(qtype, ggml_fast.quantize(x, qtype, im, threads=2), ref, "fast, adversarial")
+    assert_same_bytes(qtype, kernels.quantize(x, qtype, im, threads=2), ref, "fast, adversarial")
 
 
 def test_negative_scale_complements_the_signs() -> None:
@@ -262,7 +262,7 @@ def test_weights_ggml_aborts_on_are_refused(qtype: T) -> None:
     """|x| ~ 1e30 makes every neighbour score inf and ggml GGML_ASSERTs (the process dies): we raise."""
     x = np.full((1, 256), 1e30, np.float32) * np.sign(np.random.default_rng(0).standard_normal(256))
     x = x.astype(np.float32)
-    for quantize in (REF[qtype].quantize, lambda x, im: ggml_fast.quantize(x, qtype, im)):
+    for quantize in (REF[qtype].quantize, lambda x, im: kernels.quantize(x, qtype, im)):
         with pytest.raises(BadInput, match="llama.cpp aborts on them"):
             quantize(x, None)
     code = ("import sys, numpy as np; from tests.oracle.llamacpp import ggml_quantize_chunk as q; "

@@ -1,4 +1,5 @@
-"""qconvert.kernels.ggml (the NumPy spec) against llama.cpp's own code, byte for byte:
+"""qconvert.kernels.ggml (the NumPy spec: each registered reference class on its own) against llama.cpp's
+own code, byte for byte:
 
 * quantize == ggml_quantize_chunk from the llama-cpp-python 0.3.36 wheel, every type, with and without an
   imatrix, on random data of several distributions, special blocks and real SmolLM2 weights;
@@ -17,10 +18,10 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from safetensors import safe_open
 
-from qconvert.kernels import ggml
+from qconvert.kernels import BLOCK_TYPES, block_type
 from tests.oracle.llamacpp import ggml_dequantize, ggml_quantize_chunk, model_quantize
 
-TYPES = list(ggml.TYPES)
+TYPES = list(BLOCK_TYPES)
 QUANTIZED = [t for t in TYPES if t not in (T.F32, T.F16, T.BF16)]
 EXPECTED = {
     T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
@@ -37,10 +38,18 @@ def _name(t: T) -> str:
     return t.name
 
 
+def reference_quantize(x: np.ndarray, qtype: T | int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    return block_type(qtype).reference.quantize(x, imatrix)
+
+
+def reference_dequantize(q: np.ndarray, qtype: T) -> np.ndarray:
+    return block_type(qtype).reference.dequantize(q)
+
+
 def assert_same_bytes(qtype: T, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     """Our bytes must equal ggml_quantize_chunk's; report how many blocks differ and where."""
     ref = ggml_quantize_chunk(qtype, x, imatrix)
-    ours = ggml.quantize(x, qtype, imatrix)
+    ours = reference_quantize(x, qtype, imatrix)
     assert ours.dtype == np.uint8 and ours.shape == ref.shape
     type_size = GGML_QUANT_SIZES[qtype][1]
     bad = np.flatnonzero(np.any((ours != ref).reshape(-1, type_size), axis=1))
@@ -108,9 +117,9 @@ def _imatrix(kind: str, n: int, rng: np.random.Generator) -> np.ndarray | None:
 
 
 def test_types_registered() -> None:
-    assert set(ggml.TYPES) == EXPECTED
-    for t, cls in ggml.TYPES.items():
-        assert (cls.block_size, cls.type_size) == GGML_QUANT_SIZES[t]
+    assert set(BLOCK_TYPES) == EXPECTED
+    for t, b in BLOCK_TYPES.items():
+        assert b.qtype == t and (b.reference.block_size, b.reference.type_size) == GGML_QUANT_SIZES[t]
 
 
 @pytest.mark.parametrize("imatrix", ["none", "random", "sparse"])
@@ -143,7 +152,7 @@ def test_imatrix_changes_the_bytes() -> None:
     x = rng.normal(0, 1, (4, 512)).astype(np.float32)
     im = _imatrix("sparse", 512, rng)
     for t in QUANTIZED:
-        plain, weighted = ggml.quantize(x, t), ggml.quantize(x, t, im)
+        plain, weighted = reference_quantize(x, t), reference_quantize(x, t, im)
         assert np.array_equal(plain, weighted) == (t == T.Q8_0), t.name
 
 
@@ -158,12 +167,12 @@ def test_nan_in_f16_and_bf16() -> None:
 
 def test_row_validation() -> None:
     with pytest.raises(ValueError, match="multiple of the block size 256"):
-        ggml.quantize(np.zeros((2, 288), np.float32), T.Q4_K)
+        reference_quantize(np.zeros((2, 288), np.float32), T.Q4_K)
     with pytest.raises(ValueError, match="imatrix has 3 values"):
-        ggml.quantize(np.zeros((2, 32), np.float32), T.Q4_0, np.ones(3, np.float32))
-    with pytest.raises(ValueError, match="no GGUF kernel"):
-        ggml.quantize(np.zeros((2, 256), np.float32), T.IQ2_XXS)
-    one_row = ggml.quantize(np.linspace(-1, 1, 64, dtype=np.float32), int(T.Q8_0))  # 1-D input, int type
+        reference_quantize(np.zeros((2, 32), np.float32), T.Q4_0, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="no GGUF kernel"):  # Q8_K: ggml's dot-product type, never stored
+        reference_quantize(np.zeros((2, 256), np.float32), T.Q8_K)
+    one_row = reference_quantize(np.linspace(-1, 1, 64, dtype=np.float32), int(T.Q8_0))  # 1-D, int type
     assert one_row.shape == (1, 68)
 
 
@@ -220,7 +229,7 @@ def _sample_bytes(qtype: T) -> np.ndarray:
 @pytest.mark.parametrize("qtype", TYPES, ids=_name)
 def test_dequantize_matches_gguf_py(qtype: T) -> None:
     q = _sample_bytes(qtype)
-    ours = ggml.dequantize(q, qtype)
+    ours = reference_dequantize(q, qtype)
     with np.errstate(all="ignore"):  # random scales include inf/NaN
         theirs = gguf.quants.dequantize(q, qtype).reshape(ours.shape)
     np.testing.assert_array_equal(ours, theirs, strict=True)
@@ -229,7 +238,7 @@ def test_dequantize_matches_gguf_py(qtype: T) -> None:
 @pytest.mark.parametrize("qtype", TYPES, ids=_name)
 def test_dequantize_matches_ggml_to_float(qtype: T) -> None:
     q = _sample_bytes(qtype)
-    np.testing.assert_array_equal(ggml.dequantize(q, qtype), ggml_dequantize(qtype, q), strict=True)
+    np.testing.assert_array_equal(reference_dequantize(q, qtype), ggml_dequantize(qtype, q), strict=True)
 
 
 # ------------------------------------------------------------------------------------- llama_model_quantize
@@ -290,6 +299,6 @@ def test_model_quantize_matches_kernels(tmp_path: Path) -> None:
         t = written[name]
         types.add(t.tensor_type)
         expected = np.asarray(t.data).reshape(-1).view(np.uint8)
-        ours = ggml.quantize(x.reshape(-1, x.shape[-1]), t.tensor_type, imatrix.get(name))
+        ours = reference_quantize(x.reshape(-1, x.shape[-1]), t.tensor_type, imatrix.get(name))
         np.testing.assert_array_equal(ours.reshape(-1), expected, err_msg=f"{name} ({t.tensor_type.name})")
     assert {T.Q4_K, T.Q6_K} <= types

@@ -20,8 +20,6 @@ from qconvert.formats.gguf.writer import GGUFOutput
 from qconvert.load.architectures import PlannedTensor
 from qconvert.load.gguf_file import open_gguf
 
-FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
-
 
 @dataclass
 class GGUFSource:

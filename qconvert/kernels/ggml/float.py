@@ -11,6 +11,7 @@ from .helpers import BlockKernel
 
 class F32(BlockKernel):
     qtype = T.F32
+    quantized = False
 
     @classmethod
     def quantize_rows(cls, x, qw):
@@ -23,6 +24,7 @@ class F32(BlockKernel):
 
 class F16(BlockKernel):
     qtype = T.F16
+    quantized = False
 
     @classmethod
     def quantize_rows(cls, x, qw):
@@ -40,6 +42,7 @@ class F16(BlockKernel):
 
 class BF16(BlockKernel):
     qtype = T.BF16
+    quantized = False
 
     @classmethod
     def quantize_rows(cls, x, qw):

@@ -71,15 +71,6 @@ def fp16_round(f: np.ndarray) -> np.ndarray:
     return fp16_to_f32(fp16_bits(f))
 
 
-def bf16_bits(f: np.ndarray) -> np.ndarray:
-    """ggml_compute_fp32_to_bf16: round to nearest even; NaN is truncated and forced quiet."""
-    u = np.asarray(f, dtype=F32).view(np.uint32)
-    rounded = (u.astype(np.uint64) + (0x7FFF + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint64(16)
-    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    quiet = (u >> np.uint32(16)) | np.uint32(64)
-    return np.where(nan, quiet, rounded.astype(np.uint32)).astype(np.uint16)
-
-
 def wrap_u8(v: np.ndarray) -> np.ndarray:
     """C store into uint8_t (modulo 256), kept as int32 for further arithmetic."""
     return np.asarray(v).astype(np.int32) & 0xFF
@@ -364,11 +355,14 @@ class BlockKernel:
     """One GGUF block type: ``quantize(x [nrows, n_per_row], imatrix)`` -> bytes, ``dequantize`` back.
 
     Subclasses set ``qtype`` and implement ``quantize_rows`` (whole rows: some paths need per-row sums)
-    and ``dequantize_blocks`` ([nblocks, type_size] uint8 -> [nblocks, block_size] float32)."""
+    and ``dequantize_blocks`` ([nblocks, type_size] uint8 -> [nblocks, block_size] float32). The float
+    types F32/F16/BF16 set ``quantized = False`` (ggml_is_quantized). They are registered once, in
+    qconvert.kernels.registry."""
 
     qtype: ClassVar[GGMLQuantizationType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
+    quantized: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)

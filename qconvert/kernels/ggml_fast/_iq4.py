@@ -169,3 +169,16 @@ def iq4(blocks, qw, nbr, out, xs, use_qw):
                     lo = np.int32(S[L + 32 * i + j, k])
                     hi = np.int32(S[L + 32 * i + 16 + j, k])
                     out[b, qs + 16 * i + j] = np.uint8(lo | (hi << 4))
+
+
+def _twin(xs):
+    """The IQ4_NL / IQ4_XS twin (ggml_fast's calling convention)."""
+
+    def twin(blocks, qw, nbr, out, use_qw):
+        iq4(blocks, qw, nbr, out, xs, use_qw)
+
+    return twin
+
+
+iq4_nl = _twin(False)
+iq4_xs = _twin(True)

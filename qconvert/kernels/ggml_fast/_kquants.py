@@ -258,6 +258,20 @@ def q45k_impl(blocks, qw, nbr, out, five):
         _write_q45k(S, sb, out, b0, five)
 
 
+
+def _q45k(five):
+    """The Q4_K / Q5_K twin (ggml_fast's calling convention): the _ref path without an imatrix, _impl with."""
+
+    def twin(blocks, qw, nbr, out, use_qw):
+        (q45k_impl if use_qw else q45k_ref)(blocks, qw, nbr, out, five)
+
+    return twin
+
+
+q4k = _q45k(False)
+q5k = _q45k(True)
+
+
 # ---------------------------------------------------------------- Q6_K
 
 

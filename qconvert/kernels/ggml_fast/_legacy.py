@@ -135,22 +135,22 @@ def _asym_ref(blocks, out, five):
 
 
 @njit(**JIT)
-def q4_0_ref(blocks, qw, nbr, out, flag):
+def q4_0_ref(blocks, qw, nbr, out, use_qw):
     _sym_ref(blocks, out, 8, False)
 
 
 @njit(**JIT)
-def q5_0_ref(blocks, qw, nbr, out, flag):
+def q5_0_ref(blocks, qw, nbr, out, use_qw):
     _sym_ref(blocks, out, 16, True)
 
 
 @njit(**JIT)
-def q4_1_ref(blocks, qw, nbr, out, flag):
+def q4_1_ref(blocks, qw, nbr, out, use_qw):
     _asym_ref(blocks, out, False)
 
 
 @njit(**JIT)
-def q5_1_ref(blocks, qw, nbr, out, flag):
+def q5_1_ref(blocks, qw, nbr, out, use_qw):
     _asym_ref(blocks, out, True)
 
 
@@ -227,3 +227,23 @@ def q41_51_impl(blocks, qw, nbr, out, five, sig):
             _write_q_l(S, out, b0, 8, 4)
         else:
             _write_q_l(S, out, b0, 4, -1)
+
+
+
+def _twin(ref, impl, five):
+    """The twin of one legacy type (ggml_fast's calling convention): the _ref kernel without an imatrix,
+    the _impl kernel (which needs sigma2 of each whole row) with one."""
+
+    def twin(blocks, qw, nbr, out, use_qw):
+        if use_qw:
+            impl(blocks, qw, nbr, out, five, row_sigma2(blocks.reshape(-1, nbr * QB)))
+        else:
+            ref(blocks, qw, nbr, out, use_qw)
+
+    return twin
+
+
+q4_0 = _twin(q4_0_ref, q40_50_impl, False)
+q5_0 = _twin(q5_0_ref, q40_50_impl, True)
+q4_1 = _twin(q4_1_ref, q41_51_impl, False)
+q5_1 = _twin(q5_1_ref, q41_51_impl, True)
