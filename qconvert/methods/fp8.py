@@ -22,8 +22,8 @@ import torch
 
 from qconvert.errors import BadInput
 from qconvert.kernels import fp8 as fp8_kernel
+from qconvert.kernels.fp8 import E4M3_MAX
 
-E4M3_MAX = 448.0
 STRATEGIES = ("tensor", "channel", "block")
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
