@@ -41,17 +41,21 @@ def jobs(model: Path, synth: Path, calib: Path) -> list[tuple[str, str, list[str
     ]
     for t in ("BF16", "Q8_0", "Q4_K_M", "Q6_K", "IQ4_XS"):
         out.append(("gguf", f"{t}.gguf", ["convert", m, "--type", t, "-o", "{out}"]))
+    # relative to the run directory (the cwd): the path is stored in quantize.imatrix.file, and old and new
+    # run in different directories
     out.append(("gguf", "Q4_K_M-imatrix.gguf",
-                ["convert", m, "--type", "Q4_K_M", "--imatrix", "{work}/imatrix.gguf", "-o", "{out}"]))
+                ["convert", m, "--type", "Q4_K_M", "--imatrix", "imatrix.gguf", "-o", "{out}"]))
     out.append(("calib", "stats.safetensors",
                 ["calibrate", m, "--dataset", c, *CALIB, "-o", "{out}"]))
     for fmt in ("gptq", "gptq_v2", "compressed-tensors", "awq"):
         out.append(("rtn", f"rtn-{fmt}", ["quantize", m, "--method", "rtn", "--format", fmt, "--group-size",
                                           "64", "-o", "{out}"]))
     out.append(("rtn", "rtn-ct-asym-mse", ["quantize", m, "--method", "rtn", "--format", "compressed-tensors",
-                                           "--asym", "--mse", "--bits", "8", "--group-size", "64", "-o", "{out}"]))
+                                           "--asym", "--mse", "--bits", "8", "--group-size", "64",
+                                           "-o", "{out}"]))
     for fmt in ("gptq", "gptq_v2", "compressed-tensors"):
-        out.append(("gptq", f"gptq-{fmt}", ["quantize", m, "--method", "gptq", "--format", fmt, "--group-size",
+        out.append(("gptq", f"gptq-{fmt}", ["quantize", m, "--method", "gptq", "--format", fmt,
+                                            "--group-size",
                                             "64", "--dataset", c, *CALIB, "-o", "{out}"]))
     out.append(("gptq", "gptq-actorder", ["quantize", m, "--method", "gptq", "--act-order", "--group-size",
                                           "64", "--dataset", c, *CALIB, "-o", "{out}"]))
