@@ -28,7 +28,9 @@ Adding a GGUF block type (e.g. IQ2_XXS) touches exactly these files:
 A new llama-quantize file type (``--type IQ2_XXS``) is a mixture rule, not a block type: its line is in
 methods/gguf_mixture.py's _FILE_TYPES.
 
-Also here: fp8.py (E4M3/E5M2 codes, E4M3_MAX), packing.py (integer code packing for the packed formats).
+Also here: fp8.py (E4M3/E5M2 codes, E4M3_MAX), fp4.py (E2M1 element codes: ggml's and compressed-tensors'
+rounding, shared by the GGUF MXFP4/NVFP4 blocks and the packed FP4 schemes), packing.py (integer code packing
+for the packed formats).
 """
 
 from qconvert.kernels.registry import (

@@ -14,7 +14,7 @@ shared. This module has each rounding rule once:
   6, 8, 12, ...), so ``d`` is half the real scale. First-minimum means: zero (and -0.0, NaN, ±inf) -> code 0,
   never 8; an exact tie between two magnitudes goes to the smaller one (toward zero); beyond 6·scale clamps
   to ±6. ggml decodes code 8 as +0 (``kvalues_fp4[8] == 0``).
-* ``nearest_ggml_scaled`` -- the numba twin of it. It scans only the 8 magnitudes of |x|; this is the same as
+* ``nearest_ggml_run`` -- the numba twin of it. It scans only the 8 magnitudes of |x|; this is the same as
   C's 16-code scan because, for x >= 0, each negative code's error ``round(a + x)`` is never below the
   positive one's ``round(|a - x|)`` (rounding is monotone, and ties keep the earlier, positive code), and for
   x < 0 every positive code's ``round(a + |x|)`` is at least code 0's ``|x|``, while code 8+c's error is
@@ -79,22 +79,24 @@ def _keep_first_min(v, a, c, best, code):
 
 
 @njit(inline="always", **JIT)
-def nearest_ggml_scaled(x, d, codes):
-    """best_index_mxfp4(x[j], d[j]) for 1-D x and per-element half-scales d, into codes[j] (int32): the
-    8-magnitude scan of the module docstring, unrolled so that LLVM vectorises over j. The magnitudes
-    ``KVALUES_GGML[c]*d[j]`` are the C products."""
-    for j in range(x.shape[0]):
-        v = np.abs(x[j])
-        dj = d[j]
+def nearest_ggml_run(x, base, n, d, codes, cbase):
+    """best_index_mxfp4(x[base + j], d) for j < n into codes[cbase + j] (int32): the 8-magnitude scan of the
+    module docstring, unrolled so that LLVM vectorises over j (a literal n in the caller becomes a constant
+    trip count once this is inlined). The magnitudes ``KVALUES_GGML[c]*d`` are the C products."""
+    a1, a2, a3, a4 = _K1 * d, _K2 * d, _K3 * d, _K4 * d
+    a6, a8, a12 = _K6 * d, _K8 * d, _K12 * d
+    for j in range(n):
+        xv = x[base + j]
+        v = np.abs(xv)
         best, code = v, _C[0]  # code 0: |0*d - x| = |x|
-        best, code = _keep_first_min(v, _K1 * dj, _C[1], best, code)
-        best, code = _keep_first_min(v, _K2 * dj, _C[2], best, code)
-        best, code = _keep_first_min(v, _K3 * dj, _C[3], best, code)
-        best, code = _keep_first_min(v, _K4 * dj, _C[4], best, code)
-        best, code = _keep_first_min(v, _K6 * dj, _C[5], best, code)
-        best, code = _keep_first_min(v, _K8 * dj, _C[6], best, code)
-        best, code = _keep_first_min(v, _K12 * dj, _C[7], best, code)
-        codes[j] = code + (_C[8] if (x[j] < F0) & (code > _C[0]) else _C[0])
+        best, code = _keep_first_min(v, a1, _C[1], best, code)
+        best, code = _keep_first_min(v, a2, _C[2], best, code)
+        best, code = _keep_first_min(v, a3, _C[3], best, code)
+        best, code = _keep_first_min(v, a4, _C[4], best, code)
+        best, code = _keep_first_min(v, a6, _C[5], best, code)
+        best, code = _keep_first_min(v, a8, _C[6], best, code)
+        best, code = _keep_first_min(v, a12, _C[7], best, code)
+        codes[cbase + j] = code + (_C[8] if (xv < F0) & (code > _C[0]) else _C[0])
 
 
 def encode_rne(v: np.ndarray) -> np.ndarray:

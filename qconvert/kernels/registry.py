@@ -14,9 +14,9 @@ from gguf import GGMLQuantizationType
 
 from . import ggml_fast
 from .ggml import float as _float
-from .ggml import iq3, iq4, kquants, legacy
+from .ggml import fp4_blocks, iq3, iq4, kquants, legacy, lowbit
 from .ggml.helpers import BlockKernel, as_imatrix, as_rows
-from .ggml_fast import FastKernel, _iq3, _iq4, _kquants, _legacy
+from .ggml_fast import FastKernel, _fp4, _iq3, _iq4, _kquants, _legacy, _lowbit
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,12 @@ BLOCK_TYPES: dict[GGMLQuantizationType, BlockType] = _register(
     BlockType(iq4.IQ4_XS, _iq4.iq4_xs),
     BlockType(iq3.IQ3_XXS, _iq3.iq3_xxs),
     BlockType(iq3.IQ3_S, _iq3.iq3_s),
+    BlockType(lowbit.TQ1_0, _lowbit.tq1_0),
+    BlockType(lowbit.TQ2_0, _lowbit.tq2_0),
+    BlockType(lowbit.Q1_0, _lowbit.q1_0),
+    BlockType(lowbit.Q2_0, _lowbit.q2_0),
+    BlockType(fp4_blocks.MXFP4, _fp4.mxfp4),
+    BlockType(fp4_blocks.NVFP4, _fp4.nvfp4),
 )
 
 FLOAT_TYPES: tuple[GGMLQuantizationType, ...] = tuple(t for t, b in BLOCK_TYPES.items() if not b.quantized)

@@ -407,6 +407,7 @@ _FALLBACK = {
     T.IQ3_S: T.IQ4_NL,
     T.TQ1_0: T.Q4_0,
     T.TQ2_0: T.Q4_0,
+    T.Q2_0: T.Q4_0,
 }
 
 
@@ -414,6 +415,9 @@ def fallback_type(t: T, ne0: int) -> tuple[T, bool]:
     """tensor_type_fallback (§3.3): a smaller-block type when ne0 does not fit, F16 if even that fails."""
     if ne0 % block_size(t) == 0:
         return t, False
+    if t not in _FALLBACK and block_size(t) > 32:  # Q1_0, NVFP4: llama-quantize throws (gguf-lowbit.md §8.4)
+        raise BadInput(f"no tensor type fallback is defined for type {t.name} (rows of {ne0} are not a "
+                       f"multiple of {block_size(t)})")
     alt = _FALLBACK.get(t, t)  # 32-block types have nothing smaller: they go straight to the F16 check
     return (alt if ne0 % block_size(alt) == 0 else T.F16), True
 

@@ -41,12 +41,12 @@ def test_nearest_ggml_is_the_first_minimum() -> None:
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 12·2^127 overflows, as in C
 def test_fast_search_equals_the_literal_one() -> None:
-    """nearest_ggml_scaled scans 8 magnitudes of |x| where C scans 16 codes: equal for every value and scale,
+    """nearest_ggml_run scans 8 magnitudes of |x| where C scans 16 codes: equal for every value and scale,
     including scales so small that many errors round to the same float and so large that 12·d is inf."""
     x = _values()
     codes = np.empty(x.size, np.int32)
     for d in (0.5, 0.25, 1.0, 3.0, 2.0**-128, 2.0**-10, 1e-30, 2.0**126, 2.0**127, 240.0, 0.0):
-        fp4.nearest_ggml_scaled(x, np.full(x.size, d, F32), codes)
+        fp4.nearest_ggml_run(x, 0, x.size, F32(d), codes, 0)
         want = fp4.nearest_ggml(x, F32(d))
         bad = np.flatnonzero(codes != want)
         assert bad.size == 0, f"d={d}: x={x[bad[:5]]} fast {codes[bad[:5]]} literal {want[bad[:5]]}"

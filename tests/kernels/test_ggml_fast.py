@@ -13,7 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from safetensors import safe_open
 
 from qconvert.kernels import FAST_TYPES, block_type, quantize
-from qconvert.kernels.ggml_fast import _core, _grids, _iq3, _iq4, _kquants, _legacy, _search
+from qconvert.kernels.ggml_fast import _core, _fp4, _grids, _iq3, _iq4, _kquants, _legacy, _lowbit, _search
 from tests.oracle.llamacpp import ggml_quantize_chunk
 
 T = GGMLQuantizationType
@@ -118,7 +118,8 @@ def test_matches_numpy_reference(qtype, use_imatrix):
         _assert_same(qtype, quantize(x, qtype, im), reference.quantize(x, im), "numpy reference")
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.IQ4_XS, T.Q4_0, T.Q8_0, T.IQ3_S], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.IQ4_XS, T.Q4_0, T.Q8_0, T.IQ3_S, T.TQ1_0, T.MXFP4],
+                         ids=lambda t: t.name)
 def test_bytes_do_not_depend_on_thread_count(qtype):
     x = _random_rows(1024)[:37]  # rows not divisible by the thread counts
     im = _imatrix(1024, 5)
@@ -143,7 +144,7 @@ _FMA = re.compile(r"\bvfn?m(?:add|sub)")  # vfmadd*, vfmsub*, vfnmadd*, vfnmsub*
 
 
 def _dispatchers():
-    for mod in (_core, _search, _kquants, _legacy, _iq4, _grids, _iq3):
+    for mod in (_core, _search, _kquants, _legacy, _iq4, _grids, _iq3, _lowbit, _fp4):
         for value in vars(mod).values():
             if isinstance(value, numba.core.registry.CPUDispatcher):
                 yield value
@@ -175,7 +176,8 @@ def test_compiled_kernels_contain_no_fma():
             assert not found, f"{disp.py_func.__qualname__}{sig}: {len(found)} fused multiply-adds"
             scanned += 1
     names = {name for name, _ in done}
-    kernels = ("q45k_ref", "q45k_impl", "q6k", "q2k", "q3k", "make_qkx", "make_qx", "make_qp", "iq4", "iq3")
+    kernels = ("q45k_ref", "q45k_impl", "q6k", "q2k", "q3k", "make_qkx", "make_qx", "make_qp", "iq4", "iq3",
+               "tq1_0", "tq2_0", "q1_0", "q2_0", "mxfp4", "nvfp4")
     for kernel in kernels:
         assert kernel in names, f"{kernel} was not scanned"
     assert scanned >= 15

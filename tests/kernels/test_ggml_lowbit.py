@@ -1,5 +1,6 @@
 """TQ1_0, TQ2_0, Q1_0, Q2_0, MXFP4, NVFP4: the NumPy reference (qconvert.kernels.ggml.lowbit / fp4_blocks) and
-its numba twin (ggml_fast._lowbit / _fp4) against llama.cpp.
+its numba twin (ggml_fast._lowbit / _fp4), as registered in qconvert.kernels.registry, against llama.cpp
+(test_ggml_reference / test_ggml_fast run their generic checks on them too, including the FMA scan).
 
 * quantize == ggml_quantize_chunk on adversarial blocks (zeros, ±0, constants, tiny/subnormal/huge values,
   ±inf and NaN anywhere in a block, ties), on rows built at each type's rounding boundaries (E2M1 ties, every
@@ -14,38 +15,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import re
 from pathlib import Path
 
 import gguf
-import numba
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from safetensors import safe_open
 
-from qconvert.kernels.ggml import fp4_blocks, lowbit
-from qconvert.kernels.ggml_fast import _core, _fp4, _lowbit
+from qconvert.kernels import block_type, quantize
+from qconvert.kernels.ggml import fp4_blocks
+from qconvert.kernels.ggml_fast import _fp4
 from tests.oracle.llamacpp import ggml_dequantize, ggml_quantize_chunk
 
-REF = {
-    T.TQ1_0: lowbit.TQ1_0,
-    T.TQ2_0: lowbit.TQ2_0,
-    T.Q1_0: lowbit.Q1_0,
-    T.Q2_0: lowbit.Q2_0,
-    T.MXFP4: fp4_blocks.MXFP4,
-    T.NVFP4: fp4_blocks.NVFP4,
-}
-FAST = {
-    T.TQ1_0: _lowbit.tq1_0,
-    T.TQ2_0: _lowbit.tq2_0,
-    T.Q1_0: _lowbit.q1_0,
-    T.Q2_0: _lowbit.q2_0,
-    T.MXFP4: _fp4.mxfp4,
-    T.NVFP4: _fp4.nvfp4,
-}
-TYPES = list(REF)
+TYPES = [T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0, T.MXFP4, T.NVFP4]
+REF = {t: block_type(t).reference for t in TYPES}
 GGUF_PY_DEQUANT = [T.TQ1_0, T.TQ2_0, T.MXFP4, T.NVFP4]  # gguf-py 0.19.0: NotImplementedError for the rest
 N = 512  # columns of the synthetic rows: 2 blocks of 256, 8 of 64 ...
 F32 = np.float32
@@ -56,12 +41,9 @@ def _name(t: T) -> str:
 
 
 def fast_quantize(qtype: T, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-    block, size = GGML_QUANT_SIZES[qtype]
-    x = np.ascontiguousarray(x, dtype=F32)
-    out = np.empty((x.size // block, size), np.uint8)
-    qw = np.zeros(1, F32) if imatrix is None else np.ascontiguousarray(imatrix, dtype=F32)
-    FAST[qtype](x.reshape(-1, block), qw, x.shape[1] // block, out, imatrix is not None)
-    return out.reshape(x.shape[0], -1)
+    """Through the registry's entry point, which runs the fast twin (on 2 threads: row chunks)."""
+    assert block_type(qtype).fast is not None
+    return quantize(x, qtype, imatrix, threads=2)
 
 
 def assert_same_bytes(qtype: T, ours: np.ndarray, ref: np.ndarray, what: str = "") -> None:
@@ -433,22 +415,3 @@ def test_ue4m3_encode_matches_gguf_py_helper() -> None:
     assert np.array_equal(fp4_blocks.ue4m3_encode(v), theirs)
     assert np.array_equal([_fp4.ue4m3_encode(F32(a)) for a in v], theirs)
 
-
-# --------------------------------------------------------------------------------------------- no FMA
-
-_FMA = re.compile(r"\bvfn?m(?:add|sub)")  # vfmadd*, vfmsub*, vfnmadd*, vfnmsub*
-
-
-def test_fast_kernels_contain_no_fma() -> None:
-    """|KV·d - x| contracted into an FMA would change the E2M1 choice (gguf.md §2.4): scan the machine code of
-    every kernel (its helpers are inlined into it), recompiled without the cache (cached code cannot be
-    inspected)."""
-    x = _random_rows(np.random.default_rng(0))
-    for qtype, kernel in FAST.items():
-        fast_quantize(qtype, x)
-        (sig,) = kernel.signatures
-        fresh = numba.njit(**{**_core.JIT, "cache": False})(kernel.py_func)
-        fresh.compile(sig)
-        asm = fresh.inspect_asm(sig)
-        assert asm.count("\n") > 20
-        assert not _FMA.findall(asm), f"{qtype.name}: fused multiply-adds in {kernel.py_func.__qualname__}"

@@ -27,7 +27,7 @@ from qconvert.methods import gguf_mixture as gm
 # the types with a numba twin: a new twin is added here with its registry line
 EXPECTED_FAST = {
     T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
-    T.IQ3_XXS, T.IQ3_S,
+    T.IQ3_XXS, T.IQ3_S, T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0, T.MXFP4, T.NVFP4,
 }  # fmt: skip
 
 

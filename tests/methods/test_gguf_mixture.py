@@ -347,6 +347,13 @@ def test_fallback_table():
     assert gm.fallback_type(T.Q4_K, 40) == (T.F16, True)
     assert gm.fallback_type(T.Q8_0, 40) == (T.F16, True)
     assert gm.fallback_type(T.Q4_K, 512) == (T.Q4_K, False)
+    assert gm.fallback_type(T.Q2_0, 544) == (T.Q4_0, True)  # 576 = 9·64 fits Q2_0
+    assert gm.fallback_type(T.TQ1_0, 576) == (T.Q4_0, True)
+    assert gm.fallback_type(T.MXFP4, 40) == (T.F16, True)
+    for t in (T.Q1_0, T.NVFP4):  # tensor_type_fallback throws for these
+        assert gm.fallback_type(t, 1536) == (t, False)
+        with pytest.raises(BadInput, match=f"no tensor type fallback is defined for type {t.name}"):
+            gm.fallback_type(t, 544)
 
 
 def test_categories():

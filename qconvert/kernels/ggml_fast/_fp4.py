@@ -1,5 +1,5 @@
 """Fast kernels for MXFP4 (32-weight blocks) and NVFP4 (64 = 4 x 16): twins of
-qconvert.kernels.ggml.fp4_blocks, with the E2M1 code search of qconvert.kernels.fp4.nearest_ggml_scaled.
+qconvert.kernels.ggml.fp4_blocks, with the E2M1 code search of qconvert.kernels.fp4.nearest_ggml_run.
 
 Same signature as the other ggml_fast kernels; the imatrix is ignored (as by ggml).
 """
@@ -9,14 +9,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..fp4 import nearest_ggml_scaled
+from ..fp4 import nearest_ggml_run
 from ..ggml.fp4_blocks import E8M0_HALF, LOG2F_UP, UE4M3_HALF
 from ._core import F0, F_HALF, JIT, f32_bits
 
 F448 = np.float32(448.0)
 F512 = np.float32(512.0)
 F6 = np.float32(6.0)
-CHUNK = 64  # blocks per code search
 
 
 @njit(inline="always", **JIT)
@@ -77,45 +76,27 @@ def ue4m3_encode(v):
 
 @njit(**JIT)
 def mxfp4(blocks, qw, nbr, out, use_qw):
-    """quantize_row_mxfp4_ref, blocks [nb, 32] (C-contiguous). The code search runs over CHUNK blocks at
-    once, with each element's half-scale spelled out, so that its loop is long enough to vectorise well."""
-    nb = blocks.shape[0]
+    """quantize_row_mxfp4_ref, blocks [nb, 32] (C-contiguous)."""
     flat = blocks.reshape(-1)
-    codes = np.empty(CHUNK * 32, np.int32)
-    dv = np.empty(CHUNK * 32, np.float32)
-    for b0 in range(0, nb, CHUNK):
-        n = min(CHUNK, nb - b0)
-        for k in range(n):
-            e = mxfp4_exponent(_strict_amax(blocks[b0 + k]))
-            out[b0 + k, 0] = np.uint8(e)
-            d = E8M0_HALF[e]
-            for j in range(32):
-                dv[32 * k + j] = d
-        nearest_ggml_scaled(flat[32 * b0 : 32 * (b0 + n)], dv, codes)
-        for k in range(n):
-            for j in range(16):
-                out[b0 + k, 1 + j] = np.uint8(codes[32 * k + j] | (codes[32 * k + 16 + j] << 4))
+    codes = np.empty(32, np.int32)
+    for b in range(blocks.shape[0]):
+        e = mxfp4_exponent(_strict_amax(blocks[b]))
+        out[b, 0] = np.uint8(e)
+        nearest_ggml_run(flat, 32 * b, 32, E8M0_HALF[e], codes, 0)
+        for j in range(16):
+            out[b, 1 + j] = np.uint8(codes[j] | (codes[16 + j] << 4))
 
 
 @njit(**JIT)
 def nvfp4(blocks, qw, nbr, out, use_qw):
     """quantize_row_nvfp4_ref, blocks [nb, 64] (C-contiguous) of four 16-weight sub-blocks."""
-    nb = blocks.shape[0]
     flat = blocks.reshape(-1)
-    codes = np.empty(CHUNK * 64, np.int32)
-    dv = np.empty(CHUNK * 64, np.float32)
-    for b0 in range(0, nb, CHUNK):
-        n = min(CHUNK, nb - b0)
-        for k in range(n):
-            for s in range(4):
-                ue = ue4m3_encode(_strict_amax(blocks[b0 + k, 16 * s : 16 * s + 16]) / F6)
-                out[b0 + k, s] = np.uint8(ue)
-                d = UE4M3_HALF[ue]
-                for j in range(16):
-                    dv[64 * k + 16 * s + j] = d
-        nearest_ggml_scaled(flat[64 * b0 : 64 * (b0 + n)], dv, codes)
-        for k in range(n):
-            for s in range(4):
-                c = 64 * k + 16 * s
-                for j in range(8):
-                    out[b0 + k, 4 + 8 * s + j] = np.uint8(codes[c + j] | (codes[c + 8 + j] << 4))
+    codes = np.empty(64, np.int32)
+    for b in range(blocks.shape[0]):
+        for s in range(4):
+            ue = ue4m3_encode(_strict_amax(blocks[b, 16 * s : 16 * s + 16]) / F6)
+            out[b, s] = np.uint8(ue)
+            nearest_ggml_run(flat, 64 * b + 16 * s, 16, UE4M3_HALF[ue], codes, 16 * s)
+        for s in range(4):
+            for j in range(8):
+                out[b, 4 + 8 * s + j] = np.uint8(codes[16 * s + j] | (codes[16 * s + 8 + j] << 4))
