@@ -22,6 +22,7 @@ from ...errors import BadInput
 from .helpers import F32, nearest_int
 
 FLT_MAX = F32(np.finfo(np.float32).max)
+NO_LIST = np.iinfo(np.int32).min  # kmap entry of an off-grid key without a list (unreachable)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class GridTables:
     levels     int32 [size, ncoord]  level l_i of coordinate i of grid point k (0 .. 2**bits - 1)
     coords     float32 [size, ncoord] the odd working coordinate 2*l + 1 (what the searches multiply)
     kmap       int32 [kmap_size]     grid index of a packed key, else -(offset of its list in neighbours) - 1
+                                     (NO_LIST: a key no quantizer can look up, see build's kmax)
     neighbours uint16 [...]          for every off-grid key in increasing order: n, then n grid indices
     """
 
@@ -42,12 +44,17 @@ class GridTables:
     neighbours: np.ndarray
 
     @classmethod
-    def build(cls, kgrid: np.ndarray, ncoord: int, bits: int, kmap_size: int, nwant: int) -> GridTables:
+    def build(cls, kgrid: np.ndarray, ncoord: int, bits: int, kmap_size: int, nwant: int,
+              kmax: int | None = None) -> GridTables:
         """The tables of ``kgrid`` (packed level vectors, coordinate i at bits ``bits*i``).
 
         For each key u that is not a grid point (every u < kmap_size, reachable or not, as ggml does), the
         list holds the grid points whose squared distance to u's odd coordinates is among the ``nwant``
-        smallest distinct distances, ordered by distance and then by index (ggml's qsort comparator)."""
+        smallest distinct distances, ordered by distance and then by index (ggml's qsort comparator).
+
+        ``kmax``: build lists only for the keys whose levels are all < kmax, the only ones a quantizer that
+        clamps its levels to [0, kmax-1] looks up (the 2-bit grids: 3^8 of 43692 keys); the others get
+        kmap = NO_LIST. The lists keep ggml's order, so the array is ggml's with those keys' lists cut out."""
         kgrid = np.asarray(kgrid, dtype=np.int64)
         size = kgrid.shape[0]
         levels = unpack_levels(kgrid, ncoord, bits)
@@ -57,10 +64,15 @@ class GridTables:
         kmap[kgrid] = np.arange(size)
         odd = 2 * levels + 1
         off_grid = np.flatnonzero(kmap < 0)
+        if kmax is not None:
+            reachable = (unpack_levels(off_grid, ncoord, bits) < kmax).all(axis=1)
+            kmap[off_grid[~reachable]] = NO_LIST
+            off_grid = off_grid[reachable]
         counts: list[np.ndarray] = []
         lists: list[np.ndarray] = []
-        for start in range(0, off_grid.size, 4096):  # bounded scratch: [chunk, size] distances
-            keys = off_grid[start : start + 4096]
+        chunk = max(64, (1 << 21) // (size * ncoord))  # bounded scratch: [chunk, size, ncoord] int64
+        for start in range(0, off_grid.size, chunk):
+            keys = off_grid[start : start + chunk]
             p = 2 * unpack_levels(keys, ncoord, bits) + 1
             diff = odd[None, :, :] - p[:, None, :]
             d2 = np.einsum("kgi,kgi->kg", diff, diff)
@@ -98,19 +110,21 @@ class GridTables:
         at = -int(self.kmap[key]) - 1
         if at < 0:
             raise ValueError(f"key {key} is a grid point")
+        if self.kmap[key] == NO_LIST:
+            raise ValueError(f"key {key} has no list (unreachable)")
         return self.neighbours[at + 1 : at + 1 + int(self.neighbours[at])].astype(np.int32)
 
     @functools.cached_property
     def padded(self) -> tuple[np.ndarray, np.ndarray]:
         """(lists int32 [kmap_size, max n] padded with 0, counts int32 [kmap_size]; 0 for grid points)."""
         counts = np.zeros(self.kmap.shape[0], dtype=np.int32)
-        off = self.kmap < 0
+        off = (self.kmap < 0) & (self.kmap != NO_LIST)
         at = -self.kmap[off] - 1
         counts[off] = self.neighbours[at]
         lists = np.zeros((self.kmap.shape[0], int(counts.max(initial=1))), dtype=np.int32)
         for j in range(lists.shape[1]):
             has = counts > j
-            lists[has, j] = self.neighbours[-self.kmap[has] + j]  # at + 1 + j
+            lists[has, j] = self.neighbours[-self.kmap[has].astype(np.int64) + j]  # at + 1 + j
         return lists, counts
 
 
@@ -238,13 +252,14 @@ class Search:
 
 
 def _project(s: Search, id_: np.ndarray, scale: np.ndarray, xval: np.ndarray, waux: np.ndarray,
-             k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Round group k at ``id`` and move it onto the grid: (levels [G, lanes], on-grid flag [lanes])."""
+             k: int, live: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Round group k at ``id`` and move it onto the grid: (levels [G, lanes], on-grid flag [lanes]).
+    Lanes outside ``live`` are rounded but never searched (ggml skips those sub-blocks)."""
     rows = slice(s.group * k, s.group * (k + 1))
     L = round_levels(id_, xval[rows], s.kmaxq)
     key = s.tables.key(L)
     on = s.tables.kmap[key] >= 0
-    off = np.flatnonzero(~on)
+    off = np.flatnonzero(~on if live is None else ~on & live)
     if off.size:
         idx = best_neighbour(s.tables, key[off], xval[rows][:, off], waux[rows][:, off], scale[off], s.name)
         L[:, off] = s.tables.levels[idx].T
@@ -263,12 +278,14 @@ def _sums(xval: np.ndarray, weight: np.ndarray, L: np.ndarray) -> tuple[np.ndarr
 
 
 def scale_search(
-    s: Search, xval: np.ndarray, weight: np.ndarray, den: np.ndarray, start: np.ndarray
+    s: Search, xval: np.ndarray, weight: np.ndarray, den: np.ndarray, start: np.ndarray,
+    live: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidate loop and the refit of one sub-block per lane (xval, weight [B, lanes]).
 
     Trial ``is`` uses ``id = (c + is*step)/den``; ``start`` is the scale kept when no trial is accepted.
-    Returns (scale [lanes], levels int32 [B, lanes]). Zero sub-blocks are the caller's business."""
+    Returns (scale [lanes], levels int32 [B, lanes]). Zero sub-blocks are the caller's business; lanes
+    outside ``live`` (if given) are not neighbour-searched, so their weights cannot make the search fail."""
     waux = np.sqrt(weight)
     ngroups = xval.shape[0] // s.group
     lanes = xval.shape[1:]
@@ -279,7 +296,7 @@ def scale_search(
     for trial in s.trials:
         id_ = (F32(s.c) + F32(trial) * F32(s.step)) / den
         this_scale = F32(1) / id_
-        parts = [_project(s, id_, this_scale, xval, waux, k) for k in range(ngroups)]
+        parts = [_project(s, id_, this_scale, xval, waux, k, live) for k in range(ngroups)]
         Laux = np.concatenate([p[0] for p in parts])
         sumqx, sumq2 = _sums(xval, weight, Laux)
         accept = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
@@ -290,6 +307,8 @@ def scale_search(
         flags = np.where(accept, np.stack([p[1] for p in parts]), flags)
     off = ~flags
     refit = scale > 0
+    if live is not None:
+        refit &= live
     if s.refit != "all":
         refit &= off.any(axis=0)
     if refit.any():
@@ -297,8 +316,8 @@ def scale_search(
         newL = L.copy()
         for k in range(ngroups):
             rows = slice(s.group * k, s.group * (k + 1))
-            Lk, _ = _project(s, id_, scale, xval, waux, k)
             redo = refit if s.refit != "offgrid" else refit & off[k]
+            Lk, _ = _project(s, id_, scale, xval, waux, k, redo)  # only the groups C recomputes are searched
             newL[rows] = np.where(redo, Lk, L[rows])
         L = newL
         sumqx, sumq2 = _sums(xval, weight, L)
