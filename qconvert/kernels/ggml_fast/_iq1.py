@@ -1,0 +1,514 @@
+"""Kernels for IQ1_S and IQ1_M (256-weight super-blocks, 8-weight groups on {-1, 0, +1} shifted by ±1/8).
+
+Literal float32 ports of quantize_row_iq1_s_impl / quantize_row_iq1_m_impl (ggml-quants.c:4508, :4692);
+the spec is qconvert.kernels.ggml.iq1. Every sub-block is sorted (stably: ties keep their index order,
+as glibc's merge sort does) and gets its prefix sums; then the exhaustive split search runs with the
+sub-blocks of BATCH super-blocks side by side as lanes: the candidates come in the same order for every
+sub-block, so each step is a vector step with C's operations, and C's sequential accept chain becomes a
+per-lane update (done only when some lane accepts). Grid snapping and the refits are per sub-block; an
+off-grid group's neighbour scan scores its whole list in one vector loop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit
+
+from ..ggml import iq1 as _spec
+from ..ggml.iq2 import missing_imatrix, search_nan
+from ._core import F0, F1, F2, F_HALF, JIT, clampf, fp32_to_fp16, nearest_int
+from ._grids import FLT_MAX, PAD, rank, soa_tables, winner
+
+F7 = np.float32(7.0)
+F15 = np.float32(15.0)
+F256 = np.float32(256.0)
+DELTA = np.float32(0.125)
+X_P = np.array([-1.0 + 0.125, 0.125, 1.0 + 0.125], np.float32)
+X_M = np.array([-1.0 - 0.125, -0.125, 1.0 - 0.125], np.float32)
+EPS_S = np.float32(1e-12)  # GROUP_MAX_EPS_IQ1_S
+EPS_M = np.float32(1e-7)  # GROUP_MAX_EPS_IQ1_M
+FUDGE_S = np.float32(1.125)
+FUDGE_M = np.float32(1.1125)
+P0, P1, P2 = X_P[0], X_P[1], X_P[2]
+M0, M1, M2 = X_M[0], X_M[1], X_M[2]
+MASKS = np.array([0x00, 0x80, 0x08, 0x88], np.int32)  # IQ1_M qh shift bits of best_k
+
+
+@functools.cache
+def tables() -> tuple[np.ndarray, ...]:
+    """(kmap, start, count, lev, idx, levels): _grids.soa_tables of the shared IQ1 grid (levels 0., 1., 2.
+    in the lists) and levels float32 [2048, 8]."""
+    t = _spec.tables()
+    return (*soa_tables(t), t.levels.astype(np.float32))
+
+
+@njit(inline="always", **JIT)
+def _scan(start, count, lev, idx, g, scale, xx0):
+    """iq1_find_best_neighbour2 over one off-grid key's list: the grid index of the first minimum below
+    FLT_MAX of Σ_i (w_i*diff)*diff, diff = scale*q - x_i with q = xx[l] = xx0 + l (exact for both level
+    tables), the full weight and the signed x; -1 if none (ggml then scans the whole grid reading past
+    the group, ggml-quants.c:4467: the caller refuses). g: x (0..7), w (8..15)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]
+    w0, w1, w2, w3, w4, w5, w6, w7 = g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+    un = np.uint64(count)
+    npad = (un + np.uint64(PAD - 1)) // np.uint64(PAD) * np.uint64(PAD)
+    s0 = np.uint64(start)
+    best = np.uint64(0xFFFFFFFFFFFFFFFF)
+    for j in range(npad):
+        k = s0 + np.uint64(j)
+        d = scale * (xx0 + lev[0, k]) - x0
+        s = F0 + (w0 * d) * d
+        d = scale * (xx0 + lev[1, k]) - x1
+        s = s + (w1 * d) * d
+        d = scale * (xx0 + lev[2, k]) - x2
+        s = s + (w2 * d) * d
+        d = scale * (xx0 + lev[3, k]) - x3
+        s = s + (w3 * d) * d
+        d = scale * (xx0 + lev[4, k]) - x4
+        s = s + (w4 * d) * d
+        d = scale * (xx0 + lev[5, k]) - x5
+        s = s + (w5 * d) * d
+        d = scale * (xx0 + lev[6, k]) - x6
+        s = s + (w6 * d) * d
+        d = scale * (xx0 + lev[7, k]) - x7
+        s = s + (w7 * d) * d
+        best = min(best, rank(s, j))
+    f = winner(best)
+    if f < 0:
+        return -1
+    return idx[s0 + np.uint64(f)]
+
+
+@njit(inline="always", **JIT)
+def _sort(x, base, n, order, lane, rank):
+    """order[lane, 0:n] = the positions 0..n-1 of x[base:base+n] in stable ascending order (ties in index
+    order, as glibc's merge sort leaves them): position i goes to rank #{j: x_j < x_i} + #{j < i: x_j ==
+    x_i}, counted with vector compares. Returns False if the sub-block holds a NaN (ranks are then not a
+    permutation; C's sums are NaN whatever the order, so no split is ever accepted: the caller drops it)."""
+    nan = False
+    for i in range(n):
+        rank[np.uint64(i)] = 0
+        nan |= x[base + i] != x[base + i]
+    for j in range(n):
+        xj = x[base + j]
+        for i in range(n):
+            ui = np.uint64(i)
+            xi = x[base + ui]
+            rank[ui] += np.int64((xj < xi) | ((xj == xi) & (j < i)))
+    if nan:
+        return False
+    for i in range(n):
+        order[lane, rank[i]] = i
+    return True
+
+
+@njit(inline="always", **JIT)
+def _snap(L, off, x, w, base, scale, xx0, kmap, start, count, lev, idx, levels, g):
+    """Grid index of the group L[off:off+8] (levels 0..2), replaced in L by its best neighbour when off the
+    grid; returns (index, was off grid), index -1 when the search failed."""
+    u = np.int32(0)
+    for i in range(8):
+        u |= np.int32(L[off + i]) << (2 * i)
+    gi = kmap[u]
+    if gi >= 0:
+        return gi, False
+    for i in range(8):
+        g[i] = x[base + off + i]
+        g[8 + i] = w[base + off + i]
+    gi = _scan(start[u], count[u], lev, idx, g, scale, xx0)
+    if gi >= 0:
+        for i in range(8):
+            L[off + i] = levels[gi, i]
+    return gi, True
+
+
+@njit(inline="always", **JIT)
+def _weights(x, qw, qoff, use_qw, weight):
+    """weight = qw*sqrtf(sigma2 + x*x), sigma2 = 2*Σx²/256; x*x without an imatrix (IQ1_M only)."""
+    sumx2 = F0
+    for i in range(256):
+        sumx2 = sumx2 + x[i] * x[i]
+    sigma2 = (F2 * sumx2) / F256
+    for i in range(256):
+        xi = x[i]
+        weight[i] = qw[qoff + i] * np.sqrt(sigma2 + xi * xi) if use_qw else xi * xi
+
+
+BATCH = 4  # super-blocks per split search: 32 (IQ1_S) / 64 (IQ1_M) sub-blocks as lanes
+NLANES = 16 * BATCH
+
+
+@njit(inline="always", **JIT)
+def _accept(qx, q2, best, scl, code, cand, hit, nl):
+    """C's accept step for every lane: ``if (sumq2 > 0 && sumqx*sumqx > best*sumq2)`` then
+    ``scale = sumqx/sumq2; best = scale*sumqx``. ``hit`` (the number of lanes that accept) was counted by
+    the caller, so a step no lane takes costs no division."""
+    if hit > 0:
+        for lane in range(nl):
+            ul = np.uint64(lane)
+            if q2[ul] > F0 and qx[ul] * qx[ul] > best[ul] * q2[ul]:
+                scl[ul] = qx[ul] / q2[ul]
+                best[ul] = scl[ul] * qx[ul]
+                code[ul] = cand
+
+
+@njit(inline="always", **JIT)
+def _try_s(sx, sw, i1, i2, c0, c1, c2, best, qx, q2, nl):
+    """sumqx / sumq2 of the IQ1_S split (i1, i2) with the level table (c0, c1, c2), in C's order, for every
+    lane; returns how many lanes would accept it. (The lane count is a run-time value: a constant one
+    makes LLVM unroll the loop instead of vectorizing it.)"""
+    hit = np.int32(0)
+    for lane in range(nl):
+        ul = np.uint64(lane)
+        a = sx[i1, ul] - sx[0, ul]
+        bb = sx[i2, ul] - sx[i1, ul]
+        c = sx[32, ul] - sx[i2, ul]
+        wa = sw[i1, ul] - sw[0, ul]
+        wb = sw[i2, ul] - sw[i1, ul]
+        wc = sw[32, ul] - sw[i2, ul]
+        sumqx = (a * c0 + bb * c1) + c * c2
+        sumq2 = ((wa * c0) * c0 + (wb * c1) * c1) + (wc * c2) * c2
+        qx[ul] = sumqx
+        q2[ul] = sumq2
+        hit += np.int32((sumq2 > F0) & (sumqx * sumqx > best[ul] * sumq2))
+    return hit
+
+
+@njit(**JIT)
+def _splits_s(sx, sw, best, scl, code, nl):
+    """The exhaustive 3-way split search of IQ1_S, one sub-block per lane: i1 outer, i2 >= i1 inner, x_p
+    before x_m. code = 4*(33*i1 + i2) + 2*(x_m), or -1 where nothing was accepted."""
+    qx = np.empty(NLANES, np.float32)
+    q2 = np.empty(NLANES, np.float32)
+    for i1 in range(33):
+        for i2 in range(i1, 33):
+            cand = np.int32(4 * (33 * i1 + i2))
+            hit = _try_s(sx, sw, i1, i2, P0, P1, P2, best, qx, q2, nl)
+            _accept(qx, q2, best, scl, code, cand, hit, nl)
+            hit = _try_s(sx, sw, i1, i2, M0, M1, M2, best, qx, q2, nl)
+            _accept(qx, q2, best, scl, code, cand + np.int32(2), hit, nl)
+
+
+@njit(inline="always", **JIT)
+def _pair(ax, a2, bx, b2, best, qx, q2, nl):
+    """IQ1_M: sumqx = first half's + second half's, sumq2 likewise, for every lane; how many accept."""
+    hit = np.int32(0)
+    for lane in range(nl):
+        ul = np.uint64(lane)
+        sumqx = ax[0, ul] + bx[1, ul]
+        sumq2 = a2[0, ul] + b2[1, ul]
+        qx[ul] = sumqx
+        q2[ul] = sumq2
+        hit += np.int32((sumq2 > F0) & (sumqx * sumqx > best[ul] * sumq2))
+    return hit
+
+
+@njit(**JIT)
+def _splits_m(px, pw, best, scl, code, nl):
+    """The split search of IQ1_M, one sub-block per lane, from the per-half prefix sums; per split the four
+    shift pairs k = (+,+), (+,-), (-,+), (-,-) in order (first group's shift first).
+    code = 4*(17*i1 + i2) + k, or -1."""
+    p2 = X_P[2]
+    m2 = X_M[2]
+    cp1 = X_P[0] * X_P[0] - X_P[1] * X_P[1]
+    cp2 = X_P[1] * X_P[1] - X_P[2] * X_P[2]
+    cm1 = X_M[0] * X_M[0] - X_M[1] * X_M[1]
+    cm2 = X_M[1] * X_M[1] - X_M[2] * X_M[2]
+    qxp = np.empty((2, NLANES), np.float32)
+    qxm = np.empty((2, NLANES), np.float32)
+    q2p = np.empty((2, NLANES), np.float32)
+    q2m = np.empty((2, NLANES), np.float32)
+    qx = np.empty(NLANES, np.float32)
+    q2 = np.empty(NLANES, np.float32)
+    for i1 in range(17):
+        for i2 in range(i1, 17):
+            cand = np.int32(4 * (17 * i1 + i2))
+            for h in range(2):
+                for lane in range(nl):
+                    ul = np.uint64(lane)
+                    sxh = px[h, i1, ul] + px[h, i2, ul]
+                    t = px[h, 16, ul]
+                    u = pw[h, 16, ul]
+                    qxp[h, ul] = t * p2 - sxh
+                    qxm[h, ul] = t * m2 - sxh
+                    q2p[h, ul] = ((u * p2) * p2 + pw[h, i1, ul] * cp1) + pw[h, i2, ul] * cp2
+                    q2m[h, ul] = ((u * m2) * m2 + pw[h, i1, ul] * cm1) + pw[h, i2, ul] * cm2
+            hit = _pair(qxp, q2p, qxp, q2p, best, qx, q2, nl)
+            _accept(qx, q2, best, scl, code, cand, hit, nl)
+            hit = _pair(qxp, q2p, qxm, q2m, best, qx, q2, nl)
+            _accept(qx, q2, best, scl, code, cand + np.int32(1), hit, nl)
+            hit = _pair(qxm, q2m, qxp, q2p, best, qx, q2, nl)
+            _accept(qx, q2, best, scl, code, cand + np.int32(2), hit, nl)
+            hit = _pair(qxm, q2m, qxm, q2m, best, qx, q2, nl)
+            _accept(qx, q2, best, scl, code, cand + np.int32(3), hit, nl)
+
+
+@njit(inline="always", **JIT)
+def _lane_start(x, base, n, eps, lane, live, scl, best, code, order, rank):
+    """A sub-block's zero test (max|x| < eps), the search's start values and its stable sort."""
+    mx = np.abs(x[base])
+    for i in range(1, n):
+        a = np.abs(x[base + i])
+        mx = mx if mx > a else a
+    scl[lane] = mx
+    best[lane] = -FLT_MAX
+    code[lane] = -1
+    sorted_ok = _sort(x, base, n, order, lane, rank)
+    live[lane] = sorted_ok and not (mx < eps)
+    if not sorted_ok:  # a NaN: no prefix sums to speak of, never accepted (see _sort)
+        for j in range(n):
+            order[lane, j] = j
+
+
+@njit(**JIT)
+def kernel_s(blocks, qw, nbr, out, kmap, start, count, lev, idx, levels):
+    """quantize_iq1_s: blocks [nblocks, 256] -> out [nblocks, 50], BATCH super-blocks per split search.
+    Returns -1, or the first block on which ggml aborts (inf/NaN weights)."""
+    weight = np.empty((BATCH, 256), np.float32)
+    order = np.empty((NLANES, 32), np.int64)
+    rank = np.empty(32, np.int64)
+    sx = np.empty((33, NLANES), np.float32)  # prefix sums [position, lane = 8*block + sub-block]
+    sw = np.empty((33, NLANES), np.float32)
+    live = np.empty(NLANES, np.bool_)
+    best = np.empty(NLANES, np.float32)
+    scl = np.empty(NLANES, np.float32)
+    code = np.empty(NLANES, np.int32)
+    L = np.empty(32, np.float32)
+    gidx = np.empty(4, np.int32)
+    shift = np.empty(8, np.int32)
+    g = np.empty(16, np.float32)
+    nb = blocks.shape[0]
+    for b0 in range(0, nb, BATCH):
+        nbat = min(BATCH, nb - b0)
+        for h in range(nbat):
+            x = blocks[b0 + h]
+            wt = weight[h]
+            _weights(x, qw, ((b0 + h) % nbr) * 256, True, wt)
+            for ib in range(8):
+                lane = 8 * h + ib
+                base = 32 * ib
+                _lane_start(x, base, 32, EPS_S, lane, live, scl, best, code, order, rank)
+                sx[0, lane] = F0
+                sw[0, lane] = F0
+                for j in range(32):
+                    i = base + order[lane, j]
+                    sx[j + 1, lane] = sx[j, lane] + wt[i] * x[i]
+                    sw[j + 1, lane] = sw[j, lane] + wt[i]
+        _splits_s(sx, sw, best, scl, code, 8 * nbat)
+        for h in range(nbat):
+            b = b0 + h
+            x = blocks[b]
+            wt = weight[h]
+            o = out[b]
+            for j in range(o.shape[0]):
+                o[j] = 0
+            max_scale = F0
+            for ib in range(8):
+                lane = 8 * h + ib
+                c = code[lane]
+                shift[ib] = 1
+                if not live[lane] or c < 0:
+                    scl[lane] = F0
+                    continue
+                i1 = c // 132
+                i2 = (c // 4) % 33
+                shift[ib] = 1 if c % 4 == 0 else -1
+                base = 32 * ib
+                for j in range(32):
+                    L[order[lane, j]] = F0 if j < i1 else (F1 if j < i2 else F2)
+                scale = scl[lane]
+                if scale < F0:
+                    for j in range(32):
+                        L[j] = F2 - L[j]
+                    scale = -scale
+                    shift[ib] = -shift[ib]
+                xx0 = X_P[0] if shift[ib] == 1 else X_M[0]
+                any_off = False
+                for k in range(4):
+                    gi, was_off = _snap(L, 8 * k, x, wt, base, scale, xx0, kmap, start, count, lev, idx,
+                                        levels, g)
+                    if gi < 0:
+                        return b
+                    gidx[k] = gi
+                    any_off |= was_off
+                if any_off:
+                    sumqx = F0
+                    sumq2 = F0
+                    for j in range(32):
+                        w = wt[base + j]
+                        q = xx0 + L[j]
+                        sumqx = sumqx + (w * q) * x[base + j]
+                        sumq2 = sumq2 + (w * q) * q
+                    if sumqx > F0 and sumq2 > F0:
+                        scale = sumqx / sumq2
+                if not (scale >= F0):  # GGML_ASSERT(scale >= 0): a NaN scale
+                    return b
+                hq = 0
+                for k in range(4):
+                    o[2 + 4 * ib + k] = np.uint8(gidx[k] & 255)
+                    hq |= (gidx[k] >> 8) << (3 * k)
+                o[34 + 2 * ib] = np.uint8(hq & 255)
+                o[35 + 2 * ib] = np.uint8(hq >> 8)
+                scl[lane] = scale
+                max_scale = max_scale if max_scale > scale else scale
+            if max_scale == F0:  # d stays 0 and the ls bits too; the indices written stay
+                continue
+            d = max_scale / F15
+            hd = fp32_to_fp16(d * FUDGE_S)
+            o[0] = np.uint8(hd & 255)
+            o[1] = np.uint8((hd >> 8) & 255)
+            inv = F1 / d
+            for ib in range(8):
+                ls = np.int32(clampf(nearest_int(F_HALF * (inv * scl[8 * h + ib] - F1)), F0, F7))
+                if shift[ib] == -1:
+                    ls |= 8
+                o[35 + 2 * ib] = np.uint8(o[35 + 2 * ib] | (ls << 4))
+    return -1
+
+
+@njit(**JIT)
+def kernel_m(blocks, qw, nbr, out, use_qw, kmap, start, count, lev, idx, levels):
+    """quantize_iq1_m: blocks [nblocks, 256] -> out [nblocks, 56], BATCH super-blocks per split search.
+    Returns -1, or the first block on which ggml aborts (inf/NaN weights)."""
+    weight = np.empty((BATCH, 256), np.float32)
+    order = np.empty((NLANES, 16), np.int64)
+    rank = np.empty(16, np.int64)
+    px = np.empty((2, 17, NLANES), np.float32)  # per-half prefix sums [half, position, lane]
+    pw = np.empty((2, 17, NLANES), np.float32)
+    live = np.empty(NLANES, np.bool_)
+    best = np.empty(NLANES, np.float32)
+    scl = np.empty(NLANES, np.float32)
+    code = np.empty(NLANES, np.int32)
+    bk = np.empty(16, np.int64)
+    L = np.empty(16, np.float32)
+    gidx = np.empty((16, 2), np.int32)
+    g = np.empty(16, np.float32)
+    nb = blocks.shape[0]
+    for b0 in range(0, nb, BATCH):
+        nbat = min(BATCH, nb - b0)
+        for h in range(nbat):
+            x = blocks[b0 + h]
+            wt = weight[h]
+            _weights(x, qw, ((b0 + h) % nbr) * 256, use_qw, wt)
+            for ib in range(16):
+                lane = 16 * h + ib
+                base = 16 * ib
+                _lane_start(x, base, 16, EPS_M, lane, live, scl, best, code, order, rank)
+                for hh in range(2):
+                    px[hh, 0, lane] = F0
+                    pw[hh, 0, lane] = F0
+                for j in range(16):
+                    e = order[lane, j]
+                    i = base + e
+                    hh = 0 if e < 8 else 1
+                    px[hh, j + 1, lane] = px[hh, j, lane] + wt[i] * x[i]
+                    px[1 - hh, j + 1, lane] = px[1 - hh, j, lane]
+                    pw[hh, j + 1, lane] = pw[hh, j, lane] + wt[i]
+                    pw[1 - hh, j + 1, lane] = pw[1 - hh, j, lane]
+        _splits_m(px, pw, best, scl, code, 16 * nbat)
+        for h in range(nbat):
+            b = b0 + h
+            x = blocks[b]
+            wt = weight[h]
+            o = out[b]
+            for j in range(o.shape[0]):
+                o[j] = 0
+            max_scale = F0
+            for ib in range(16):
+                lane = 16 * h + ib
+                gidx[ib, 0] = 0
+                gidx[ib, 1] = 0
+                c = code[lane]
+                bk[ib] = 0
+                if not live[lane] or c < 0:
+                    scl[lane] = F0
+                    continue
+                i1 = c // 68
+                i2 = (c // 4) % 17
+                bk[ib] = c % 4
+                base = 16 * ib
+                for j in range(16):
+                    L[order[lane, j]] = F0 if j < i1 else (F1 if j < i2 else F2)
+                scale = scl[lane]
+                if scale < F0:
+                    for j in range(16):
+                        L[j] = F2 - L[j]
+                    scale = -scale
+                    bk[ib] = 3 - bk[ib]
+                any_off = False
+                for k in range(2):
+                    plus = bk[ib] < 2 if k == 0 else bk[ib] % 2 == 0
+                    xx0 = X_P[0] if plus else X_M[0]
+                    gi, was_off = _snap(L, 8 * k, x, wt, base, scale, xx0, kmap, start, count, lev, idx,
+                                        levels, g)
+                    if gi < 0:
+                        return b
+                    gidx[ib, k] = gi
+                    any_off |= was_off
+                if any_off:
+                    sumqx = F0
+                    sumq2 = F0
+                    for k in range(2):
+                        plus = bk[ib] < 2 if k == 0 else bk[ib] % 2 == 0
+                        xx0 = X_P[0] if plus else X_M[0]
+                        for j in range(8):
+                            w = wt[base + 8 * k + j]
+                            q = xx0 + L[8 * k + j]
+                            sumqx = sumqx + (w * q) * x[base + 8 * k + j]
+                            sumq2 = sumq2 + (w * q) * q
+                    if sumqx > F0 and sumq2 > F0:
+                        scale = sumqx / sumq2
+                if not (scale >= F0):  # GGML_ASSERT(scale >= 0): a NaN scale
+                    return b
+                o[2 * ib] = np.uint8(gidx[ib, 0] & 255)
+                o[2 * ib + 1] = np.uint8(gidx[ib, 1] & 255)
+                o[32 + ib] = np.uint8((gidx[ib, 0] >> 8) | ((gidx[ib, 1] >> 8) << 4))
+                scl[lane] = scale
+                max_scale = max_scale if max_scale > scale else scale
+            if max_scale == F0:  # no scales, no shift bits, no super-scale; the indices written stay
+                continue
+            d = max_scale / F15
+            inv = F1 / d
+            sumqx = F0
+            sumq2 = F0
+            sc = 0
+            for ib in range(16):
+                ls = np.int32(clampf(nearest_int(F_HALF * (inv * scl[16 * h + ib] - F1)), F0, F7))
+                sc |= np.int64(ls) << (16 * (ib // 4) + 3 * (ib % 4))
+                o[32 + ib] = np.uint8(o[32 + ib] | MASKS[bk[ib]])
+                fl = np.float32(2 * ls + 1)
+                for k in range(2):  # the super-scale refit, zero sub-blocks included (grid point 0, X_P)
+                    plus = bk[ib] < 2 if k == 0 else bk[ib] % 2 == 0
+                    xx0 = X_P[0] if plus else X_M[0]
+                    gi = gidx[ib, k]
+                    for j in range(8):
+                        e = 16 * ib + 8 * k + j
+                        w = wt[e]
+                        q = (xx0 + levels[gi, j]) * fl
+                        sumqx = sumqx + (w * q) * x[e]
+                        sumq2 = sumq2 + (w * q) * q
+            if sumq2 > F0:
+                d = sumqx / sumq2
+            hd = np.int64(fp32_to_fp16(d * FUDGE_M))
+            for j in range(4):  # nibble j of the fp16 in the top nibble of scale word j
+                sc |= ((hd >> (4 * j)) & 15) << (16 * j + 12)
+            for j in range(8):
+                o[48 + j] = np.uint8((sc >> (8 * j)) & 255)
+    return -1
+
+
+def iq1_s(blocks, qw, nbr, out, use_qw):
+    """IQ1_S in ggml_fast's calling convention; BadInput where ggml aborts (no imatrix, inf/NaN weights)."""
+    if not use_qw:
+        raise missing_imatrix("IQ1_S")
+    if kernel_s(blocks, qw, nbr, out, *tables()) >= 0:
+        raise search_nan("IQ1_S")
+
+
+def iq1_m(blocks, qw, nbr, out, use_qw):
+    """IQ1_M in ggml_fast's calling convention; BadInput where ggml aborts (inf/NaN weights)."""
+    if kernel_m(blocks, qw, nbr, out, use_qw, *tables()) >= 0:
+        raise search_nan("IQ1_M")
+

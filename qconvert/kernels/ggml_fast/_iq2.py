@@ -1,0 +1,401 @@
+"""Kernels for IQ2_XXS, IQ2_XS and IQ2_S (256-weight super-blocks, 8-weight groups on 3 levels).
+
+Literal float32 ports of quantize_row_iq2_xxs_impl / _xs_impl / _s_impl (ggml-quants.c:3294, :3472, :5113)
+with or without an imatrix; the spec is qconvert.kernels.ggml.iq2. As in _iq3: one sub-block at a time,
+the trial scales of its candidate loop side by side as lanes (rounding, keys and the two sums vectorize
+over trials, each keeping C's order of operations), then C's sequential accept chain over the trials.
+An off-grid group's neighbour scan (``_scan``) scores its whole list in one vector loop, each entry in
+C's operations and summation order. Loops index with unsigned integers where they must vectorize (a
+signed index carries numba's wraparound test, which turns loads into gathers).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit
+
+from ..ggml import iq2 as _spec
+from ..ggml.iq2 import missing_imatrix, search_nan
+from ._core import F0, F1, F2, F_HALF, F_TENTH, JIT, clampf, fp32_to_fp16, nearest_int, wrap_u8
+from ._grids import PAD, rank, soa_tables, winner
+
+F4 = np.float32(4.0)
+F5 = np.float32(5.0)
+F15 = np.float32(15.0)
+F31 = np.float32(31.0)
+F256 = np.float32(256.0)
+F_QUARTER = np.float32(0.25)
+EPS_XXS_XS = np.float32(1e-15)  # GROUP_MAX_EPS
+EPS_S = np.float32(1e-8)  # GROUP_MAX_EPS_IQ2_S
+FUDGE_S = np.float32(0.9875)
+POW4 = np.array([4.0**i for i in range(8)], np.float32)  # key = Σ level_i · 4^i
+NT = 32  # trial lanes (13 trials for IQ2_XXS in 16 lanes, 19 for IQ2_XS / IQ2_S in 32)
+XXS, XS, S = 0, 1, 2
+
+
+@functools.cache
+def tables(kind: int) -> tuple[np.ndarray, ...]:
+    """Kernel tables of IQ2_XXS (kind 0), IQ2_XS (1) or IQ2_S (2): (kmap, start, count, odd, idx, levels):
+    _grids.soa_tables with the lists holding each point's odd coordinates 2l+1 (what C multiplies), and
+    levels float32 [size, 8]."""
+    t = _spec.tables((_spec.T.IQ2_XXS, _spec.T.IQ2_XS, _spec.T.IQ2_S)[kind])
+    kmap, start, count, lev, idx = soa_tables(t)
+    return kmap, start, count, F2 * lev + F1, idx, t.levels.astype(np.float32)
+
+
+@njit(inline="always", **JIT)
+def _scan(start, count, odd, idx, g, scale):
+    """iq2_find_best_neighbour over the list of one off-grid key: the grid index of the first minimum
+    below FLT_MAX of Σ_i (w_i*diff)*diff, diff = scale*odd_i - x_i, summed left to right as C does, or -1.
+    g holds the group's x (0..7) and w = sqrt(weight) (8..15)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]
+    w0, w1, w2, w3, w4, w5, w6, w7 = g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+    un = np.uint64(count)
+    npad = (un + np.uint64(PAD - 1)) // np.uint64(PAD) * np.uint64(PAD)
+    s0 = np.uint64(start)
+    best = np.uint64(0xFFFFFFFFFFFFFFFF)
+    for j in range(npad):
+        k = s0 + np.uint64(j)
+        d = scale * odd[0, k] - x0
+        s = F0 + (w0 * d) * d
+        d = scale * odd[1, k] - x1
+        s = s + (w1 * d) * d
+        d = scale * odd[2, k] - x2
+        s = s + (w2 * d) * d
+        d = scale * odd[3, k] - x3
+        s = s + (w3 * d) * d
+        d = scale * odd[4, k] - x4
+        s = s + (w4 * d) * d
+        d = scale * odd[5, k] - x5
+        s = s + (w5 * d) * d
+        d = scale * odd[6, k] - x6
+        s = s + (w6 * d) * d
+        d = scale * odd[7, k] - x7
+        s = s + (w7 * d) * d
+        best = min(best, rank(s, j))
+    f = winner(best)
+    if f < 0:
+        return -1
+    return idx[s0 + np.uint64(f)]
+
+
+@njit(inline="always", **JIT)
+def _group(g, xval, waux, off):
+    """Copy a group's x and sqrt(weight) into the 16 values _scan reads."""
+    for i in range(8):
+        g[i] = xval[off + i]
+        g[8 + i] = waux[off + i]
+
+
+@njit(inline="always", **JIT)
+def _key(L, off):
+    """Packed key of the levels L[off .. off+7]."""
+    u = np.int32(0)
+    for i in range(8):
+        u |= np.int32(L[off + i]) << (2 * i)
+    return u
+
+
+@njit(**JIT)
+def make_qp32(x, w, L):
+    """make_qp_quants(32, 4, x, L, w) (ggml-quants.c:1076): the start scale of IQ2_XXS. x may hold the
+    flipped -|x| of an odd-parity run, so levels can be negative; they are stored (L) as the uint8 C keeps
+    (wrapped) while the sums use the signed value, as in C."""
+    nmax = F4
+    mx = F0
+    for i in range(32):
+        mx = mx if mx > x[i] else x[i]
+    if mx < EPS_XXS_XS:
+        return F0
+    iscale = nmax / mx
+    for i in range(32):
+        L[i] = wrap_u8(nearest_int(iscale * x[i]))
+    scale = F1 / iscale
+    best_mse = F0
+    for i in range(32):
+        diff = x[i] - scale * L[i]
+        best_mse = best_mse + (w[i] * diff) * diff
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_is = (F_TENTH * np.float32(step) + nmax) / mx
+        scale_is = F1 / iscale_is
+        mse = F0
+        for i in range(32):
+            lv = nearest_int(iscale_is * x[i])
+            lv = nmax if nmax < lv else lv
+            diff = x[i] - scale_is * lv
+            mse = mse + (w[i] * diff) * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = F0
+    suml2 = F0
+    for i in range(32):
+        lv = nearest_int(iscale * x[i])
+        lv = nmax if nmax < lv else lv
+        L[i] = wrap_u8(lv)
+        sumlx = sumlx + (w[i] * x[i]) * lv
+        suml2 = suml2 + (w[i] * lv) * lv
+    for _ in range(5):
+        changed = False
+        for i in range(32):
+            wi = w[i]
+            xi = x[i]
+            li = L[i]
+            slx = sumlx - (wi * xi) * li
+            sl2 = suml2 - (wi * li) * li
+            if slx > F0 and sl2 > F0:
+                new_l = nearest_int((xi * sl2) / slx)
+                new_l = nmax if nmax < new_l else new_l
+                if new_l != li:
+                    slx = slx + (wi * xi) * new_l
+                    sl2 = sl2 + (wi * new_l) * new_l
+                    if (slx * slx) * suml2 > (sumlx * sumlx) * sl2:
+                        L[i] = wrap_u8(new_l)
+                        sumlx = slx
+                        suml2 = sl2
+                        changed = True
+        if not changed:
+            break
+    return sumlx / suml2 if suml2 > F0 else F0
+
+
+@njit(**JIT)
+def iq2(blocks, qw, nbr, out, use_qw, kind, kmap, start, count, odd, idx, levels):
+    """quantize_iq2_xxs (kind 0) / _xs (1) / _s (2): blocks [nblocks, 256] -> out [nblocks, 66|74|82].
+
+    qw: the imatrix row (block b uses columns of b % nbr). Returns -1, or the first block on which ggml
+    aborts (no neighbour score below FLT_MAX, or a NaN scale: inf/NaN weights)."""
+    sub = 32 if kind == XXS else 16
+    ng = sub // 8
+    nsb = 256 // sub
+    ntr = 13 if kind == XXS else 19
+    ntp = 16 if kind == XXS else 32  # lanes computed: a multiple of the vector width; past ntr unused
+    lo = -6 if kind == XXS else -9
+    eps = EPS_S if kind == S else EPS_XXS_XS
+    weight = np.empty(32, np.float32)
+    waux = np.empty(32, np.float32)
+    xval = np.empty(32, np.float32)
+    wx = np.empty(32, np.float32)
+    lqp = np.empty(32, np.float32)
+    lev = np.empty((32, NT), np.float32)  # [element, trial]
+    keys = np.empty((4, NT), np.int32)
+    idt = np.empty(NT, np.float32)
+    tsc = np.empty(NT, np.float32)
+    sqx = np.empty(NT, np.float32)
+    sq2 = np.empty(NT, np.float32)
+    L = np.empty(32, np.float32)
+    flags = np.empty(4, np.bool_)
+    bsig = np.empty(4, np.int32)
+    gidx = np.empty(4, np.int32)
+    scales = np.empty(16, np.float32)
+    g = np.empty(16, np.float32)
+    for b in range(blocks.shape[0]):
+        x = blocks[b]
+        qoff = (b % nbr) * 256
+        o = out[b]
+        for j in range(o.shape[0]):
+            o[j] = 0
+        sumx2 = F0
+        for i in range(256):
+            sumx2 = sumx2 + x[i] * x[i]
+        sigma2 = (F2 * sumx2) / F256 if kind == S else sumx2 / F256
+        max_scale = F0
+        for ib in range(nsb):
+            base = sub * ib
+            for i in range(sub):
+                xi = x[base + i]
+                if use_qw:
+                    weight[i] = qw[qoff + base + i] * np.sqrt(sigma2 + xi * xi)
+                else:
+                    weight[i] = F_QUARTER * sigma2 + xi * xi
+                waux[i] = np.sqrt(weight[i])
+            for r in range(ng):
+                s = 0
+                nflip = 0
+                for i in range(8):
+                    xi = x[base + 8 * r + i]
+                    if xi >= F0:
+                        xval[8 * r + i] = xi
+                    else:
+                        xval[8 * r + i] = -xi
+                        nflip += 1
+                        s |= 1 << i
+                if kind != S and nflip % 2 == 1:
+                    imin = 0
+                    xi = x[base + 8 * r]
+                    vmin = (weight[8 * r] * xi) * xi
+                    for i in range(1, 8):
+                        xi = x[base + 8 * r + i]
+                        v = (weight[8 * r + i] * xi) * xi
+                        if v < vmin:
+                            vmin = v
+                            imin = i
+                    xval[8 * r + imin] = -xval[8 * r + imin]
+                    s ^= 1 << imin
+                bsig[r] = s if kind == S else s & 127
+            mx = xval[0]
+            for i in range(1, sub):
+                mx = mx if mx > xval[i] else xval[i]
+            if mx < eps:
+                scales[ib] = F0
+                continue
+            if kind == XXS:
+                scale = make_qp32(xval, weight, lqp)
+                den = scale * np.float32(3.0)  # eff_max
+                if den <= F0:
+                    scales[ib] = F0
+                    continue
+            else:
+                den = mx
+                scale = mx / F5
+            best = F0
+            for k in range(ng):
+                flags[k] = True
+            for i in range(sub):
+                L[i] = F0  # kept when no trial is accepted
+                wx[i] = weight[i] * xval[i]
+            for t in range(ntp):
+                tt = np.uint64(t)
+                idt[tt] = (F5 + np.float32(lo + t) * F_TENTH) / den
+                tsc[tt] = F1 / idt[tt]
+                sqx[tt] = F0
+                sq2[tt] = F0
+            for i in range(sub):
+                xv = xval[i]
+                ui = np.uint64(i)
+                for t in range(ntp):
+                    tt = np.uint64(t)
+                    lev[ui, tt] = clampf(nearest_int(F_HALF * (idt[tt] * xv - F1)), F0, F2)
+            for k in range(ng):
+                uk = np.uint64(k)
+                for t in range(ntp):
+                    tt = np.uint64(t)
+                    u = F0
+                    for i in range(8):
+                        u = u + lev[np.uint64(8 * k + i), tt] * POW4[i]  # < 2^16: exact in float32
+                    keys[uk, tt] = np.int32(u)
+                _group(g, xval, waux, 8 * k)
+                for t in range(ntr):
+                    u = keys[k, t]
+                    gi = kmap[u]
+                    if gi >= 0:
+                        continue
+                    gi = _scan(start[u], count[u], odd, idx, g, tsc[t])
+                    if gi < 0:
+                        return b
+                    for i in range(8):
+                        lev[8 * k + i, t] = levels[gi, i]
+            for i in range(sub):
+                w = weight[i]
+                wxi = wx[i]
+                ui = np.uint64(i)
+                for t in range(ntp):
+                    tt = np.uint64(t)
+                    q = F2 * lev[ui, tt] + F1
+                    sqx[tt] = sqx[tt] + wxi * q
+                    sq2[tt] = sq2[tt] + (w * q) * q
+            for t in range(ntr):
+                if sq2[t] > F0 and sqx[t] * sqx[t] > best * sq2[t]:
+                    scale = sqx[t] / sq2[t]
+                    best = scale * sqx[t]
+                    for i in range(sub):
+                        L[i] = lev[i, t]
+                    for k in range(ng):
+                        flags[k] = kmap[keys[k, t]] >= 0
+            n_off = 0
+            for k in range(ng):
+                if not flags[k]:
+                    n_off += 1
+            if scale > F0 and (kind == XXS or n_off > 0):
+                inv = F1 / scale
+                for k in range(ng):
+                    if kind != XXS and flags[k]:
+                        continue
+                    for i in range(8):
+                        L[8 * k + i] = clampf(nearest_int(F_HALF * (inv * xval[8 * k + i] - F1)), F0, F2)
+                    u = _key(L, 8 * k)
+                    gi = kmap[u]
+                    if gi < 0:
+                        _group(g, xval, waux, 8 * k)
+                        gi = _scan(start[u], count[u], odd, idx, g, scale)
+                        if gi < 0:
+                            return b
+                        for i in range(8):
+                            L[8 * k + i] = levels[gi, i]
+                sumqx = F0
+                sumq2 = F0
+                for i in range(sub):
+                    w = weight[i]
+                    q = F2 * L[i] + F1
+                    sumqx = sumqx + (w * xval[i]) * q
+                    sumq2 = sumq2 + (w * q) * q
+                if sumq2 > F0:
+                    scale = sumqx / sumq2
+            if scale < F0:  # possible with an imatrix: ggml complements the signs
+                scale = -scale
+                for r in range(ng):
+                    bsig[r] = ~bsig[r] & (255 if kind == S else 127)
+            if not (scale >= F0):  # GGML_ASSERT(scale >= 0): a NaN scale
+                return b
+            for k in range(ng):
+                gidx[k] = kmap[_key(L, 8 * k)]
+            if kind == XXS:
+                word = 0
+                for k in range(4):
+                    o[2 + 8 * ib + k] = np.uint8(gidx[k])
+                    word |= bsig[k] << (7 * k)
+                for j in range(4):
+                    o[6 + 8 * ib + j] = np.uint8((word >> (8 * j)) & 255)
+            elif kind == XS:
+                for k in range(2):
+                    q = gidx[k] | (bsig[k] << 9)
+                    o[2 + 2 * (2 * ib + k)] = np.uint8(q & 255)
+                    o[3 + 2 * (2 * ib + k)] = np.uint8((q >> 8) & 255)
+            else:
+                for k in range(2):
+                    gg = 2 * ib + k
+                    o[2 + gg] = np.uint8(gidx[k] & 255)
+                    o[66 + gg // 4] = np.uint8(o[66 + gg // 4] | ((gidx[k] >> 8) << (2 * (gg % 4))))
+                    o[34 + gg] = np.uint8(bsig[k])
+            scales[ib] = scale
+            max_scale = max_scale if max_scale > scale else scale
+        if max_scale == F0:
+            if kind != S:  # IQ2_XXS / IQ2_XS clear the data; IQ2_S keeps what it wrote
+                for j in range(o.shape[0]):
+                    o[j] = 0
+            continue
+        d = max_scale / F31
+        h = fp32_to_fp16(d * FUDGE_S if kind == S else d)
+        o[0] = np.uint8(h & 255)
+        o[1] = np.uint8((h >> 8) & 255)
+        inv = F1 / d
+        for ib in range(nsb):
+            ls = np.int32(clampf(nearest_int(F_HALF * (inv * scales[ib] - F1)), F0, F15))
+            if kind == XXS:
+                o[9 + 8 * ib] = np.uint8(o[9 + 8 * ib] | (ls << 4))
+            else:
+                at = (66 if kind == XS else 74) + ib // 2
+                o[at] = np.uint8(o[at] | (ls << (4 * (ib % 2))))
+    return -1
+
+
+def _twin(kind: int):
+    """The IQ2_XXS / IQ2_XS / IQ2_S twin in ggml_fast's calling convention; BadInput where ggml aborts."""
+    name = ("IQ2_XXS", "IQ2_XS", "IQ2_S")[kind]
+
+    def twin(blocks, qw, nbr, out, use_qw):
+        if not use_qw and kind != S:
+            raise missing_imatrix(name)
+        if iq2(blocks, qw, nbr, out, use_qw, kind, *tables(kind)) >= 0:
+            raise search_nan(name)
+
+    return twin
+
+
+iq2_xxs = _twin(XXS)
+iq2_xs = _twin(XS)
+iq2_s = _twin(S)
