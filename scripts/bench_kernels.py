@@ -4,7 +4,8 @@ llama.cpp's ggml_quantize_chunk.
     python scripts/bench_kernels.py [--mweights 16] [--types Q4_K,Q6_K] [--c-fraction 0.25] [--lib DIR]
                                     [--repeat 1]
 
-Prints M weights/s for each type, without and with an imatrix, on 1 and 2 threads. ggml_quantize_chunk is
+Prints M weights/s for each type, without and with an imatrix (only with one for the types ggml refuses
+without: IQ2_XXS, IQ2_XS, IQ1_S), on 1 and 2 threads. ggml_quantize_chunk is
 single-threaded: its 2-thread figure runs two row halves in a thread pool (ctypes releases the GIL).
 C is timed on the first `--c-fraction` of the rows (it is ~10x slower; throughput does not depend on size).
 The C library comes from the llama-cpp-python wheel (tests/oracle/llamacpp.py) unless --lib gives a directory
@@ -28,7 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qconvert.kernels import FAST_TYPES, quantize  # noqa: E402
+from qconvert.kernels import FAST_TYPES, block_type, quantize  # noqa: E402
 
 
 def _c_quantizer(lib: str | None):
@@ -99,7 +100,8 @@ def main() -> None:
     print("-" * len(head))
     for name in args.types.split(","):
         qtype = GGMLQuantizationType[name.strip()]
-        for im in (None, imatrix):
+        needs = block_type(qtype).reference.requires_imatrix  # ggml aborts without one
+        for im in (imatrix,) if needs else (None, imatrix):
             quantize(x[:2], qtype, im, threads=1)  # JIT / cache load outside the timing
             r1, ours = _rate(lambda q=qtype, i=im: quantize(x, q, i, threads=1), x, args.repeat)
             r2, _ = _rate(lambda q=qtype, i=im: quantize(x, q, i, threads=2), x, args.repeat)

@@ -14,9 +14,9 @@ from gguf import GGMLQuantizationType
 
 from . import ggml_fast
 from .ggml import float as _float
-from .ggml import fp4_blocks, iq3, iq4, kquants, legacy, lowbit
-from .ggml.helpers import BlockKernel, as_imatrix, as_rows
-from .ggml_fast import FastKernel, _fp4, _iq3, _iq4, _kquants, _legacy, _lowbit
+from .ggml import fp4_blocks, iq1, iq2, iq3, iq4, kquants, legacy, lowbit
+from .ggml.helpers import BlockKernel, as_imatrix, as_rows, missing_imatrix
+from .ggml_fast import FastKernel, _fp4, _iq1, _iq2, _iq3, _iq4, _kquants, _legacy, _lowbit
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class BlockType:
         if self.fast is None:
             return self.reference.quantize(rows, imatrix)
         ref = self.reference
+        if imatrix is None and ref.requires_imatrix:
+            raise missing_imatrix(ref.qtype.name)
         rows = as_rows(rows, ref.block_size, ref.qtype)
         imatrix = as_imatrix(imatrix, rows.shape[1])
         return ggml_fast.run(self.fast, ref.block_size, ref.type_size, rows, imatrix, threads)
@@ -74,6 +76,11 @@ BLOCK_TYPES: dict[GGMLQuantizationType, BlockType] = _register(
     BlockType(iq4.IQ4_XS, _iq4.iq4_xs),
     BlockType(iq3.IQ3_XXS, _iq3.iq3_xxs),
     BlockType(iq3.IQ3_S, _iq3.iq3_s),
+    BlockType(iq2.IQ2_XXS, _iq2.iq2_xxs),
+    BlockType(iq2.IQ2_XS, _iq2.iq2_xs),
+    BlockType(iq2.IQ2_S, _iq2.iq2_s),
+    BlockType(iq1.IQ1_S, _iq1.iq1_s),
+    BlockType(iq1.IQ1_M, _iq1.iq1_m),
     BlockType(lowbit.TQ1_0, _lowbit.tq1_0),
     BlockType(lowbit.TQ2_0, _lowbit.tq2_0),
     BlockType(lowbit.Q1_0, _lowbit.q1_0),

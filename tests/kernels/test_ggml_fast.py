@@ -12,21 +12,45 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from safetensors import safe_open
 
+from qconvert.errors import BadInput
 from qconvert.kernels import FAST_TYPES, block_type, quantize
-from qconvert.kernels.ggml_fast import _core, _fp4, _grids, _iq3, _iq4, _kquants, _legacy, _lowbit, _search
+from qconvert.kernels.ggml_fast import (
+    _core,
+    _fp4,
+    _grids,
+    _iq1,
+    _iq2,
+    _iq3,
+    _iq4,
+    _kquants,
+    _legacy,
+    _lowbit,
+    _search,
+)
 from tests.oracle.llamacpp import ggml_quantize_chunk
 
 T = GGMLQuantizationType
 TYPES = sorted(FAST_TYPES, key=lambda t: t.name)
 N = 512  # row length: two super-blocks, sixteen 32-blocks
 # lattice-grid types: ggml aborts (GGML_ASSERT) on weights so large that every neighbour score overflows;
-# those rows are left out here, and test_ggml_iq3 checks that we refuse them
-GRID_TYPES = {T.IQ3_XXS, T.IQ3_S}
+# those rows are left out here, and test_ggml_iq3 / test_ggml_iq2_fast check that we refuse them
+GRID_TYPES = {T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M}
+# the types ggml refuses without an imatrix (it aborts; we raise BadInput)
+NEEDS_IMATRIX = {T.IQ2_XXS, T.IQ2_XS, T.IQ1_S}
 GRID_MAX_ABS = 1e15
 
 
 def _rows_for(qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
     return x[np.abs(x).max(axis=1) < GRID_MAX_ABS] if qtype in GRID_TYPES else x
+
+
+def _refused(qtype: GGMLQuantizationType, x: np.ndarray, im: np.ndarray | None) -> bool:
+    """Without an imatrix, the types ggml refuses must be refused by the twin too (then True)."""
+    if im is not None or qtype not in NEEDS_IMATRIX:
+        return False
+    with pytest.raises(BadInput, match="needs an importance matrix"):
+        quantize(x, qtype, None)
+    return True
 
 
 def _imatrix(n: int, seed: int) -> np.ndarray:
@@ -94,6 +118,8 @@ def real_weights(smollm2_dir) -> np.ndarray:
 def test_random_and_special_blocks_match_llamacpp(qtype, use_imatrix):
     x = _rows_for(qtype, np.concatenate([_random_rows(N), _special_rows(N)]))
     im = _imatrix(N, 1) if use_imatrix else None
+    if _refused(qtype, x, im):
+        return
     with np.errstate(all="ignore"):
         got = quantize(x, qtype, im, threads=2)
         _assert_same(qtype, got, ggml_quantize_chunk(qtype, x, im), "fuzz")
@@ -103,6 +129,8 @@ def test_random_and_special_blocks_match_llamacpp(qtype, use_imatrix):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_real_weights_match_llamacpp(real_weights, qtype, use_imatrix):
     im = _imatrix(real_weights.shape[1], 2) if use_imatrix else None
+    if _refused(qtype, real_weights, im):
+        return
     got = quantize(real_weights, qtype, im)
     _assert_same(qtype, got, ggml_quantize_chunk(qtype, real_weights, im), "SmolLM2 down_proj")
 
@@ -114,16 +142,20 @@ def test_matches_numpy_reference(qtype, use_imatrix):
     reference = block_type(qtype).reference
     x = _rows_for(qtype, np.concatenate([_random_rows(N)[::8], _special_rows(N)[[0, 1, 9, 12]]]))
     im = _imatrix(N, 4) if use_imatrix else None
+    if _refused(qtype, x, im):
+        with pytest.raises(BadInput, match="needs an importance matrix"):
+            reference.quantize(x, None)
+        return
     with np.errstate(all="ignore"):
         _assert_same(qtype, quantize(x, qtype, im), reference.quantize(x, im), "numpy reference")
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.IQ4_XS, T.Q4_0, T.Q8_0, T.IQ3_S, T.TQ1_0, T.MXFP4],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.IQ4_XS, T.Q4_0, T.Q8_0, T.IQ3_S, T.TQ1_0, T.MXFP4,
+                                   T.IQ2_XS, T.IQ1_M], ids=lambda t: t.name)
 def test_bytes_do_not_depend_on_thread_count(qtype):
     x = _random_rows(1024)[:37]  # rows not divisible by the thread counts
     im = _imatrix(1024, 5)
-    for imx in (None, im):
+    for imx in ((im,) if qtype in NEEDS_IMATRIX else (None, im)):
         one = quantize(x, qtype, imx, threads=1)
         for threads in (2, 3, None):
             _assert_same(qtype, quantize(x, qtype, imx, threads=threads), one, f"threads={threads}")
@@ -144,7 +176,7 @@ _FMA = re.compile(r"\bvfn?m(?:add|sub)")  # vfmadd*, vfmsub*, vfnmadd*, vfnmsub*
 
 
 def _dispatchers():
-    for mod in (_core, _search, _kquants, _legacy, _iq4, _grids, _iq3, _lowbit, _fp4):
+    for mod in (_core, _search, _kquants, _legacy, _iq4, _grids, _iq3, _lowbit, _fp4, _iq2, _iq1):
         for value in vars(mod).values():
             if isinstance(value, numba.core.registry.CPUDispatcher):
                 yield value
@@ -156,7 +188,8 @@ def test_compiled_kernels_contain_no_fma():
     Cached code cannot be inspected, so each compiled signature is recompiled here without the cache."""
     x = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
     for qtype in TYPES:  # populate the signatures the public entry point uses
-        quantize(x, qtype)
+        if qtype not in NEEDS_IMATRIX:
+            quantize(x, qtype)
         quantize(x, qtype, np.ones(512, np.float32))
     options = {**_core.JIT, "cache": False}
     done: set[tuple[str, object]] = set()
@@ -177,7 +210,8 @@ def test_compiled_kernels_contain_no_fma():
             scanned += 1
     names = {name for name, _ in done}
     kernels = ("q45k_ref", "q45k_impl", "q6k", "q2k", "q3k", "make_qkx", "make_qx", "make_qp", "iq4", "iq3",
-               "tq1_0", "tq2_0", "q1_0", "q2_0", "mxfp4", "nvfp4")
+               "tq1_0", "tq2_0", "q1_0", "q2_0", "mxfp4", "nvfp4", "iq2", "make_qp32", "kernel_s", "kernel_m",
+               "_splits_s", "_splits_m")
     for kernel in kernels:
         assert kernel in names, f"{kernel} was not scanned"
     assert scanned >= 15

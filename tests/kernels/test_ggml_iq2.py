@@ -1,5 +1,5 @@
-"""IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S and IQ1_M: the NumPy reference (qconvert.kernels.ggml.iq2 / iq1) against
-llama.cpp.
+"""IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S and IQ1_M: the NumPy reference (qconvert.kernels.ggml.iq2 / iq1) and its
+numba twin (ggml_fast._iq2 / _iq1, through qconvert.kernels.quantize) against llama.cpp.
 
 * the grid tables rebuilt from their definition equal ggml's (checksums of reference/gguf-lowbit.md
   §2.1 / §2.3, ggml's dequant grids read back through its own to_float, every grid point and every
@@ -7,9 +7,10 @@ llama.cpp.
 * quantize == ggml_quantize_chunk without an imatrix (where ggml accepts none), with a random and with a
   sparse one, on adversarial blocks and real SmolLM2 rows;
 * dequantize == ggml's to_float == gguf-py's;
-* inputs on which ggml aborts (missing imatrix, a neighbour search or a scale that overflows) are refused
-  with BadInput.
-The fast twins are held to the same oracle in test_ggml_iq2_fast.py.
+* inputs on which ggml aborts (missing imatrix, a neighbour search or a scale that overflows, some NaN/inf
+  weights) are refused with BadInput, by both.
+The generic test_ggml_reference / test_ggml_fast run on these types too (random distributions, SmolLM2
+rows, fast == reference, thread-count independence, no FMA).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gguf import GGMLQuantizationType as T
 from safetensors import safe_open
 
 from qconvert.errors import BadInput
+from qconvert.kernels import quantize
 from qconvert.kernels.ggml import grids, iq1, iq2
 from tests.oracle.llamacpp import ggml_dequantize, ggml_quantize_chunk
 
@@ -53,9 +55,11 @@ def assert_same_bytes(qtype: T, ours: np.ndarray, ref: np.ndarray, what: str = "
 
 
 def check_reference(qtype: T, x: np.ndarray, imatrix: np.ndarray | None, what: str = "") -> np.ndarray:
+    """The reference and the fast twin both give ggml_quantize_chunk's bytes."""
     ref = ggml_quantize_chunk(qtype, x, imatrix)
     with np.errstate(all="ignore"):
         assert_same_bytes(qtype, REF[qtype].quantize(x, imatrix), ref, what)
+        assert_same_bytes(qtype, quantize(x, qtype, imatrix, threads=2), ref, f"fast, {what}")
     return ref
 
 
@@ -375,10 +379,32 @@ def test_types_that_need_an_imatrix_refuse_none(qtype: T) -> None:
         REF[qtype].quantize(np.ones((1, 256), np.float32), None)
 
 
+_G = np.random.default_rng(0).standard_normal(256)
 ABORTS = [  # (type, imatrix, row): ggml's GGML_ASSERT kills the process (every neighbour score overflows)
     (T.IQ2_XS, "ones", np.full(256, 1e30) * np.sign(np.arange(256) % 5 - 2.5)),
+    (T.IQ2_XS, "ones", np.where(np.arange(256) == 40, np.nan, _G)),
     (T.IQ1_M, "none", np.full(256, 1e30)),
 ]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=_name)
+def test_nan_and_inf_weights(qtype: T) -> None:
+    """A NaN or an inf among ordinary weights: where ggml survives (a zero sub-block, or a search that
+    still finds a finite score) the bytes match; where it aborts, both refuse (checked in subprocesses
+    while porting: IQ2_XS and IQ2_S abort on both, IQ1_M on the inf without an imatrix)."""
+    aborts = {(T.IQ2_XS, "ones"), (T.IQ2_S, "none"), (T.IQ2_S, "ones")}
+    for bad in (np.nan, np.inf):
+        x = np.where(np.arange(256) == 40, bad, _G).astype(np.float32)[None]
+        for kind in ("none", "ones"):
+            im = None if kind == "none" else np.ones(256, np.float32)
+            if im is None and qtype in NEEDS_IMATRIX:
+                continue
+            if (qtype, kind) in aborts or (qtype, kind, bad) == (T.IQ1_M, "none", np.inf):
+                for ours in (REF[qtype].quantize, lambda x, im: quantize(x, qtype, im)):
+                    with pytest.raises(BadInput, match="llama.cpp aborts on them"), np.errstate(all="ignore"):
+                        ours(x, im)
+            else:
+                check_reference(qtype, x, im, f"{bad} weight")
 
 
 @pytest.mark.parametrize("case", ABORTS, ids=lambda c: c[0].name)
@@ -388,8 +414,9 @@ def test_weights_ggml_aborts_on_are_refused(case) -> None:
     qtype, kind, row = case
     x = row.astype(np.float32)[None]
     im = np.ones(256, np.float32) if kind == "ones" else None
-    with pytest.raises(BadInput, match="llama.cpp aborts on them"), np.errstate(all="ignore"):
-        REF[qtype].quantize(x, im)
+    for ours in (REF[qtype].quantize, lambda x, im: quantize(x, qtype, im)):
+        with pytest.raises(BadInput, match="llama.cpp aborts on them"), np.errstate(all="ignore"):
+            ours(x, im)
     code = ("import sys, numpy as np; from tests.oracle.llamacpp import ggml_quantize_chunk as q; "
             "a = np.frombuffer(sys.stdin.buffer.read(), np.float32).reshape(-1, 256); "
             f"q({int(qtype)}, a[:1], a[1] if len(a) > 1 else None)")

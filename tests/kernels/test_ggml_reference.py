@@ -18,6 +18,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from safetensors import safe_open
 
+from qconvert.errors import BadInput
 from qconvert.kernels import BLOCK_TYPES, block_type
 from tests.oracle.llamacpp import ggml_dequantize, ggml_quantize_chunk, model_quantize
 
@@ -27,14 +28,17 @@ EXPECTED = {
     T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
     T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.IQ3_XXS, T.IQ3_S,
     T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0, T.MXFP4, T.NVFP4,
+    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M,
 }  # fmt: skip
+# the types ggml refuses without an imatrix (ggml_quantize_requires_imatrix: it aborts; we raise BadInput)
+NEEDS_IMATRIX = {T.IQ2_XXS, T.IQ2_XS, T.IQ1_S}
 # the quantized types whose bytes ggml computes without looking at the imatrix (ggml-quants.c)
 IMATRIX_IGNORED = {T.Q8_0, T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0, T.MXFP4, T.NVFP4}
 # types gguf-py 0.19.0 cannot dequantize (NotImplementedError; test_ggml_lowbit holds this list honest)
 NO_GGUF_PY_DEQUANT = {T.Q1_0, T.Q2_0}
 # lattice-grid types: ggml aborts (GGML_ASSERT) on weights so large that every neighbour score overflows;
-# those rows are left out here, and test_ggml_iq3 checks that we refuse them
-GRID_TYPES = {T.IQ3_XXS, T.IQ3_S}
+# those rows are left out here, and test_ggml_iq3 / test_ggml_iq2 check that we refuse them
+GRID_TYPES = {T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M}
 GRID_MAX_ABS = 1e15
 N = 1024  # columns of the synthetic cases: 4 super-blocks per row
 
@@ -51,8 +55,14 @@ def reference_dequantize(q: np.ndarray, qtype: T) -> np.ndarray:
     return block_type(qtype).reference.dequantize(q)
 
 
-def assert_same_bytes(qtype: T, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    """Our bytes must equal ggml_quantize_chunk's; report how many blocks differ and where."""
+def assert_same_bytes(qtype: T, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray | None:
+    """Our bytes must equal ggml_quantize_chunk's; report how many blocks differ and where. Without an
+    imatrix, the types ggml refuses must be refused (returns None)."""
+    assert block_type(qtype).reference.requires_imatrix == (qtype in NEEDS_IMATRIX)
+    if imatrix is None and qtype in NEEDS_IMATRIX:
+        with pytest.raises(BadInput, match="needs an importance matrix"):
+            reference_quantize(x, qtype, None)
+        return None
     ref = ggml_quantize_chunk(qtype, x, imatrix)
     ours = reference_quantize(x, qtype, imatrix)
     assert ours.dtype == np.uint8 and ours.shape == ref.shape
@@ -157,8 +167,10 @@ def test_imatrix_changes_the_bytes() -> None:
     rng = np.random.default_rng(11)
     x = rng.normal(0, 1, (4, 512)).astype(np.float32)
     im = _imatrix("sparse", 512, rng)
+    ones = np.ones(512, np.float32)
     for t in QUANTIZED:
-        plain, weighted = reference_quantize(x, t), reference_quantize(x, t, im)
+        plain = reference_quantize(x, t, ones if t in NEEDS_IMATRIX else None)
+        weighted = reference_quantize(x, t, im)
         assert np.array_equal(plain, weighted) == (t in IMATRIX_IGNORED), t.name
 
 
@@ -227,7 +239,8 @@ def test_real_weights_match_ggml(real_weights, qtype: T, tensor: str, imatrix: s
 def _sample_bytes(qtype: T) -> np.ndarray:
     """Oracle bytes of ordinary data plus fully random bytes (every bit pattern of scales and levels)."""
     rng = np.random.default_rng(int(qtype))
-    real = ggml_quantize_chunk(qtype, _outliers(rng).astype(np.float32)[:4])
+    im = _imatrix("random", N, rng) if qtype in NEEDS_IMATRIX else None
+    real = ggml_quantize_chunk(qtype, _outliers(rng).astype(np.float32)[:4], im)
     noise = rng.integers(0, 256, real.shape, dtype=np.uint8)
     return np.concatenate([real, noise])
 

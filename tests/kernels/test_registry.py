@@ -28,6 +28,7 @@ from qconvert.methods import gguf_mixture as gm
 EXPECTED_FAST = {
     T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
     T.IQ3_XXS, T.IQ3_S, T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0, T.MXFP4, T.NVFP4,
+    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M,
 }  # fmt: skip
 
 
@@ -66,6 +67,22 @@ def test_the_twin_is_called_with_the_uniform_convention() -> None:
     # without a twin: the reference
     ref = BlockType(kquants.Q4_K).quantize(x, im)
     assert np.array_equal(ref, kquants.Q4_K.quantize(x, im)) and np.array_equal(ref, quantize(x, T.Q4_K, im))
+
+
+def test_types_that_need_an_imatrix_are_refused_before_the_twin_runs() -> None:
+    """IQ2_XXS / IQ2_XS / IQ1_S (ggml_quantize_requires_imatrix): ggml aborts without one; we raise BadInput
+    on both paths, and the twin never sees the missing imatrix."""
+    needs = {t for t, b in BLOCK_TYPES.items() if b.reference.requires_imatrix}
+    assert needs == {T.IQ2_XXS, T.IQ2_XS, T.IQ1_S}
+
+    def twin(blocks, qw, nbr, out, use_qw):
+        raise AssertionError("the twin was called")
+
+    x = _rows(1, 256, 3)
+    for t in needs:
+        for b in (BlockType(BLOCK_TYPES[t].reference, twin), BlockType(BLOCK_TYPES[t].reference)):
+            with pytest.raises(BadInput, match=f"{t.name} needs an importance matrix"):
+                b.quantize(x, None)
 
 
 def test_float_types_go_through_their_classes() -> None:

@@ -21,6 +21,8 @@ from typing import ClassVar
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ...errors import BadInput
+
 F32 = np.float32
 QK_K = 256
 GROUP_MAX_EPS = F32(1e-15)
@@ -363,6 +365,8 @@ class BlockKernel:
     block_size: ClassVar[int]
     type_size: ClassVar[int]
     quantized: ClassVar[bool] = True
+    # ggml_quantize_requires_imatrix (ggml.c:8059): ggml aborts without one; quantize raises BadInput
+    requires_imatrix: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -371,6 +375,8 @@ class BlockKernel:
 
     @classmethod
     def quantize(cls, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        if imatrix is None and cls.requires_imatrix:
+            raise missing_imatrix(cls.qtype.name)
         rows = as_rows(x, cls.block_size, cls.qtype)
         nrows, n_per_row = rows.shape
         qw = as_imatrix(imatrix, n_per_row)
@@ -402,6 +408,12 @@ class BlockKernel:
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+
+def missing_imatrix(what: str) -> BadInput:
+    """A type ggml quantizes only with an imatrix (IQ2_XXS, IQ2_XS, IQ1_S), asked for without one."""
+    return BadInput(f"{what} needs an importance matrix (llama.cpp aborts without one): "
+                    "make one with `qconvert imatrix`")
 
 
 def as_rows(x: np.ndarray, block: int, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -34,7 +34,7 @@ from .helpers import (
     read_fp16,
     seqsum,
 )
-from .iq2 import KMAP_SIZE, KMAXQ, missing_imatrix, search_nan
+from .iq2 import KMAP_SIZE, KMAXQ, search_nan
 
 DELTA = F32(0.125)  # IQ1S_DELTA = IQ1M_DELTA (ggml-common.h:1132)
 X_P = np.array([F32(-1) + DELTA, DELTA, F32(1) + DELTA], dtype=F32)  # levels shifted up
@@ -202,12 +202,7 @@ def search_s(xs: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 class IQ1_S(BlockKernel):
     qtype = T.IQ1_S
-
-    @classmethod
-    def quantize(cls, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-        if imatrix is None:
-            raise missing_imatrix("IQ1_S")
-        return super().quantize(x, imatrix)
+    requires_imatrix = True
 
     @classmethod
     def quantize_rows(cls, x, qw):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import ClassVar
 
 import gguf.quants
 import numpy as np
@@ -163,14 +162,6 @@ def superblock_scales(scales: np.ndarray, nb: int, fudge: float) -> tuple[np.nda
 
 
 class _IQ2(BlockKernel):
-    requires_imatrix: ClassVar[bool] = False
-
-    @classmethod
-    def quantize(cls, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-        if imatrix is None and cls.requires_imatrix:
-            raise missing_imatrix(cls.qtype.name)
-        return super().quantize(x, imatrix)
-
     @classmethod
     def prepare(cls, x: np.ndarray, qw: np.ndarray | None):
         """(nb, stored d [nb], 4-bit scales [sub-blocks per block, nb], zero blocks [nb], grid indices and
@@ -180,12 +171,6 @@ class _IQ2(BlockKernel):
         nb = x.size // QK_K
         d, ls, zero = superblock_scales(scale, nb, p.fudge)
         return nb, d, ls, zero, idx, signs
-
-
-def missing_imatrix(what: str) -> BadInput:
-    """IQ2_XXS, IQ2_XS and IQ1_S without an imatrix: ggml_quantize_chunk's GGML_ASSERT kills the process."""
-    return BadInput(f"{what} needs an importance matrix (llama.cpp aborts without one): "
-                    "make one with `qconvert imatrix`")
 
 
 def _per_block(v: np.ndarray, nb: int) -> np.ndarray:

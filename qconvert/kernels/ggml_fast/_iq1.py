@@ -17,7 +17,8 @@ import numpy as np
 from numba import njit
 
 from ..ggml import iq1 as _spec
-from ..ggml.iq2 import missing_imatrix, search_nan
+from ..ggml.helpers import missing_imatrix
+from ..ggml.iq2 import search_nan
 from ._core import F0, F1, F2, F_HALF, JIT, clampf, fp32_to_fp16, nearest_int
 from ._grids import FLT_MAX, PAD, rank, soa_tables, winner
 

@@ -17,7 +17,8 @@ import numpy as np
 from numba import njit
 
 from ..ggml import iq2 as _spec
-from ..ggml.iq2 import missing_imatrix, search_nan
+from ..ggml.helpers import missing_imatrix
+from ..ggml.iq2 import search_nan
 from ._core import F0, F1, F2, F_HALF, F_TENTH, JIT, clampf, fp32_to_fp16, nearest_int, wrap_u8
 from ._grids import PAD, rank, soa_tables, winner
 
