@@ -53,7 +53,7 @@ def llamacpp_bin() -> Path:
 def bf16_gguf(model_dir: Path, cache: Path) -> Path:
     target = cache / "bench" / f"{model_dir.name}-BF16.gguf"
     if not target.exists():
-        from qconvert.convert_gguf import ConvertOptions, convert
+        from qconvert.pipelines.convert import ConvertOptions, convert
 
         target.parent.mkdir(parents=True, exist_ok=True)
         convert(str(model_dir), ConvertOptions(file_type="BF16", output=target))
@@ -215,7 +215,7 @@ def bench_imatrix(model: Path, text: Path, cache: Path, tmp: str, args, env: dic
         qconvert_imatrix_cmd(model, text, Path(tmp) / "ours.gguf", args.ctx, args.chunks, args.threads),
         env,
     )
-    from qconvert.formats.imatrix import read_imatrix
+    from qconvert.formats.gguf.imatrix import read_imatrix
 
     chunks = read_imatrix(Path(tmp) / "ours.gguf").chunk_count
     return {

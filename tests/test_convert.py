@@ -13,9 +13,9 @@ import typer
 from typer.testing import CliRunner
 
 from qconvert.cli.convert import convert_command
-from qconvert.convert_gguf import ConvertOptions, convert
 from qconvert.errors import BadInput
-from qconvert.formats.imatrix import Imatrix, write_imatrix_gguf
+from qconvert.formats.gguf.imatrix import Imatrix, write_imatrix_gguf
+from qconvert.pipelines.convert import ConvertOptions, convert
 from tests.oracle.llamacpp import model_quantize
 
 Q = gguf.GGMLQuantizationType

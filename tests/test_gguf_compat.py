@@ -1,4 +1,4 @@
-"""qconvert.gguf_compat: the ggml type ids PyPI gguf-py lacks exist once qconvert is imported."""
+"""qconvert.formats.gguf.compat: the ggml type ids PyPI gguf-py lacks exist once qconvert is imported."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 
 import qconvert  # noqa: F401  (installs the members)
-from qconvert import gguf_compat
+from qconvert.formats.gguf import compat as gguf_compat
 from tests.oracle.llamacpp import _ggml
 
 T = gguf.GGMLQuantizationType

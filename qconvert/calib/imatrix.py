@@ -28,7 +28,7 @@ from qconvert.calib.model import gguf_tensor_name
 from qconvert.calib.runner import LayerwiseRunner, Progress
 from qconvert.calib.stats import LinearStats
 from qconvert.errors import BadInput
-from qconvert.formats.imatrix import (
+from qconvert.formats.gguf.imatrix import (
     Imatrix,
     merge_imatrices,
     read_imatrix,

@@ -1,4 +1,4 @@
-"""`qconvert convert MODEL --to gguf --type Q4_K_M`: parse → qconvert.convert_gguf.convert → render.
+"""`qconvert convert MODEL --to gguf --type Q4_K_M`: parse → qconvert.pipelines.convert.convert → render.
 
 A progress bar per tensor goes to stderr; the summary (or the --dry-run plan) to stdout.
 """
@@ -82,7 +82,7 @@ def convert_command(
     """Convert a checkpoint to GGUF for llama.cpp in one step (convert_hf_to_gguf.py + llama-quantize)."""
     from rich.console import Console
 
-    from qconvert.convert_gguf import ConvertOptions, convert
+    from qconvert.pipelines.convert import ConvertOptions, convert
 
     if to.lower() != "gguf":
         raise BadInput(f"--to {to!r}: only gguf is supported here (packed safetensors: qconvert quantize)")

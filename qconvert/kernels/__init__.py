@@ -26,7 +26,7 @@ Adding a GGUF block type (e.g. IQ2_XXS) touches exactly these files:
    the generic tests (test_ggml_reference.py, test_ggml_fast.py) then run on it as well.
 
 A new llama-quantize file type (``--type IQ2_XXS``) is a mixture rule, not a block type: its line is in
-methods/gguf_mixture.py's _FILE_TYPES.
+formats/gguf/mixture.py's _FILE_TYPES.
 
 Also here: fp8.py (E4M3/E5M2 codes, E4M3_MAX), fp4.py (E2M1 element codes: ggml's and compressed-tensors'
 rounding, shared by the GGUF MXFP4/NVFP4 blocks and the packed FP4 schemes), packing.py (integer code packing

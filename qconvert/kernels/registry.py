@@ -1,7 +1,7 @@
 """The GGUF block types: each registered once, with its NumPy reference and, where one exists, its numba twin.
 
 Every list of GGUF types in the package is derived from BLOCK_TYPES: the types ``--tensor-type`` and
-``--output-tensor-type`` accept (methods/gguf_mixture.parse_tensor_type), the float / quantized sets the
+``--output-tensor-type`` accept (formats/gguf/mixture.parse_tensor_type), the float / quantized sets the
 mixture rules read, and the fast-path table. Adding a type is one line below (steps: qconvert/kernels).
 """
 

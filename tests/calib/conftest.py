@@ -38,7 +38,7 @@ def _venv_python() -> str:
 @pytest.fixture(scope="session")
 def smollm2_bf16_gguf(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Our bf16 checkpoint as a BF16 GGUF (same weights bit for bit), for llama.cpp's side of comparisons."""
-    from qconvert.convert_gguf import ConvertOptions, convert
+    from qconvert.pipelines.convert import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("gguf") / "smollm2-bf16.gguf"
     convert(str(smollm2_dir), ConvertOptions(file_type="BF16", output=out))

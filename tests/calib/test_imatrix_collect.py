@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from qconvert.calib.imatrix import combine, compute_imatrix, write
 from qconvert.cli.imatrix import imatrix_command
 from qconvert.errors import BadInput
-from qconvert.formats.imatrix import read_imatrix
+from qconvert.formats.gguf.imatrix import read_imatrix
 from qconvert.load import open_checkpoint
 
 CHUNKS = 4  # one llama.cpp batch (n_seq = 4): keeps the test short

@@ -17,7 +17,7 @@ LLAMA_FTYPE_Q4_K_M = 15
 
 @pytest.fixture(scope="session")
 def bf16_gguf(smollm2_dir: Path, tmp_path_factory) -> Path:
-    from qconvert.convert_gguf import ConvertOptions, convert
+    from qconvert.pipelines.convert import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("eval-gguf") / "smollm2-bf16.gguf"
     convert(str(smollm2_dir), ConvertOptions(file_type="BF16", output=out, threads=2))

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from qconvert.errors import BadInput
-from qconvert.formats.imatrix import (
+from qconvert.formats.gguf.imatrix import (
     Imatrix,
     merge_imatrices,
     read_imatrix,

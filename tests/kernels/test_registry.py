@@ -10,6 +10,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from qconvert.errors import BadInput
+from qconvert.formats.gguf import mixture as gm
 from qconvert.kernels import (
     BLOCK_TYPES,
     FAST_TYPES,
@@ -22,7 +23,6 @@ from qconvert.kernels import (
 )
 from qconvert.kernels.ggml import kquants, legacy
 from qconvert.kernels.registry import _register
-from qconvert.methods import gguf_mixture as gm
 
 # the types with a numba twin: a new twin is added here with its registry line
 EXPECTED_FAST = {

@@ -1,4 +1,4 @@
-"""gguf_mixture against the real llama.cpp (llama-cpp-python 0.3.36's libllama) and reference/gguf.md §3.
+"""formats.gguf.mixture against llama.cpp (llama-cpp-python 0.3.36's libllama) and reference/gguf.md §3.
 
 Small GGUF models are built here with gguf.GGUFWriter, quantized with `llama_model_quantize` for every
 supported file type (and with an imatrix where it changes the rules), and the type llama.cpp wrote for every
@@ -16,8 +16,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from qconvert.errors import BadInput
-from qconvert.methods import gguf_mixture as gm
-from qconvert.methods.gguf_mixture import (
+from qconvert.formats.gguf import mixture as gm
+from qconvert.formats.gguf.mixture import (
     FILE_TYPE_NAMES,
     MixtureOptions,
     ModelFacts,

@@ -36,7 +36,7 @@ _MAX_KV_STR = 127  # llama_model_kv_override.val_str is char[128]
 class ConvertOptions:
     file_type: str | None = None                            # None: the --config's type, else Q4_K_M
     output: Path | None = None
-    config: Path | None = None                              # YAML mixture preset (gguf_mixture.load_config)
+    config: Path | None = None                              # YAML mixture preset (mixture.load_config)
     imatrix: Path | None = None
     pure: bool = False
     leave_output_tensor: bool = False
@@ -117,7 +117,7 @@ class _Source:
 # option parsing (llama-quantize's spellings)
 
 def _parse_type(name: str, option: str) -> Q:
-    from qconvert.methods.gguf_mixture import parse_tensor_type
+    from qconvert.formats.gguf.mixture import parse_tensor_type
 
     try:
         return parse_tensor_type(name)
@@ -190,14 +190,14 @@ def _open_source(model: str, opts: ConvertOptions) -> _Source:
 def _imatrix(opts: ConvertOptions) -> Any:
     if opts.imatrix is None:
         return None
-    from qconvert.formats.imatrix import read_imatrix
+    from qconvert.formats.gguf.imatrix import read_imatrix
 
     return read_imatrix(opts.imatrix)
 
 
 def mixture_options(opts: ConvertOptions, has_imatrix: bool) -> Any:
     """MixtureOptions from the flags, on top of --config (flags win; --tensor-type patterns come first)."""
-    from qconvert.methods.gguf_mixture import MixtureOptions, load_config, parse_file_type
+    from qconvert.formats.gguf.mixture import MixtureOptions, load_config, parse_file_type
 
     base = load_config(opts.config, has_imatrix=has_imatrix) if opts.config else None
     if opts.file_type is not None:
@@ -216,7 +216,7 @@ def mixture_options(opts: ConvertOptions, has_imatrix: bool) -> Any:
 
 
 def _choices(src: _Source, mix: Any) -> list[Any]:
-    from qconvert.methods.gguf_mixture import ModelFacts, choose_types
+    from qconvert.formats.gguf.mixture import ModelFacts, choose_types
 
     items = [(t.name, t.ne, _kept_type(t, src)) for t in src.tensors]
     return choose_types(items, ModelFacts(**src.facts), mix)
@@ -251,7 +251,7 @@ def _imatrix_for(imx: Any, r: TensorRecord) -> np.ndarray | None:
 
 
 def _check_imatrix(records: list[TensorRecord], choices: list[Any], imx: Any, mix: Any) -> None:
-    from qconvert.methods.gguf_mixture import requires_imatrix
+    from qconvert.formats.gguf.mixture import requires_imatrix
 
     for r, c in zip(records, choices, strict=True):
         w = _imatrix_for(imx, r)  # raises on a size mismatch, before anything is written

@@ -1,0 +1,1 @@
+"""pipelines stage: the jobs that tie load, methods and formats together."""
