@@ -605,4 +605,4 @@ def load_config(path: str | Path, *, has_imatrix: bool = False) -> MixtureOption
 
 def preset_path(name: str) -> Path:
     """configs/gguf/<NAME>.yaml shipped with the repository."""
-    return Path(__file__).resolve().parents[2] / "configs" / "gguf" / f"{name}.yaml"
+    return Path(__file__).resolve().parents[3] / "configs" / "gguf" / f"{name}.yaml"
