@@ -1,6 +1,8 @@
 # qconvert developer tasks. Works from a bare machine with Python 3 and the package registries.
 #   make install    venv + the package          make dev        + dev extras + the llama.cpp oracle wheel
-#   make fixtures   test artefacts (cache)      make test       dev + fixtures + pytest + ruff
+#   make fixtures   test artefacts (cache)      make test       dev + fixtures + pytest + ruff (every test)
+#   make test-fast  the tests that need neither the llama.cpp oracle nor the real model, nor are slow
+#                   (markers from tests/conftest.py; a few minutes on 2 cores)
 #   make demo       convert the real fixture model and inspect the result
 # Heavy artefacts go to ~/.cache/qconvert (QCONVERT_CACHE overrides), never into the repo.
 
@@ -12,7 +14,7 @@ CACHE_DIR = $(or $(QCONVERT_CACHE),$(HOME)/.cache/qconvert)
 SMOLLM2 = $(CACHE_DIR)/fixtures/smollm2-135m-instruct
 DEMO_OUT = out/smollm2-Q4_K_M.gguf
 
-.PHONY: venv install dev oracle fixtures test demo
+.PHONY: venv install dev oracle fixtures test test-fast demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +53,10 @@ fixtures: install
 test: dev fixtures
 	$(PY) -m ruff check qconvert tests scripts
 	$(PY) -m pytest -q
+
+# the inner loop: small synthetic fixtures are built on demand; no oracle, no SmolLM2
+test-fast: dev
+	$(PY) -m pytest -q -m "not oracle and not model and not slow"
 
 demo: install
 	$(PY) scripts/fixtures.py model

@@ -182,6 +182,7 @@ def _dispatchers():
                 yield value
 
 
+@pytest.mark.slow  # recompiles every kernel signature without numba's cache: minutes
 def test_compiled_kernels_contain_no_fma():
     """FMA contraction would change the bytes (gguf.md §2.4.7, §8): scan the machine code of every kernel.
 

@@ -407,6 +407,7 @@ def test_nan_and_inf_weights(qtype: T) -> None:
                 check_reference(qtype, x, im, f"{bad} weight")
 
 
+@pytest.mark.oracle  # the oracle runs in a subprocess, out of the conftest's sight
 @pytest.mark.parametrize("case", ABORTS, ids=lambda c: c[0].name)
 def test_weights_ggml_aborts_on_are_refused(case) -> None:
     """We raise BadInput exactly where ggml aborts; the oracle runs in a subprocess (it dies). IQ1_M's

@@ -257,6 +257,7 @@ def test_iq3_s_zero_subblocks_shift_the_data() -> None:
     assert not ref[0, 58:66].any() and not ref[0, 102:106].any()  # trailing slot left zero
 
 
+@pytest.mark.oracle  # the oracle runs in a subprocess, out of the conftest's sight
 @pytest.mark.parametrize("qtype", TYPES, ids=_name)
 def test_weights_ggml_aborts_on_are_refused(qtype: T) -> None:
     """|x| ~ 1e30 makes every neighbour score inf and ggml GGML_ASSERTs (the process dies): we raise."""

@@ -287,6 +287,7 @@ def _quantize(model: Path, out: Path, calib: Path, fmt: str, *extra: str) -> Non
     assert code == 0, err
 
 
+@pytest.mark.slow  # a full calibrated quantize run on a synthetic model: tens of CPU seconds
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_awq_format_unpacks_to_the_method_weights(synthetic_dir, calib_text, tmp_path, recorded, arch):
     out = tmp_path / "awq"
@@ -307,6 +308,7 @@ def test_awq_format_unpacks_to_the_method_weights(synthetic_dir, calib_text, tmp
     assert not torch.equal(tensors[norm], src[norm])  # the qkv scales were folded into it
 
 
+@pytest.mark.slow  # a full calibrated quantize run on a synthetic model: tens of CPU seconds
 @pytest.mark.parametrize("zp", ["--zero-point", "--no-zero-point"])
 def test_compressed_tensors_unpacks_to_the_method_weights(synthetic_dir, calib_text, tmp_path, recorded, zp):
     out = tmp_path / "ct"
@@ -422,6 +424,7 @@ def test_gptq_v1_minimum_zero_is_respected():
     assert rel < 0.1
 
 
+@pytest.mark.slow  # a full calibrated quantize run on a synthetic model: tens of CPU seconds
 def test_gptq_format_holds_awq_weights(synthetic_dir, calib_text, tmp_path, recorded):
     """AWQ is a method, not a layout: its asymmetric weights also go to GPTQ v1 (zero-1 stored)."""
     out = tmp_path / "gptq"

@@ -80,8 +80,12 @@ def calib_args(calib_text: Path) -> list[str]:
     [
         ("gptq", ["--bits", "4", "--group-size", "64", "--sym"]),
         ("gptq_v2", ["--bits", "3", "--group-size", "32", "--asym", "--act-order"]),
-        ("compressed-tensors", ["--bits", "8", "--group-size", "-1", "--asym", "--no-true-sequential"]),
-        ("compressed-tensors", ["--bits", "2", "--group-size", "128", "--act-order", "--static-groups"]),
+        pytest.param("compressed-tensors",
+                     ["--bits", "8", "--group-size", "-1", "--asym", "--no-true-sequential"],
+                     marks=pytest.mark.slow),  # tens of CPU seconds each
+        pytest.param("compressed-tensors",
+                     ["--bits", "2", "--group-size", "128", "--act-order", "--static-groups"],
+                     marks=pytest.mark.slow),
     ],
 )
 def test_outputs_unpack_to_the_method_weights(run, recorded, synthetic_dir, calib_text, tmp_path, fmt, extra):
@@ -132,6 +136,7 @@ def _inputs_of_finished_model(model_dir: Path, tokens: torch.Tensor, deq: dict[s
     return hess
 
 
+@pytest.mark.slow  # a full calibrated quantize run on a synthetic model: tens of CPU seconds
 @pytest.mark.parametrize("true_sequential", [True, False])
 def test_each_layer_sees_the_quantized_layers_before(run, recorded, synthetic_dir, calib_text, tmp_path,
                                                      true_sequential):
