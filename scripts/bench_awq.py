@@ -62,55 +62,6 @@ def _cli(method: str, model: Path, out: Path, calib: Path, a, env) -> dict:
     return _timed(cmd, env)
 
 
-GPTQ_CHILD = r"""
-import sys, torch
-from pathlib import Path
-from safetensors.torch import save_file
-from qconvert.load import open_checkpoint
-from qconvert.calib.datasets import load_calibration, load_tokenizer
-from qconvert.calib.runner import LayerwiseRunner
-from qconvert.quantize_pipeline import QuantizeOptions, plan_quantization, quantize_linear
-
-model, calib, out, n, seq, group = sys.argv[1:7]
-opts = QuantizeOptions(model=model, output=Path(out), method="gptq", format="compressed-tensors", bits=4,
-                       group_size=int(group), sym=False, dataset=calib, num_samples=int(n), seq_len=int(seq))
-ckpt = open_checkpoint(model)
-plan = plan_quantization(ckpt, opts)
-plans = {p.prefix: p for p in plan.quantized}
-data = load_calibration(calib, load_tokenizer(ckpt), seq_len=int(seq), num_samples=int(n))
-deq = {}
-
-def on_layer(step):
-    for name, mod in step.module.named_modules():
-        full = f"{step.name}.{name}"
-        p = plans.get(full)
-        if p is None:
-            continue
-        qt, _ = quantize_linear(p, mod.weight.detach(), opts, step.stats[full].hessian)
-        w = torch.from_numpy(qt.dequantize())
-        mod.weight.copy_(w.to(mod.weight.dtype))
-        deq[p.weight] = w.clone()
-    return True
-
-LayerwiseRunner(ckpt, dtype=torch.float32).run(data.tokens, kinds=("hessian",), on_layer=on_layer)
-save_file(deq, out + ".safetensors")
-"""
-
-
-def _gptq(model: Path, out: Path, calib: Path, a, env) -> dict:
-    code = ("from qconvert.quantize_pipeline import run_quantize; import inspect; "
-            "print('needs the calibration engine' in inspect.getsource(run_quantize))")
-    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if probe.stdout.strip() == "False":  # wired in the pipeline: the real command
-        res = _cli("gptq", model, out, calib, a, env)
-        res["how"] = "cli"
-        return res
-    res = _timed([sys.executable, "-c", GPTQ_CHILD, str(model), str(calib), str(out), str(a.num_samples),
-                  str(a.seq_len), str(a.group_size)], env)
-    res["how"] = "runner + methods.gptq (the CLI is not wired yet)"
-    return res
-
-
 def perplexity(model, tokenizer, text: str, n_chunks: int, ctx: int = 512) -> float:
     import torch
 
@@ -175,7 +126,7 @@ def main() -> None:
             out = outs[method] = Path(tmp) / method
             print(f"[bench] quantizing with {method} ...", file=sys.stderr, flush=True)
             if method == "gptq":
-                res = _gptq(model, out, calib, a, env)
+                res = {**_cli("gptq", model, out, calib, a, env), "how": "cli"}
             else:
                 res = _cli(method, model, out, calib, a, env)
             res.pop("stdout", None)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qconvert.formats.gptq import marlin_problems
+from qconvert.formats.packed.gptq import marlin_problems
 from qconvert.kernels import packing
-from qconvert.methods.quantizer import QuantSpec
 from qconvert.methods.rtn import rtn_quantize
+from qconvert.methods.types import QuantSpec
 
 
 @pytest.fixture
@@ -126,7 +126,8 @@ def test_ct_json_overrides_and_ignore(run, synthetic_dir, tmp_path):
             r"model\.layers\.0\.mlp\.down_proj: group size 512 does not divide its 768 input columns"
             r".*--ignore",
         ),
-        (["--method", "rtn", "--format", "compressed-tensors", "--act-order"], "add --static-groups"),
+        (["--method", "gptq", "--format", "compressed-tensors", "--act-order", "--dataset", "x.txt"],
+         "add --static-groups"),
         (["--method", "rtn", "--layer-config", "no-such-preset"], "down-proj-8bit"),
         (["--method", "rtn", "--ignore", "("], "not a valid regular expression"),
         (["--method", "rtn", "--max-shard-size", "lots"], "bad size"),
@@ -145,7 +146,7 @@ def test_bad_input_refused_before_work(run, synthetic_dir, tmp_path, args, needl
 
 @pytest.fixture(scope="module")
 def smollm2_ct(smollm2_dir, tmp_path_factory) -> Path:
-    from qconvert.quantize_pipeline import QuantizeOptions, run_quantize
+    from qconvert.pipelines.quantize import QuantizeOptions, run_quantize
 
     out = tmp_path_factory.mktemp("smollm2") / "w4g64"
     summary = run_quantize(
@@ -154,8 +155,7 @@ def smollm2_ct(smollm2_dir, tmp_path_factory) -> Path:
             output=out,
             method="rtn",
             format="compressed-tensors",
-            bits=4,
-            group_size=64,
+            options={"bits": 4, "group_size": 64},
         )
     )
     assert len(summary.layers) == 30 * 7

@@ -2,9 +2,9 @@
 
     from qconvert.calib import LayerwiseRunner, LayerStep, LinearStats, CalibStats
     from qconvert.calib.datasets import load_calibration, load_tokenizer
-    from qconvert.calib.calibrate import calibrate          # `qconvert calibrate`
-    from qconvert.calib.imatrix import compute_imatrix      # `qconvert imatrix`
     from qconvert.calib.stats import save_stats, load_stats
+
+The jobs that run on it (`qconvert calibrate`, `qconvert imatrix`) are in qconvert.pipelines.
 
 Heavy imports (torch, transformers) happen when these modules are imported, not here.
 """

@@ -1,10 +1,12 @@
-"""`qconvert calibrate MODEL --dataset DATA -o stats.safetensors`: parse → calib.calibrate → render."""
+"""`qconvert calibrate MODEL --dataset DATA -o stats.safetensors`: parse → pipelines.calibrate → render."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+
+from qconvert.cli.progress import progress_bar
 
 
 def calibrate_command(
@@ -32,54 +34,20 @@ def calibrate_command(
     offload_dir: Path = typer.Option(None, "--offload-dir", help="Spill activations to this directory."),
 ) -> None:
     """Collect activation statistics of every linear input (Σxxᵀ, Σ|x|, Σx², max|x|), one layer at a time."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from qconvert.calib.calibrate import calibrate_to_file
     from qconvert.load import open_checkpoint
+    from qconvert.pipelines.calibrate import CalibrateOptions, calibrate_to_file
 
     ckpt = open_checkpoint(model)
-    err = Console(stderr=True, highlight=False)
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-    with bar:
-        task = bar.add_task("loading", total=None)
+    with progress_bar(eta=True) as bar:
+        bar.update(text="loading")
 
         def progress(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
+            bar.update(done, total, what)
 
-        m = calibrate_to_file(
-            output,
-            ckpt,
-            dataset,
-            num_samples=num_samples,
-            seq_len=seq_len,
-            seed=seed,
-            text_field=text_field,
-            kinds=stats,
-            lm_head=lm_head,
-            device=device,
-            dtype=dtype,
-            threads=threads,
-            batch_size=batch_size,
-            offload_dir=offload_dir,
-            progress=progress,
-        )
+        opts = CalibrateOptions(num_samples=num_samples, seq_len=seq_len, seed=seed, text_field=text_field,
+                                kinds=stats, lm_head=lm_head, device=device, dtype=dtype, threads=threads,
+                                batch_size=batch_size, offload_dir=offload_dir)
+        m = calibrate_to_file(output, ckpt, dataset, opts, progress=progress)
     typer.echo(
         f"{output}: {m['linears']} linears, {m['num_samples']} x {m['seq_len']} tokens "
         f"({m['tokens']}), stats {m['stats']}"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from qconvert.cli.progress import progress_bar
 from qconvert.errors import BadInput
 
 
@@ -45,13 +46,6 @@ def _summary_table(result):
     table.caption = (f"{result.bits_per_weight:.3f} bits per weight · {result.n_fallback} fallback(s) · "
                      f"{result.seconds:.1f} s")
     return table
-
-
-def _progress_bar(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[size]}"), TimeElapsedColumn(), console=console, transient=True)
 
 
 def convert_command(
@@ -92,7 +86,7 @@ def convert_command(
         token_embedding_type=token_embedding_type, tensor_types=list(tensor_type or []),
         override_kv=list(override_kv or []), dry_run=dry_run, threads=threads, pre_tokenizer=pre_tokenizer,
         allow_requantize=allow_requantize)
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    out = Console(highlight=False)
     if not out.is_terminal:  # piped: wide enough that tensor names are not cut
         out = Console(highlight=False, width=160, color_system=None)
     if dry_run:
@@ -100,12 +94,11 @@ def convert_command(
         out.print(_plan_table(result))
         out.print(_summary_table(result))
         return
-    with _progress_bar(err) as bar:
-        task = bar.add_task("quantizing", total=None, size="")
+    with progress_bar(fields=("size",)) as bar:
+        bar.update(text="quantizing")
 
         def progress(record, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, description=record.name,
-                       size=f"{record.qtype.name} {_mib(record.nbytes)}")
+            bar.update(done, total, record.name, size=f"{record.qtype.name} {_mib(record.nbytes)}")
 
         result = convert(model, opts, progress)
     out.print(_summary_table(result))

@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from qconvert.cli.progress import progress_bar
 
 # qconvert.evaluate.kl.DEFAULT_TOP_K; not imported here: the evaluate package imports torch
 DEFAULT_TOP_K = 0
-
-
-@contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
-        yield lambda label, total: (lambda n: None)
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        def start(label: str, total: int) -> Callable[[int], None]:
-            task = bar.add_task(label, total=total)
-            return lambda n: bar.advance(task, n)
-
-        yield start
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -88,10 +71,10 @@ def eval_command(
     """Perplexity and KL divergence of MODEL against its source, computed as llama-perplexity does."""
     from qconvert.evaluate.run import evaluate
 
-    with _progress_bar(True) as progress:
+    with progress_bar() as bar:
         result = evaluate(model, dataset, reference=reference, logits=logits, save_logits_to=save_logits,
                           ctx=ctx_size, chunks=chunks, top_k=top_k, loader=loader, threads=threads,
-                          progress=progress)
+                          progress=bar.start)
     res = result.to_json()
     if as_json:
         typer.echo(json.dumps(res))

@@ -1,4 +1,4 @@
-"""`qconvert imatrix MODEL --dataset TEXT -o imatrix.gguf`: parse → qconvert.calib.imatrix → render.
+"""`qconvert imatrix MODEL --dataset TEXT -o imatrix.gguf`: parse → qconvert.pipelines.imatrix → render.
 
 Options follow llama-imatrix (-c/--ctx-size, --chunks, --chunk, --process-output, --in-file, --output-format,
 --no-ppl). A progress bar with ETA goes to stderr, with the running perplexity once chunks are scored.
@@ -10,30 +10,8 @@ from pathlib import Path
 
 import typer
 
+from qconvert.cli.progress import progress_bar
 from qconvert.errors import BadInput
-
-
-def _progress_bar(console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[ppl]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
 
 
 def imatrix_command(
@@ -67,8 +45,8 @@ def imatrix_command(
     """Compute a llama.cpp-compatible importance matrix (GGUF or legacy .dat), one decoder layer at a time."""
     from rich.console import Console
 
-    from qconvert.calib import imatrix as im
     from qconvert.formats.output import check_output_path
+    from qconvert.pipelines import imatrix as im
 
     inputs = [p for item in (in_file or []) for p in item.split(",") if p]
     if output_format not in im.OUTPUT_FORMATS:
@@ -84,14 +62,14 @@ def imatrix_command(
         from qconvert.load import open_checkpoint
 
         ckpt = open_checkpoint(model)
-        with _progress_bar(err) as bar:
-            task = bar.add_task("loading", total=None, ppl="")
+        with progress_bar(fields=("ppl",), eta=True) as bar:
+            bar.update(text="loading")
 
             def progress(what: str, done: int, total: int) -> None:
-                bar.update(task, description=what, completed=done, total=total)
+                bar.update(done, total, what)
 
             def on_ppl(n: int, value: float) -> None:
-                bar.update(task, ppl=f"[{n}] ppl {value:.4f}")
+                bar.update(ppl=f"[{n}] ppl {value:.4f}")
 
             run = im.compute_imatrix(
                 ckpt,

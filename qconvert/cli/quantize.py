@@ -3,42 +3,25 @@
 from __future__ import annotations
 
 import json
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
+from qconvert.cli.progress import layer_progress
 from qconvert.errors import BadInput
+from qconvert.formats.packed import FORMAT_NAMES
+from qconvert.methods import METHODS
+from qconvert.methods.types import SCHEMES
 
 if TYPE_CHECKING:  # the pipeline imports torch: keep `qconvert --help` and other commands fast
-    from qconvert.quantize_pipeline import QuantizeSummary
+    from qconvert.pipelines.quantize import QuantizeSummary
 
-
-class Method(str, Enum):
-    gptq = "gptq"
-    rtn = "rtn"
-    awq = "awq"
-    fp8 = "fp8"
-
-
-class Format(str, Enum):
-    gptq = "gptq"
-    gptq_v2 = "gptq_v2"
-    compressed_tensors = "compressed-tensors"
-    awq = "awq"
-    fp8 = "fp8"
-
-
-class Scheme(str, Enum):
-    dynamic = "dynamic"
-    static = "static"
-    block = "block"
-
-
-# --format when none is given: each method's native layout (fp8: compressed-tensors, as llm-compressor writes)
-DEFAULT_FORMAT = {"gptq": "gptq", "rtn": "gptq", "awq": "awq", "fp8": "compressed-tensors"}
+# choices come from the registries (light imports: no torch)
+Method = Enum("Method", {name: name for name in METHODS}, type=str)  # type: ignore[misc]
+Format = Enum("Format", {name: name for name in FORMAT_NAMES}, type=str)  # type: ignore[misc]
+Scheme = Enum("Scheme", {name: name for name in SCHEMES}, type=str)  # type: ignore[misc]
 
 
 def _size(n: float) -> str:
@@ -79,76 +62,28 @@ def _render(summary: QuantizeSummary) -> None:
     )
 
 
-def _progress_bar(enabled: bool):
-    """A rich progress bar on stderr over decoder layers; returns (context manager, callback)."""
-    from contextlib import nullcontext
-
-    if not enabled:
-        return nullcontext(), None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("quantizing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=Console(file=sys.stderr),
-        transient=True,
-    )
-    task = bar.add_task("", total=None)
-
-    def report(done: int, total: int, text: str) -> None:
-        bar.update(task, completed=done, total=total, description=text)
-
-    return bar, report
-
-
-def resolve_sym(method: str, sym: bool | None, zero_point: bool | None) -> bool:
-    """--sym/--asym and AWQ's --zero-point/--no-zero-point name the same choice; AWQ defaults to a zero
-    point (AutoAWQ's default), the other methods to symmetric."""
+def resolve_sym(sym: bool | None, zero_point: bool | None) -> bool | None:
+    """--sym/--asym and AWQ's --zero-point/--no-zero-point name the same choice (None: the method's default;
+    AWQ has a zero point, as AutoAWQ, the other methods are symmetric)."""
     if sym is not None and zero_point is not None and sym == zero_point:
         raise BadInput(
             f"--{'sym' if sym else 'asym'} contradicts --{'' if zero_point else 'no-'}zero-point"
         )
-    if zero_point is not None:
-        return not zero_point
-    if sym is not None:
-        return sym
-    return method != "awq"
-
-
-def check_method_options(method: str, bits, group_size, sym, zero_point, scheme, percentile) -> None:
-    """Refuse options the chosen method would silently ignore."""
-    if method == "fp8":
-        given = [
-            flag
-            for flag, value in (("--bits", bits), ("--group-size", group_size), ("--sym/--asym", sym),
-                                ("--zero-point/--no-zero-point", zero_point))
-            if value is not None and not (flag == "--bits" and value == 8)
-        ]
-        if given:
-            raise BadInput(f"{given[0]} does not apply to --method fp8 (8-bit E4M3, symmetric scales; the "
-                           "granularity comes from --scheme)")
-    elif scheme is not None or percentile is not None:
-        raise BadInput(f"--{'scheme' if scheme is not None else 'percentile'} applies to --method fp8 only")
+    return (not zero_point) if zero_point is not None else sym
 
 
 def quantize_command(
     model: str = typer.Argument(..., help="HF checkpoint directory, .safetensors file or hub id."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (written atomically)."),
     method: Method = typer.Option(
-        ...,
-        "--method",
-        help="gptq (calibrated), rtn (round-to-nearest, no data), awq (activation-aware, calibrated), "
-        "fp8 (E4M3 weights; see --scheme).",
+        ..., "--method", help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + "."
     ),
     fmt: Format = typer.Option(
         None,
         "--format",
-        help="Output layout (default: gptq for gptq/rtn, awq for awq, compressed-tensors for fp8); "
-        "fp8 also writes vLLM's legacy 'fp8'.",
+        help="Output layout (default: "
+        + ", ".join(f"{m.default_format} for {m.name}" for m in METHODS.values())
+        + "); fp8 also writes vLLM's legacy 'fp8'.",
     ),
     scheme: Scheme = typer.Option(
         None,
@@ -172,36 +107,39 @@ def quantize_command(
         None, "--zero-point/--no-zero-point", help="AWQ's name for --asym/--sym (awq default: zero point)."
     ),
     act_order: bool = typer.Option(
-        False,
+        None,
         "--act-order/--no-act-order",
         help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act).",
     ),
     static_groups: bool = typer.Option(
-        False, "--static-groups", help="GPTQ act-order: fix group scales up front so g_idx stays sequential."
+        None, "--static-groups/--no-static-groups",
+        help="GPTQ act-order: fix group scales up front so g_idx stays sequential.",
     ),
     damp: float = typer.Option(
-        0.01, "--damp", help="GPTQ damping, a fraction of mean(diag H); raised on failure."
+        None, "--damp", help="GPTQ damping, a fraction of mean(diag H); raised on failure (default 0.01)."
     ),
     true_sequential: bool = typer.Option(
-        True,
+        None,
         "--true-sequential/--no-true-sequential",
         help="GPTQ: calibrate sub-layers in order, each on quantized inputs.",
     ),
-    mse: bool = typer.Option(False, "--mse", help="Search scales on a shrink grid minimising |Q(w)-w|^2.4."),
+    mse: bool = typer.Option(
+        None, "--mse/--no-mse", help="Search scales on a shrink grid minimising |Q(w)-w|^2.4."
+    ),
     dataset: str = typer.Option(
         None, "--dataset", help="Calibration text (gptq, awq, fp8 static): .txt, .jsonl, .parquet, hf:NAME."
     ),
-    num_samples: int = typer.Option(128, "--num-samples", help="Calibration sequences."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
+    num_samples: int = typer.Option(None, "--num-samples", help="Calibration sequences (default 128)."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Tokens per calibration sequence (default 512)."),
     stats: str = typer.Option(
         None, "--stats", help="A 'qconvert calibrate' file instead of --dataset: GPTQ Hessians (not "
         "sequential: every layer sees the original model's activations), fp8 static max |x|."
     ),
     device: str = typer.Option(
-        "auto", "--device", help="Calibration device: auto (GPU if present), cpu, cuda:N."
+        None, "--device", help="Calibration device: auto (GPU if present, the default), cpu, cuda:N."
     ),
     calib_dtype: str = typer.Option(
-        "bf16", "--calib-dtype", help="Calibration forward dtype: bf16 (as the engines run), f16 or f32 "
+        None, "--calib-dtype", help="Calibration forward dtype: bf16 (as the engines run; default), f16, f32 "
         "(Hessians and statistics are float32 either way)."
     ),
     ignore: list[str] = typer.Option(
@@ -217,40 +155,29 @@ def quantize_command(
 ) -> None:
     """Quantize to packed safetensors for vLLM, SGLang and transformers (GPTQ, AWQ, FP8;
     compressed-tensors)."""
-    check_method_options(method.value, bits, group_size, sym, zero_point, scheme, percentile)
-    sym = resolve_sym(method.value, sym, zero_point)
+    given = {
+        "bits": bits, "group_size": group_size, "sym": resolve_sym(sym, zero_point), "mse": mse,
+        "act_order": act_order, "static_groups": static_groups, "damp": damp,
+        "true_sequential": true_sequential, "dataset": dataset, "num_samples": num_samples,
+        "seq_len": seq_len, "stats": stats, "device": device, "calib_dtype": calib_dtype,
+        "scheme": scheme.value if scheme is not None else None, "percentile": percentile,
+    }
     from qconvert.formats.safetensors_out import parse_size
-    from qconvert.quantize_pipeline import QuantizeOptions, run_quantize
+    from qconvert.pipelines.quantize import QuantizeOptions, run_quantize
 
     opts = QuantizeOptions(
         model=model,
         output=output,
         method=method.value,
-        format=fmt.value if fmt is not None else DEFAULT_FORMAT[method.value],
-        scheme=(scheme or Scheme.dynamic).value,
-        percentile=100.0 if percentile is None else percentile,
-        bits=8 if method is Method.fp8 else (4 if bits is None else bits),
-        group_size=128 if group_size is None else group_size,
-        sym=sym,
-        act_order=act_order,
-        static_groups=static_groups,
-        damp=damp,
-        true_sequential=true_sequential,
-        mse=mse,
+        options={k: v for k, v in given.items() if v is not None},  # the method refuses what it does not take
+        format=fmt.value if fmt is not None else None,
         ignore=list(ignore or []),
         layer_config=layer_config,
         quantize_lm_head=quantize_lm_head,
-        dataset=dataset,
-        num_samples=num_samples,
-        seq_len=seq_len,
-        stats=stats,
-        device=device,
-        calib_dtype=calib_dtype,
         max_shard_bytes=parse_size(max_shard_size),
         overwrite=overwrite,
     )
-    bar, report = _progress_bar(sys.stderr.isatty() and not json_)
-    with bar:
+    with layer_progress("quantizing", enabled=not json_) as report:
         summary = run_quantize(opts, report)
     if json_:
         print(json.dumps(summary.to_json(), indent=2))

@@ -5,7 +5,7 @@
                    top_k=0, loader="auto", threads=None, progress=...)
 
 Backends (qconvert.evaluate.backends): llama.cpp for .gguf, transformers for HF directories (dense,
-compressed-tensors via transformers, GPTQ/AWQ/FP8 unpacked by our kernels: qconvert.evaluate.unpack).
+compressed-tensors via transformers, GPTQ/AWQ/FP8 unpacked by our kernels: formats.packed.dense_tensors).
 """
 
 from qconvert.evaluate.run import EvalResult, evaluate

@@ -12,7 +12,7 @@ Every backend answers the same three questions the perplexity loop asks:
 HF checkpoints are made dense by one of two loaders (``open_backend(..., loader=)``):
   "transformers"  ``AutoModelForCausalLM.from_pretrained`` (compressed-tensors with ``dequantize=True``,
                   checkpoint-formats.md §5.3)
-  "unpack"        our own reference kernels (qconvert.evaluate.unpack → qconvert.kernels.packing) unpack every
+  "unpack"        our own reference kernels (each packed format's unpack, formats.packed) unpack every
                   packed Linear to a dense float32 weight, and the model is built from its config without the
                   quantization_config — the hook for formats transformers cannot load on CPU (GPTQ, AWQ)
   "emulate"       compressed-tensors kept compressed by transformers: the forward also quantizes activations
@@ -310,7 +310,7 @@ def _load_unpacked(ckpt):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qconvert.calib.model import params_on_meta
-    from qconvert.evaluate.unpack import dense_tensors
+    from qconvert.formats.packed import dense_tensors
 
     try:
         cfg = AutoConfig.from_pretrained(str(ckpt.path))

@@ -55,14 +55,14 @@ from typing import Any
 
 import numpy as np
 
-from qconvert.load.checkpoint import Checkpoint, open_checkpoint
-from qconvert.load.gguf_file import FILE_TYPES, GGML_TYPES, GGUFField, GGUFFile, ValueType, is_gguf
-from qconvert.load.layouts import (
+from qconvert.formats.packed import (
     QuantizedLayer,
     find_quantized_layers,
     summarize_layers,
     summarize_quantization_config,
 )
+from qconvert.load.checkpoint import Checkpoint, open_checkpoint
+from qconvert.load.gguf_file import FILE_TYPES, GGML_TYPES, GGUFField, GGUFFile, ValueType, is_gguf
 
 ARRAY_LIMIT = 16  # longer GGUF arrays are abbreviated
 ARRAY_HEAD = 8

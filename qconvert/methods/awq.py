@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from qconvert.methods.quantized import QuantizedTensor
-from qconvert.methods.quantizer import DTYPES, QuantSpec, grouped_tensor, quantize_codes
+from qconvert.methods.quantizer import grouped_tensor, quantize_codes
+from qconvert.methods.types import QuantizedTensor, QuantSpec, scale_dtype
 
 log = logging.getLogger("qconvert.awq")
 
@@ -59,7 +59,7 @@ class AWQConfig:
 
 
 def _round_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    dt = DTYPES[spec.scale_dtype]
+    dt = scale_dtype(spec.scale_dtype)
     s = scale.to(dt).to(torch.float32)
     return torch.where(s > 0, s, torch.full_like(s, _TINY[dt]))
 

@@ -43,8 +43,8 @@ from qconvert.methods.awq import (
     search_scales,
     weight_mean,
 )
-from qconvert.methods.quantized import QuantizedTensor
-from qconvert.methods.quantizer import QuantSpec
+from qconvert.methods.plan import CalibrationOptions, IntOptions, Job, LayerPlan
+from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
 
 log = logging.getLogger("qconvert.awq")
 
@@ -368,3 +368,66 @@ def _round_float_params(step, specs, store_dtype) -> None:
         dt = store_dtype(full)
         if dt != p.dtype:
             p.copy_(p.to(dt).to(p.dtype))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the method: the calibration runner walks the decoder blocks; each block is scaled, clipped and quantized in
+# place, written out, and re-run so the next block sees the quantized block's outputs.
+
+_STORE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Config(IntOptions, CalibrationOptions):
+    """``--method awq``: the integer grid (zero point by default, as AutoAWQ) and the calibration data."""
+
+    sym: bool = False
+
+    def check(self) -> None:
+        if not self.dataset:
+            raise BadInput("--method awq needs calibration text: --dataset FILE.txt|.jsonl|.parquet|hf:NAME")
+        self.check_calibration()
+
+    def pack_options(self, lm_head: bool) -> PackOptions:
+        return PackOptions(method="awq", lm_head=lm_head)
+
+
+def run(job: Job) -> None:
+    from qconvert.calib.runner import LayerwiseRunner
+    from qconvert.methods.rtn import relative_error
+
+    cfg: Config = job.config
+    ckpt = job.ckpt
+    family(ckpt.config)  # refuse unsupported architectures before reading any data
+    tokens = cfg.tokens(ckpt)
+    specs = {p.prefix: p.spec for p in job.layers}
+    by_prefix = {p.prefix: p for p in job.layers}
+
+    def store_dtype(name: str) -> torch.dtype:
+        info = ckpt.tensors.get(name)
+        return _STORE_DTYPES.get(info.dtype, torch.float32) if info is not None else torch.float32
+
+    def on_layer(step) -> bool:
+        block = quantize_block(step, specs, ckpt.config, AWQConfig(), store_dtype)  # type: ignore[arg-type]
+        for prefix, r in block.quantized.items():
+            job.emit(by_prefix[prefix], r.qt, r.error, None)
+        for pname, param in step.module.named_parameters():
+            name = f"{step.name}.{pname}"
+            if name not in job.written and name in ckpt.tensors:
+                job.write(name, param.detach().to("cpu", store_dtype(name)).clone())
+        if job.progress:
+            worst = max((r.error for r in block.quantized.values()), default=0.0)
+            job.progress(step.index + 1, job.n_layers, f"layers.{step.index} max err {worst:.4g}")
+        return True  # re-run the block: the next one sees the quantized outputs
+
+    LayerwiseRunner(ckpt, device=cfg.device, dtype=cfg.calib_dtype).run(tokens, kinds=("abs_sum",),
+                                                                          on_layer=on_layer)
+
+    def lm_head(p: LayerPlan, w: torch.Tensor) -> tuple[QuantizedTensor, float]:
+        # --quantize-lm-head: no scaling group feeds it; the AWQ quantizer alone
+        assert isinstance(p.spec, QuantSpec)
+        w = w.to(torch.float32)
+        qt = awq_quantize(w, p.spec)
+        return qt, relative_error(w, qt)
+
+    job.stream(lm_head)

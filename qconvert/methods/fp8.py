@@ -14,7 +14,6 @@ per-channel maxima, or a percentile of the per-token maxima to ignore rare outli
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,63 +22,116 @@ import torch
 from qconvert.errors import BadInput
 from qconvert.kernels import fp8 as fp8_kernel
 from qconvert.kernels.fp8 import E4M3_MAX
+from qconvert.methods.plan import CalibrationOptions, Job, LayerPlan
+from qconvert.methods.types import SCHEMES, FP8Spec, FP8Tensor, PackOptions, expand_scale, scale_dtype
 
 STRATEGIES = ("tensor", "channel", "block")
-SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
-class FP8Spec:
-    strategy: str = "channel"  # tensor | channel | block
-    block: tuple[int, int] = (128, 128)  # rows × columns per scale (block strategy only)
-    scale_dtype: str = "float32"  # how the format stores scales; quantization uses the stored value
+class Config(CalibrationOptions):
+    """``--method fp8``:
 
-    def check_shape(self, name: str, n: int, k: int) -> None:
-        if self.strategy == "block" and (n % self.block[0] or k % self.block[1]):
-            bn, bk = self.block
+    --scheme dynamic  per-channel weight scales, dynamic per-token activations; no data
+    --scheme static   per-tensor weight scale; per-tensor input scale from the calibration engine's max |x|
+                      (or --percentile of per-token maxima); --dataset, or --stats from 'qconvert calibrate'
+    --scheme block    128×128 weight blocks, dynamic activations; layers whose shapes don't divide refuse
+    """
+
+    scheme: str = "dynamic"
+    percentile: float = 100.0  # static: input scale from this percentile of per-token max |x|
+    stats: str | None = None  # static: max |x| from a `qconvert calibrate` file instead of --dataset
+
+    def spec(self) -> FP8Spec:
+        return FP8Spec(strategy=SCHEMES[self.scheme])
+
+    def check(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise BadInput(f"--scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+        if not 0 < self.percentile <= 100:
+            raise BadInput(f"--percentile {self.percentile}: must be in (0, 100]")
+        if self.scheme == "static":
+            if self.dataset and self.stats:
+                raise BadInput(
+                    "give either --dataset (calibrate now) or --stats (a 'qconvert calibrate' file)"
+                )
+            if not self.dataset and not self.stats:
+                raise BadInput(
+                    "--scheme static needs activation statistics: --dataset FILE.txt|.jsonl|.parquet|hf:NAME "
+                    "(or --stats FILE from 'qconvert calibrate')"
+                )
+        elif self.dataset or self.stats:
             raise BadInput(
-                f"{name}: shape {n}×{k} is not divisible into {bn}×{bk} blocks; skip it with "
-                f"--ignore '{re.escape(name)}' or use --scheme dynamic"
+                f"--scheme {self.scheme} needs no data; --dataset/--stats only serve --scheme static"
             )
+        elif self.percentile != 100:
+            raise BadInput("--percentile only applies to --scheme static")
+        self.check_calibration()
+
+    def pack_options(self, lm_head: bool) -> PackOptions:
+        return PackOptions(method="fp8", lm_head=lm_head, static_inputs=self.scheme == "static")
 
 
-@dataclass
-class FP8Tensor:
-    """The method's result, before any format names it."""
+def run(job: Job) -> None:
+    """Tensor by tensor; --scheme static first finds every input scale (a calibration pass or stats file)."""
+    cfg: Config = job.config
+    ckpt = job.ckpt
+    in_scales = _input_scales(ckpt, cfg, job.quantized) if cfg.scheme == "static" else {}
 
-    codes: torch.Tensor  # uint8 E4M3 bit patterns [N, K]
-    scale: torch.Tensor  # float32 values of the stored scales: [1], [N, 1] or [N/bn, K/bk]
-    spec: FP8Spec
+    def quantize(p: LayerPlan, w: torch.Tensor) -> tuple[FP8Tensor, float]:
+        assert isinstance(p.spec, FP8Spec)
+        try:
+            qt = fp8_quantize(w, p.spec, p.prefix)
+        except BadInput as e:  # name the file the bad tensor is in
+            raise BadInput(str(e), ckpt.tensors[p.weight].file) from None
+        return qt, relative_error(w, qt)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
+    job.stream(quantize, in_scales)
 
-    def stored_scale(self) -> torch.Tensor:
-        return self.scale.to(SCALE_DTYPES[self.spec.scale_dtype])
 
-    def float8(self) -> torch.Tensor:
-        return self.codes.view(torch.float8_e4m3fn)
+def _input_scales(ckpt, cfg: Config, layers: list[LayerPlan]) -> dict[str, torch.Tensor]:
+    """Per-tensor input scale of every Linear to quantize, from a stats file or a calibration pass."""
+    kinds = ("abs_max",) if cfg.percentile >= 100 else ("abs_max", "token_max")
+    scale_dtype = layers[0].spec.scale_dtype  # type: ignore[union-attr]
+    if cfg.stats:
+        from qconvert.calib.stats import StatsFile
 
-    def dequantize(self) -> torch.Tensor:
-        """float32 [N, K] = e4m3 × scale (exact in float32: 4 × 8 significant bits at most)."""
-        return self.codes.view(torch.float8_e4m3fn).float() * expand_scale(self.scale, self.shape, self.spec)
+        sf = StatsFile(cfg.stats, ckpt)
+        stats = {p.prefix: sf.read(p.prefix, kinds) for p in layers if sf.kinds(p.prefix)}
+        where = cfg.stats
+    else:
+        from qconvert.calib.runner import LayerwiseRunner
+
+        runner = LayerwiseRunner(ckpt, device=cfg.device, dtype=cfg.calib_dtype)
+        stats = runner.run(cfg.tokens(ckpt), kinds=kinds, lm_head_stats=any(p.layer is None for p in layers))
+        where = None
+    out = {}
+    for p in layers:
+        st = stats.get(p.prefix)
+        missing = [k for k in kinds if st is None or getattr(st, k) is None]
+        if missing:
+            raise BadInput(
+                f"no {', '.join(missing)} statistics for {p.prefix}; collect them with 'qconvert calibrate "
+                f"--stats {','.join(kinds)}{' --lm-head' if p.layer is None else ''}'",
+                where,
+            )
+        scale = input_scale(st.abs_max, st.token_max, cfg.percentile, scale_dtype)
+        if not torch.isfinite(scale).all():  # NaN/Inf activations would be written as a NaN/Inf scale
+            raise BadInput(
+                f"{p.prefix}: its calibration inputs contain NaN or Inf (input scale {scale.item()}); "
+                "check the model's weights, or use --scheme dynamic",
+                where,
+            )
+        out[p.prefix] = scale
+    return out
 
 
 def round_scale(scale: torch.Tensor, dtype: str) -> torch.Tensor:
     """float32 scale → the value it has once stored in `dtype` (zeros become that dtype's eps)."""
-    tdtype = SCALE_DTYPES[dtype]
+    tdtype = scale_dtype(dtype)
     stored = scale.to(tdtype)
     stored = torch.where(stored == 0, torch.tensor(torch.finfo(tdtype).eps, dtype=tdtype), stored)
     return stored.float()
-
-
-def expand_scale(scale: torch.Tensor, shape: tuple[int, int], spec: FP8Spec) -> torch.Tensor:
-    """A scale grid broadcast against an [N, K] weight."""
-    if spec.strategy != "block":
-        return scale  # [1] and [N, 1] broadcast as they are
-    bn, bk = spec.block
-    return scale.repeat_interleave(bn, 0)[: shape[0]].repeat_interleave(bk, 1)[:, : shape[1]]
 
 
 def weight_amax(w: torch.Tensor, spec: FP8Spec) -> torch.Tensor:

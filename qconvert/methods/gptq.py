@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from qconvert.errors import BadInput
-from qconvert.methods.quantized import QuantizedTensor
-from qconvert.methods.quantizer import QuantSpec, find_params, quantize_codes
+from qconvert.methods.quantizer import find_params, quantize_codes
+from qconvert.methods.types import QuantizedTensor, QuantSpec
 
 log = logging.getLogger("qconvert.gptq")
 

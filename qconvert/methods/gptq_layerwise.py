@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qconvert.errors import BadInput
 from qconvert.methods.gptq import gptq_quantize
-from qconvert.methods.quantized import QuantizedTensor
-from qconvert.methods.quantizer import QuantSpec
+from qconvert.methods.plan import CalibrationOptions, IntOptions, Job
+from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
 
 log = logging.getLogger("qconvert.gptq")
 
@@ -42,12 +43,32 @@ OnQuantized = Callable[[str, QuantizedTensor, float], None]
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
-    act_order: bool = False
-    static_groups: bool = False
-    damp: float = 0.01
-    true_sequential: bool = True
-    block_size: int = 128
+class Config(IntOptions, CalibrationOptions):
+    """``--method gptq``: the integer grid, the calibration data (or a stats file's Hessians), the solver."""
+
+    stats: str | None = None  # Hessians from a `qconvert calibrate` file instead of --dataset
+    act_order: bool = False  # quantize columns by decreasing Hessian diagonal (desc_act)
+    static_groups: bool = False  # act-order with group scales fixed up front: g_idx stays sequential
+    damp: float = 0.01  # a fraction of mean(diag H); raised on failure
+    true_sequential: bool = True  # sub-layers in order, each on quantized inputs
+    block_size: int = 128  # columns per lazy-batch update
+
+    def check(self) -> None:
+        if not 0 < self.damp < 1:
+            raise BadInput(f"--damp {self.damp}: must be between 0 and 1 (a fraction of mean(diag H))")
+        if self.static_groups and not self.act_order:
+            raise BadInput("--static-groups only matters with --act-order")
+        if self.stats and self.dataset:
+            raise BadInput("give either --dataset (calibrate while quantizing) or --stats (a calibrate file)")
+        if not self.stats and not self.dataset:
+            raise BadInput("--method gptq needs calibration text: --dataset FILE.txt|.jsonl|.parquet|hf:NAME "
+                           "(or --stats FILE from 'qconvert calibrate')")
+        self.check_calibration()
+
+    def pack_options(self, lm_head: bool) -> PackOptions:
+        return PackOptions(method="gptq", lm_head=lm_head, act_order=self.act_order,
+                           static_groups=self.static_groups, damp=self.damp,
+                           true_sequential=self.true_sequential)
 
 
 # The GPTQ column loop is thousands of small ops on [N]-vectors: below this many rows one thread is faster
@@ -82,7 +103,7 @@ def output_error(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> float:
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
-def gptq_weight(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig,
+def gptq_weight(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: Config,
                 name: str) -> tuple[QuantizedTensor, torch.Tensor, float]:
     """GPTQ ``W [N, K]`` with ``H [K, K]`` (on the CPU: the column loop is many small ops); returns the
     result, its dequantized weight (float32) and the relative output error."""
@@ -95,7 +116,7 @@ def gptq_weight(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPT
     return qt, deq, output_error(w, deq, h)
 
 
-def quantize_module(lin: nn.Linear, h: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig,
+def quantize_module(lin: nn.Linear, h: torch.Tensor, spec: QuantSpec, cfg: Config,
                     name: str) -> tuple[QuantizedTensor, float]:
     """GPTQ one nn.Linear with its Hessian; its weight becomes the dequantized result (in place)."""
     qt, deq, err = gptq_weight(lin.weight, h, spec, cfg, name)
@@ -158,7 +179,7 @@ class LayerwiseGPTQ:
     ``on_quantized(name, qt, error)`` receives each result as soon as it is known (to be packed and written).
     """
 
-    def __init__(self, specs: dict[str, QuantSpec | None], cfg: GPTQConfig, on_quantized: OnQuantized,
+    def __init__(self, specs: dict[str, QuantSpec | None], cfg: Config, on_quantized: OnQuantized,
                  n_layers: int, progress: Progress | None = None):
         self.specs = specs
         self.cfg = cfg
@@ -227,7 +248,7 @@ def _short(layer_name: str, group: list[str]) -> str:
     return ",".join(_rel(layer_name, n) for n in group)
 
 
-def run_layerwise_gptq(ckpt, tokens: torch.Tensor, specs: dict[str, QuantSpec | None], cfg: GPTQConfig,
+def run_layerwise_gptq(ckpt, tokens: torch.Tensor, specs: dict[str, QuantSpec | None], cfg: Config,
                        on_quantized: OnQuantized, *, n_layers: int, device: str | None = "auto",
                        dtype: str | torch.dtype = "bf16", lm_head: QuantSpec | None = None,
                        lm_head_weight: torch.Tensor | None = None,
@@ -247,3 +268,43 @@ def run_layerwise_gptq(ckpt, tokens: torch.Tensor, specs: dict[str, QuantSpec | 
         assert lm_head_weight is not None
         qt, err = driver.quantize_lm_head(lm_head_weight, lm_head)
         on_quantized("lm_head", qt, err)
+
+
+def run(job: Job) -> None:
+    """Layer by layer on the calibration engine, each Linear written as soon as it is quantized; with
+    --stats, tensor by tensor from the file's Hessians (one pass over the original model, so not
+    sequential)."""
+    cfg: Config = job.config
+    quantized = {p.prefix: p for p in job.quantized}
+    if cfg.stats:
+        hessian = _stats_hessians(job.ckpt, list(quantized), cfg.stats)
+        for prefix, p in quantized.items():
+            assert isinstance(p.spec, QuantSpec)
+            qt, _deq, err = gptq_weight(job.ckpt.read(p.weight), hessian(prefix), p.spec, cfg, prefix)
+            job.emit(p, qt, err, None)
+            if job.progress:
+                job.progress((p.layer or 0) + 1, job.n_layers, p.label(err))
+        return
+    tokens = cfg.tokens(job.ckpt)
+    head = quantized.get("lm_head")
+    run_layerwise_gptq(
+        job.ckpt, tokens, {k: p.spec for k, p in quantized.items() if p.layer is not None}, cfg,  # type: ignore[misc]
+        lambda prefix, qt, err: job.emit(quantized[prefix], qt, err, None), n_layers=job.n_layers,
+        device=cfg.device, dtype=cfg.calib_dtype, lm_head=head.spec if head else None,  # type: ignore[arg-type]
+        lm_head_weight=job.ckpt.read(head.weight) if head else None, progress=job.progress,
+    )
+
+
+def _stats_hessians(ckpt, prefixes: list[str], path: str) -> Callable[[str], torch.Tensor]:
+    """Reader of the Hessian of each Linear to quantize, from a stats file made on this model. All are checked
+    up front; each is read when its Linear's turn comes (together they can outweigh the model)."""
+    from qconvert.calib.stats import StatsFile
+
+    stats = StatsFile(path, ckpt)
+    for prefix in prefixes:
+        kinds = stats.kinds(prefix)
+        if "hessian" not in kinds:
+            what = "no Hessian" if kinds else "no statistics"
+            raise BadInput(f"{what} for {prefix}; collect them with 'qconvert calibrate --stats hessian"
+                           f"{' --lm-head' if prefix == 'lm_head' else ''}'", path)
+    return lambda prefix: stats.read(prefix, ("hessian",)).hessian  # type: ignore[return-value]

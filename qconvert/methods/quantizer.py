@@ -14,40 +14,16 @@ reconstructs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from qconvert.methods.quantized import QuantizedTensor
+from qconvert.methods.types import QuantizedTensor, QuantSpec, scale_dtype
 
 # smallest positive value of each scale dtype: a row of (almost) zeros must not get a zero scale
 _TINY = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133, torch.float32: 2.0**-149}
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor is quantized (independent of the method and of the output format)."""
-
-    bits: int = 4
-    group_size: int = 128  # -1 = one group per output channel
-    sym: bool = True
-    mse: float = 0.0  # norm exponent of the MSE grid search (2.4 in the references); 0 = plain min/max
-    grid: int = 100
-    maxshrink: float = 0.8
-    scale_dtype: str = "float16"
-    min_zero: int = 0  # 1 for gptq format v1, which stores zero-1 and cannot hold a zero of 0
-
-    @property
-    def maxq(self) -> int:
-        return (1 << self.bits) - 1
-
-    def group_for(self, k: int) -> int:
-        return k if self.group_size == -1 else self.group_size
 
 
 def _round_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    dt = DTYPES[spec.scale_dtype]
+    dt = scale_dtype(spec.scale_dtype)
     s = scale.to(dt).to(torch.float32)
     return torch.where(s > 0, s, torch.full_like(s, _TINY[dt]))
 

@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from qconvert.methods.quantized import QuantizedTensor
-from qconvert.methods.quantizer import QuantSpec, find_params, grouped_tensor
+from qconvert.methods.plan import IntOptions, Job, LayerPlan
+from qconvert.methods.quantizer import find_params, grouped_tensor
+from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
+
+
+@dataclass(frozen=True)
+class Config(IntOptions):
+    def check(self) -> None:
+        return None
+
+    def pack_options(self, lm_head: bool) -> PackOptions:
+        return PackOptions(method="rtn", lm_head=lm_head)
+
+
+def run(job: Job) -> None:
+    """Tensor by tensor: no data, so nothing but the weight itself."""
+
+    def quantize(p: LayerPlan, w: torch.Tensor) -> tuple[QuantizedTensor, float]:
+        assert isinstance(p.spec, QuantSpec)
+        qt = rtn_quantize(w, p.spec)
+        return qt, relative_error(w, qt)
+
+    job.stream(quantize)
 
 
 def _as_float32(weight: np.ndarray | torch.Tensor) -> torch.Tensor:

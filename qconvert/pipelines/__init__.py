@@ -1,1 +1,1 @@
-"""pipelines stage: the jobs that tie load, methods and formats together."""
+"""pipelines stage: the jobs each command runs (convert, quantize, calibrate, imatrix), stage by stage."""

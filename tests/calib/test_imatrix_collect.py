@@ -11,11 +11,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from qconvert.calib.imatrix import combine, compute_imatrix, write
 from qconvert.cli.imatrix import imatrix_command
 from qconvert.errors import BadInput
 from qconvert.formats.gguf.imatrix import read_imatrix
 from qconvert.load import open_checkpoint
+from qconvert.pipelines.imatrix import combine, compute_imatrix, write
 
 CHUNKS = 4  # one llama.cpp batch (n_seq = 4): keeps the test short
 

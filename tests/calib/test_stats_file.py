@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qconvert.calib.calibrate import calibrate
 from qconvert.calib.stats import load_stats, save_stats
 from qconvert.errors import BadInput
 from qconvert.load import open_checkpoint
+from qconvert.pipelines.calibrate import CalibrateOptions, calibrate
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,8 @@ def small_text(tmp_path_factory, calib_text: Path) -> Path:
 
 def test_stats_file_round_trip(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
     ckpt = open_checkpoint(synthetic_dir("llama"))
-    stats = calibrate(
-        ckpt, str(small_text), num_samples=3, seq_len=32, dtype="f32", device="cpu", lm_head=True
-    )
+    stats = calibrate(ckpt, str(small_text),
+        CalibrateOptions(num_samples=3, seq_len=32, dtype="f32", device="cpu", lm_head=True))
     out = save_stats(tmp_path / "stats.safetensors", stats)
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
@@ -49,7 +48,8 @@ def test_stats_file_round_trip(synthetic_dir, small_text: Path, tmp_path: Path) 
 
 def test_subset_of_statistics(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
     ckpt = open_checkpoint(synthetic_dir("qwen2"))
-    stats = calibrate(ckpt, str(small_text), num_samples=1, seq_len=32, kinds="sq_sum", device="cpu")
+    stats = calibrate(ckpt, str(small_text),
+        CalibrateOptions(num_samples=1, seq_len=32, kinds="sq_sum", device="cpu"))
     out = save_stats(tmp_path / "s.safetensors", stats)
     with safe_open(str(out), framework="pt") as f:
         kinds = {k.rsplit(".", 1)[1] for k in f.keys()}
@@ -58,7 +58,8 @@ def test_subset_of_statistics(synthetic_dir, small_text: Path, tmp_path: Path) -
 
 def test_stats_for_another_model_are_refused(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
     llama = open_checkpoint(synthetic_dir("llama"))
-    stats = calibrate(llama, str(small_text), num_samples=1, seq_len=32, kinds="abs_max", device="cpu")
+    stats = calibrate(llama, str(small_text),
+        CalibrateOptions(num_samples=1, seq_len=32, kinds="abs_max", device="cpu"))
     out = save_stats(tmp_path / "s.safetensors", stats)
     with pytest.raises(BadInput, match=r"stats were collected on model 'llama' .*not on 'qwen3'"):
         load_stats(out, open_checkpoint(synthetic_dir("qwen3")))
@@ -81,11 +82,12 @@ def test_calibrate_to_file_streams_layer_by_layer(synthetic_dir, small_text: Pat
                                                  monkeypatch) -> None:
     """The CLI's path: each layer's statistics are written as the layer finishes (never all in memory), and
     the file holds exactly what the in-memory pass + save_stats writes."""
-    from qconvert.calib import calibrate as calibrate_mod
     from qconvert.calib.stats import StatsFileWriter
+    from qconvert.pipelines import calibrate as calibrate_mod
+    from qconvert.pipelines.calibrate import CalibrateOptions
 
     ckpt = open_checkpoint(synthetic_dir("qwen3"))
-    opts = dict(num_samples=2, seq_len=32, dtype="f32", device="cpu", lm_head=True)
+    opts = CalibrateOptions(num_samples=2, seq_len=32, dtype="f32", device="cpu", lm_head=True)
     seen: list[list[str]] = []
     real_add = StatsFileWriter.add
 
@@ -94,12 +96,12 @@ def test_calibrate_to_file_streams_layer_by_layer(synthetic_dir, small_text: Pat
         real_add(self, linears)
 
     monkeypatch.setattr(StatsFileWriter, "add", spy)
-    meta = calibrate_mod.calibrate_to_file(tmp_path / "streamed.safetensors", ckpt, str(small_text), **opts)
+    meta = calibrate_mod.calibrate_to_file(tmp_path / "streamed.safetensors", ckpt, str(small_text), opts)
     n_layers = ckpt.config["num_hidden_layers"]
     assert len(seen) == n_layers + 1 and seen[-1] == ["lm_head"]
     assert all({n.split(".")[2] for n in names} == {str(i)} for i, names in enumerate(seen[:-1]))
 
-    in_memory = save_stats(tmp_path / "memory.safetensors", calibrate(ckpt, str(small_text), **opts))
+    in_memory = save_stats(tmp_path / "memory.safetensors", calibrate(ckpt, str(small_text), opts))
     with safe_open(str(tmp_path / "streamed.safetensors"), framework="pt") as a, \
             safe_open(str(in_memory), framework="pt") as b:
         assert a.metadata() == b.metadata() == meta
@@ -111,7 +113,7 @@ def test_calibrate_to_file_streams_layer_by_layer(synthetic_dir, small_text: Pat
 
 
 def test_failed_calibration_leaves_no_file(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
-    from qconvert.calib.calibrate import calibrate_to_file
+    from qconvert.pipelines.calibrate import CalibrateOptions, calibrate_to_file
 
     ckpt = open_checkpoint(synthetic_dir("llama"))
     out = tmp_path / "stats.safetensors"
@@ -121,20 +123,24 @@ def test_failed_calibration_leaves_no_file(synthetic_dir, small_text: Path, tmp_
             raise KeyboardInterrupt  # Ctrl-C after layer 0's statistics were written
 
     with pytest.raises(KeyboardInterrupt):
-        calibrate_to_file(out, ckpt, str(small_text), num_samples=1, seq_len=32, device="cpu", on_layer=boom)
+        calibrate_to_file(out, ckpt, str(small_text),
+            CalibrateOptions(num_samples=1, seq_len=32, device="cpu"), on_layer=boom)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(BadInput, match="tokens"):  # too little text: refused before anything is written
-        calibrate_to_file(out, ckpt, str(small_text), num_samples=10_000, seq_len=32, device="cpu")
+        calibrate_to_file(out, ckpt, str(small_text),
+            CalibrateOptions(num_samples=10_000, seq_len=32, device="cpu"))
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(BadInput, match="is a directory"):  # refused before the pass, not after it
-        calibrate_to_file(tmp_path, ckpt, str(small_text), num_samples=10_000, seq_len=32, device="cpu")
+        calibrate_to_file(tmp_path, ckpt, str(small_text),
+            CalibrateOptions(num_samples=10_000, seq_len=32, device="cpu"))
 
 
 def test_stats_file_mode_follows_umask(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
     import os
 
     ckpt = open_checkpoint(synthetic_dir("llama"))
-    stats = calibrate(ckpt, str(small_text), num_samples=1, seq_len=32, kinds="abs_max", device="cpu")
+    stats = calibrate(ckpt, str(small_text),
+        CalibrateOptions(num_samples=1, seq_len=32, kinds="abs_max", device="cpu"))
     old = os.umask(0o022)
     try:
         out = save_stats(tmp_path / "s.safetensors", stats)
@@ -149,8 +155,8 @@ def test_stats_file_reads_one_linear_at_a_time(synthetic_dir, small_text: Path, 
     from qconvert.calib.stats import StatsFile
 
     ckpt = open_checkpoint(synthetic_dir("llama"))
-    stats = calibrate(ckpt, str(small_text), num_samples=2, seq_len=32, kinds="hessian,abs_max,token_max",
-                      device="cpu")
+    opts = CalibrateOptions(num_samples=2, seq_len=32, kinds="hessian,abs_max,token_max", device="cpu")
+    stats = calibrate(ckpt, str(small_text), opts)
     out = save_stats(tmp_path / "s.safetensors", stats)
     sf = StatsFile(out, ckpt)
     assert sorted(sf.names()) == sorted(stats.linears)
@@ -171,9 +177,9 @@ def test_disk_full_while_writing_stats_leaves_nothing(synthetic_dir, small_text:
     closing the buffered data file fails again (a full disk must not stay full of our leftovers)."""
     import errno
 
-    from qconvert.calib.calibrate import calibrate_to_file
     from qconvert.errors import IOFailure
     from qconvert.formats import safetensors_out
+    from qconvert.pipelines.calibrate import CalibrateOptions, calibrate_to_file
 
     class FullDisk:
         def __init__(self, path, mode):
@@ -189,16 +195,16 @@ def test_disk_full_while_writing_stats_leaves_nothing(synthetic_dir, small_text:
     monkeypatch.setattr(safetensors_out, "open", FullDisk, raising=False)
     ckpt = open_checkpoint(synthetic_dir("llama"))
     with pytest.raises(IOFailure, match="cannot write stats file: No space left on device"):
-        calibrate_to_file(tmp_path / "s.safetensors", ckpt, str(small_text), num_samples=1, seq_len=32,
-                          device="cpu")
+        calibrate_to_file(tmp_path / "s.safetensors", ckpt, str(small_text),
+            CalibrateOptions(num_samples=1, seq_len=32, device="cpu"))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_output_directory_is_refused(synthetic_dir, small_text: Path, tmp_path: Path) -> None:
-    from qconvert.calib.calibrate import calibrate_to_file
+    from qconvert.pipelines.calibrate import CalibrateOptions, calibrate_to_file
 
     ckpt = open_checkpoint(synthetic_dir("llama"))
     with pytest.raises(BadInput, match="output directory does not exist"):  # not created, not after the pass
-        calibrate_to_file(tmp_path / "new" / "s.safetensors", ckpt, str(small_text), num_samples=10_000,
-                          seq_len=32, device="cpu")
+        calibrate_to_file(tmp_path / "new" / "s.safetensors", ckpt, str(small_text),
+            CalibrateOptions(num_samples=10_000, seq_len=32, device="cpu"))
     assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qconvert.evaluate.run import evaluate
-from qconvert.evaluate.unpack import dense_tensors
+from qconvert.formats.packed import dense_tensors
 from qconvert.load import open_checkpoint
 
 
@@ -20,10 +20,10 @@ def tiny_src(synthetic_dir) -> Path:
 
 
 def _quantize(src: Path, out: Path, fmt: str) -> Path:
-    from qconvert.quantize_pipeline import QuantizeOptions, run_quantize
+    from qconvert.pipelines.quantize import QuantizeOptions, run_quantize
 
-    run_quantize(QuantizeOptions(model=str(src), output=out, method="rtn", format=fmt, group_size=64,
-                                 overwrite=True))
+    run_quantize(QuantizeOptions(model=str(src), output=out, method="rtn", format=fmt,
+                                 options={"group_size": 64}, overwrite=True))
     return out
 
 

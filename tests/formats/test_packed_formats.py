@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from qconvert.errors import BadInput
-from qconvert.formats.awq import AWQFormat
-from qconvert.formats.compressed_tensors import CompressedTensorsFormat
-from qconvert.formats.gptq import GPTQFormat, marlin_problems
+from qconvert.formats.packed.awq import AWQFormat
+from qconvert.formats.packed.base import PackPlan
+from qconvert.formats.packed.compressed_tensors import CompressedTensorsFormat
+from qconvert.formats.packed.gptq import GPTQFormat, marlin_problems
 from qconvert.formats.safetensors_out import CheckpointWriter
 from qconvert.kernels import packing
 from qconvert.methods.gptq import gptq_quantize
-from qconvert.methods.quantizer import QuantSpec
 from qconvert.methods.rtn import rtn_quantize
+from qconvert.methods.types import PackOptions, QuantSpec
 
 N, K = 64, 256
 RNG = np.random.default_rng(7)
@@ -105,7 +106,7 @@ def test_compressed_tensors_roundtrip_and_ct_decompressor(bits, group, sym):
     )
     np.testing.assert_array_equal(ours, qt.dequantize())
     # the package's own decompressor, driven by the config we write
-    cfg = QuantizationConfig.model_validate(fmt.quantization_config(spec, {}, []))
+    cfg = QuantizationConfig.model_validate(qconfig(fmt, spec, {}, []))
     scheme = cfg.config_groups["group_0"]
     theirs = PackedQuantizationCompressor.decompress(dict(t), scheme)["weight"]
     expected = torch.from_numpy(qt.dequantize()).to(torch.bfloat16)
@@ -130,8 +131,14 @@ GPTQ_KW = dict(
 )
 
 
+def qconfig(fmt, default, overrides, skipped, **options):
+    """The format's quantization_config for a plan of these specs and pack options."""
+    return fmt.quantization_config(PackPlan(PackOptions(**{"method": "rtn", **options}), default, overrides,
+                                            tuple(skipped)))
+
+
 def test_gptq_config_has_every_key_vllm_reads():
-    cfg = GPTQFormat().quantization_config(QuantSpec(), {}, [], **GPTQ_KW)
+    cfg = qconfig(GPTQFormat(), QuantSpec(), {}, [], **GPTQ_KW)
     for key in (
         "quant_method",
         "bits",
@@ -148,18 +155,18 @@ def test_gptq_config_has_every_key_vllm_reads():
     ):
         assert key in cfg
     assert cfg["checkpoint_format"] == "gptq" and cfg["pack_dtype"] == "int32"
-    v2 = GPTQFormat(v2=True).quantization_config(QuantSpec(), {}, [], **GPTQ_KW)
+    v2 = qconfig(GPTQFormat(v2=True), QuantSpec(), {}, [], **GPTQ_KW)
     assert v2["checkpoint_format"] == "gptq_v2"
-    ao = GPTQFormat().quantization_config(QuantSpec(), {}, [], **{**GPTQ_KW, "act_order": True})
+    ao = qconfig(GPTQFormat(), QuantSpec(), {}, [], **{**GPTQ_KW, "act_order": True})
     assert ao["desc_act"] is True
-    st = GPTQFormat().quantization_config(
+    st = qconfig(GPTQFormat(),
         QuantSpec(), {}, [], **{**GPTQ_KW, "act_order": True, "static_groups": True}
     )
     assert st["desc_act"] is False and st["static_groups"] is True
 
 
 def test_marlin_checker():
-    cfg = GPTQFormat().quantization_config(QuantSpec(bits=4, group_size=128), {}, [], **GPTQ_KW)
+    cfg = qconfig(GPTQFormat(), QuantSpec(bits=4, group_size=128), {}, [], **GPTQ_KW)
     good = {"model.layers.0.mlp.up_proj": (1536, 512), "model.layers.0.mlp.down_proj": (512, 1536)}
     assert marlin_problems(cfg, good) == []
     assert marlin_problems(cfg, {"a": (96, 512)}) == ["a: output size 96 (/1) is not a multiple of 64"]
@@ -171,13 +178,13 @@ def test_marlin_checker():
         (QuantSpec(sym=False), "sym=False"),
         (QuantSpec(group_size=256), "group_size 256"),
     ):
-        bad = GPTQFormat().quantization_config(spec, {}, [], **GPTQ_KW)
+        bad = qconfig(GPTQFormat(), spec, {}, [], **GPTQ_KW)
         assert any(needle in p for p in marlin_problems(bad, good))
     assert (
         "config lacks desc_act" in marlin_problems({k: v for k, v in cfg.items() if k != "desc_act"}, good)[0]
     )
     # per-layer overrides and skips through "dynamic", as vLLM applies them
-    mixed = GPTQFormat().quantization_config(
+    mixed = qconfig(GPTQFormat(),
         QuantSpec(),
         {"model.layers.0.mlp.down_proj": QuantSpec(bits=3)},
         ["model.layers.0.mlp.up_proj"],
@@ -190,7 +197,7 @@ def test_marlin_checker():
 def test_ct_config_overrides_and_ignore():
     from compressed_tensors.quantization import QuantizationConfig
 
-    cfg = CompressedTensorsFormat().quantization_config(
+    cfg = qconfig(CompressedTensorsFormat(),
         QuantSpec(bits=4, group_size=64, sym=False),
         {"model.layers.1.mlp.down_proj": QuantSpec(bits=8)},
         ["model.layers.0.mlp.gate"],
@@ -222,7 +229,7 @@ def test_ct_config_overrides_and_ignore():
 )
 def test_formats_refuse_what_they_cannot_hold(fmt, spec, kw, needle):
     with pytest.raises(BadInput, match=needle):
-        fmt.check_spec(spec, **kw)
+        fmt.check_spec(spec, PackOptions(method="gptq", **kw))
 
 
 def test_layer_shape_checks_name_the_layer():

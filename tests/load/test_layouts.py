@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from qconvert.formats.packed import find_quantized_layers, summarize_quantization_config
 from qconvert.load import open_checkpoint
-from qconvert.load.layouts import find_quantized_layers, summarize_quantization_config
 from qconvert.load.summary import inspect
 
 N, K, G = 64, 256, 2  # out_features, in_features, groups of 128

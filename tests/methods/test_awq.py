@@ -26,7 +26,7 @@ from qconvert.methods.awq import (
     weight_mean,
 )
 from qconvert.methods.awq_block import block_plan, fold_scales
-from qconvert.methods.quantizer import QuantSpec
+from qconvert.methods.types import QuantSpec
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from qconvert import cli
 from qconvert.kernels.fp8 import decode_e4m3, quantize_fp8
-from qconvert.methods.fp8 import FP8Spec, FP8Tensor, fp8_quantize
+from qconvert.methods.fp8 import fp8_quantize
+from qconvert.methods.types import FP8Spec, FP8Tensor
 
 SAMPLES, SEQ = 4, 64
 BLOCK = 128
@@ -222,8 +223,8 @@ def test_tensors_unpack_to_the_method_weights(synth, synth_src, fmt, scheme):
 
 @pytest.mark.parametrize("fmt,scheme", RUNS)
 def test_eval_unpacker_gives_the_same_weights(synth, synth_src, fmt, scheme):
-    """qconvert eval's own unpacker (evaluate.unpack) reads every output as the reference does."""
-    from qconvert.evaluate.unpack import dense_tensors
+    """qconvert eval's own unpacker (formats.packed.dense_tensors) reads every output as the reference."""
+    from qconvert.formats.packed import dense_tensors
     from qconvert.load import open_checkpoint
 
     src, got = tensors(synth_src), tensors(synth[fmt, scheme])
@@ -317,7 +318,7 @@ def test_compressed_tensors_block_with_128_wide_inputs(tmp_path):
     """K = 128 gives a [N/128, 1] block grid: readers must not take it for per-channel scales."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from qconvert.evaluate.unpack import dense_tensors
+    from qconvert.formats.packed import dense_tensors
     from qconvert.load import open_checkpoint
 
     cfg = LlamaConfig(

@@ -170,13 +170,13 @@ def test_each_layer_sees_the_quantized_layers_before(run, recorded, synthetic_di
 
 
 def test_stats_file_gives_the_hessians(run, recorded, synthetic_dir, calib_text, tmp_path):
-    from qconvert.calib.calibrate import calibrate
     from qconvert.calib.stats import save_stats
     from qconvert.load import open_checkpoint
+    from qconvert.pipelines.calibrate import CalibrateOptions, calibrate
 
     src = synthetic_dir("llama")
-    stats = calibrate(open_checkpoint(src), str(calib_text), num_samples=SAMPLES, seq_len=SEQ,
-                      kinds="hessian", dtype="f32")
+    stats = calibrate(open_checkpoint(src), str(calib_text),
+        CalibrateOptions(num_samples=SAMPLES, seq_len=SEQ, kinds="hessian", dtype="f32"))
     path = save_stats(tmp_path / "stats.safetensors", stats)
     code, _, err = run(src, "--method", "gptq", "--stats", path, "--format", "gptq", "-o", tmp_path / "out")
     assert code == 0, err
@@ -184,8 +184,8 @@ def test_stats_file_gives_the_hessians(run, recorded, synthetic_dir, calib_text,
     for name, (h, _qt) in recorded.items():
         assert torch.equal(h, stats.linears[name].hessian.double()), name
 
-    no_h = save_stats(tmp_path / "abs.safetensors", calibrate(
-        open_checkpoint(src), str(calib_text), num_samples=1, seq_len=SEQ, kinds="abs_max"))
+    no_h = save_stats(tmp_path / "abs.safetensors", calibrate(open_checkpoint(src), str(calib_text),
+        CalibrateOptions(num_samples=1, seq_len=SEQ, kinds="abs_max")))
     code, _, err = run(src, "--method", "gptq", "--stats", no_h, "-o", tmp_path / "out2")
     assert code == 2 and err.count("\n") == 1, err
     assert re.search(r"no Hessian for model\.layers\.0\.\w+\.\w+_proj; collect them with 'qconvert calibrate "
@@ -234,16 +234,17 @@ def test_broken_hessian_names_the_layer(run, synthetic_dir, calib_text, tmp_path
 
 @pytest.fixture(scope="module")
 def smollm2_w4g64(smollm2_dir, calib_text, tmp_path_factory) -> dict[str, Path]:
-    from qconvert.quantize_pipeline import QuantizeOptions, run_quantize
+    from qconvert.pipelines.quantize import QuantizeOptions, run_quantize
 
     base = tmp_path_factory.mktemp("smollm2-gptq")
     outs = {}
+    calib = {"dataset": str(calib_text), "num_samples": 8, "seq_len": 512, "device": "cpu"}
     for method in ("gptq", "rtn"):
         outs[method] = base / method
         summary = run_quantize(
             QuantizeOptions(model=str(smollm2_dir), output=outs[method], method=method,
-                            format="compressed-tensors", bits=4, group_size=64, dataset=str(calib_text),
-                            num_samples=8, seq_len=512, device="cpu")
+                            format="compressed-tensors",
+                            options={"bits": 4, "group_size": 64, **({} if method == "rtn" else calib)})
         )
         assert len(summary.layers) == 30 * 7
     return outs

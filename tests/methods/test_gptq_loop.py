@@ -34,7 +34,7 @@ def test_column_loop_equals_reference(n, b, maxq):
 def test_gptq_quantize_uses_the_loop_consistently(monkeypatch):
     """gptq_quantize through the compiled loop == through the reference loop (all group layouts)."""
     import qconvert.methods.gptq as gptq
-    from qconvert.methods.quantizer import QuantSpec
+    from qconvert.methods.types import QuantSpec
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((512, 256)).astype(np.float32)

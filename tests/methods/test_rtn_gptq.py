@@ -11,8 +11,9 @@ import torch
 
 from qconvert.errors import BadInput
 from qconvert.methods.gptq import gptq_quantize, inverse_hessian_upper
-from qconvert.methods.quantizer import QuantSpec, find_params, quantize_codes
+from qconvert.methods.quantizer import find_params, quantize_codes
 from qconvert.methods.rtn import relative_error, rtn_quantize
+from qconvert.methods.types import QuantSpec
 
 
 def layer(n=96, k=256, t=1024, seed=0):

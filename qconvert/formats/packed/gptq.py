@@ -10,16 +10,29 @@ and ``quantize_config.json`` (§1.7), with every key vLLM's gptq and gptq_marlin
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from qconvert import __version__
 from qconvert.errors import BadInput
+from qconvert.formats.packed.base import (
+    PackPlan,
+    QuantizedLayer,
+    ReadSmall,
+    Source,
+    TensorInfo,
+    group_size,
+    layer,
+    members,
+)
 from qconvert.kernels import packing
-from qconvert.methods.quantized import QuantizedTensor
-from qconvert.methods.quantizer import QuantSpec
+from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
+
+if TYPE_CHECKING:  # torch only where tensors are made: inspect reads layouts without it
+    import torch
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel's accepted set
@@ -32,14 +45,18 @@ MARLIN_K_MULTIPLE = 128
 
 
 class GPTQFormat:
-    """Packer + config writer for ``--format gptq`` (v1) and ``--format gptq_v2``."""
+    """``--format gptq`` (v1) and ``--format gptq_v2``: packer, config writer, detector, unpacker."""
+
+    kind = "int"
+    method = "gptq"
+    suffixes = ("qweight", "qzeros", "scales", "g_idx")
 
     def __init__(self, v2: bool = False):
         self.v2 = v2
         self.name = "gptq_v2" if v2 else "gptq"
 
     # -- checks, all run before any quantization work ----------------------------------------------------
-    def check_spec(self, spec: QuantSpec, *, act_order: bool = False, static_groups: bool = False) -> None:
+    def check_spec(self, spec: QuantSpec, options: PackOptions) -> None:
         if spec.bits not in BITS:
             raise BadInput(
                 f"--format {self.name} holds {'/'.join(map(str, BITS))}-bit weights, not {spec.bits}"
@@ -64,7 +81,9 @@ class GPTQFormat:
         return replace(spec, scale_dtype="float16", min_zero=0 if (self.v2 or spec.sym) else 1)
 
     # -- tensors -------------------------------------------------------------------------------------------
-    def pack(self, prefix: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    def pack(self, prefix: str, qt: QuantizedTensor, input_scale: torch.Tensor | None = None
+             ) -> dict[str, torch.Tensor]:
+        import torch
         qweight = packing.gptq_pack_qweight(qt.codes, qt.bits)
         try:
             qzeros = packing.gptq_pack_qzeros(qt.zeros.T, qt.bits, v2=self.v2)
@@ -78,19 +97,11 @@ class GPTQFormat:
         }
 
     # -- config --------------------------------------------------------------------------------------------
-    def quantization_config(
-        self,
-        default: QuantSpec,
-        overrides: dict[str, QuantSpec],
-        skipped: list[str],
-        *,
-        method: str,
-        act_order: bool,
-        static_groups: bool,
-        damp: float,
-        true_sequential: bool,
-        lm_head: bool,
-    ) -> dict:
+    def quantization_config(self, plan: PackPlan) -> dict:
+        o, default = plan.options, plan.default
+        assert isinstance(default, QuantSpec)
+        act_order, static_groups = o.act_order, o.static_groups
+        damp, true_sequential = o.damp, o.true_sequential
         # desc_act tells readers to honour a non-sequential g_idx; static groups keep g_idx sequential, so
         # readers need no reordering (vLLM takes the faster path) while the act-order benefit stays
         desc_act = bool(act_order and not static_groups and default.group_size != -1)
@@ -105,10 +116,10 @@ class GPTQFormat:
             "damp_percent": damp,
             "true_sequential": true_sequential,
             "static_groups": static_groups,
-            "lm_head": lm_head,
+            "lm_head": o.lm_head,
             "meta": {
                 "quantizer": [f"qconvert:{__version__}"],
-                "method": method,
+                "method": o.method,
                 "act_order": act_order,
                 "damp_percent": damp,
                 "static_groups": static_groups,
@@ -116,7 +127,7 @@ class GPTQFormat:
                 "mse": default.mse,
             },
         }
-        dynamic = gptq_dynamic(default, overrides, skipped)
+        dynamic = gptq_dynamic(default, plan.overrides, plan.skipped)  # type: ignore[arg-type]
         if dynamic:
             cfg["dynamic"] = dynamic
         return cfg
@@ -124,8 +135,48 @@ class GPTQFormat:
     def extra_files(self, quantization_config: dict) -> dict[str, dict]:
         return {"quantize_config.json": quantization_config}
 
+    # -- reading -------------------------------------------------------------------------------------------
+    def claims(self, prefix: str, suffix: str, tensors: Mapping[str, TensorInfo], method: str) -> bool:
+        return suffix == "qweight"  # after AWQ, which claims the qweights that are its own
 
-def gptq_dynamic(default: QuantSpec, overrides: dict[str, QuantSpec], skipped: list[str]) -> dict[str, dict]:
+    def detect(self, prefix: str, tensors: Mapping[str, TensorInfo], hints: dict[str, Any],
+               read_small: ReadSmall | None) -> QuantizedLayer | None:
+        qw, sc = tensors[f"{prefix}.qweight"], tensors.get(f"{prefix}.scales")
+        qz, gi = tensors.get(f"{prefix}.qzeros"), tensors.get(f"{prefix}.g_idx")
+        if sc is None or len(qw.shape) != 2 or len(sc.shape) != 2:
+            return None
+        n, groups = sc.shape[1], sc.shape[0]
+        candidates = []
+        if qz is not None and len(qz.shape) == 2 and n and (qz.shape[1] * 32) % n == 0:
+            candidates.append(qz.shape[1] * 32 // n)
+        if gi is not None and gi.shape and gi.shape[0] and (qw.shape[0] * 32) % gi.shape[0] == 0:
+            candidates.append(qw.shape[0] * 32 // gi.shape[0])
+        if isinstance(hints.get("bits"), int):
+            candidates.append(hints["bits"])
+        bits = next((b for b in candidates if 0 < b <= 32 and (qw.shape[0] * 32) % b == 0), None)
+        k = gi.shape[0] if gi is not None and gi.shape else (qw.shape[0] * 32 // bits if bits else 0)
+        group, gran = group_size(k, groups, hints.get("group_size"))
+        return layer(prefix, self.method, bits, group, n, k, members(prefix, self.suffixes, tensors), tensors,
+                     gran)
+
+    def unpack(self, src: Source, prefix: str, qc: dict) -> torch.Tensor:
+        import torch
+        qweight = src.read_numpy(f"{prefix}.qweight")
+        scales = src.read_numpy(f"{prefix}.scales")
+        qzeros = src.read_numpy(f"{prefix}.qzeros")
+        bits = int(qc.get("bits", 4))
+        k = qweight.shape[0] * 32 // bits
+        if f"{prefix}.g_idx" in src.tensors:
+            g_idx = src.read_numpy(f"{prefix}.g_idx").astype(np.int64)
+        else:
+            group = int(qc.get("group_size", -1))
+            g_idx = np.arange(k) // (k if group == -1 else group)
+        v2 = str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2"
+        return torch.from_numpy(packing.gptq_dequantize(qweight, qzeros, scales, g_idx, bits, v2))
+
+
+def gptq_dynamic(default: QuantSpec, overrides: dict[str, QuantSpec], skipped: tuple[str, ...]
+                 ) -> dict[str, dict]:
     """GPTQModel/vLLM ``dynamic``: ``+:regex`` per-module overrides, ``-:regex`` modules left unquantized."""
     dyn: dict[str, dict] = {}
     for prefix, spec in sorted(overrides.items()):

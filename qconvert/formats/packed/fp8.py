@@ -1,0 +1,188 @@
+"""FP8 checkpoints (checkpoint-formats.md §4): compressed-tensors ``float-quantized`` and vLLM's ``fp8``.
+
+compressed-tensors (llm-compressor's presets; config built with the compressed-tensors classes):
+    dynamic  FP8_DYNAMIC  weight [N,K] e4m3, weight_scale [N,1] (model dtype); per-token dynamic inputs
+    static   FP8          weight_scale [1]; input_scale [1] from calibration
+    block    FP8_BLOCK    weight_scale [N/128, K/128]; inputs dynamic per group of 128
+vLLM ``fp8`` (AutoFP8 / DeepSeek layouts; float32 scales):
+    dynamic / static  weight_scale 0-d (one per tensor: the only weight granularity this method stores),
+                      input_scale 0-d when static; ``activation_scheme``
+    block             weight_scale_inv [N/128, K/128] + ``weight_block_size`` (transformers' fine-grained FP8
+                      reads it too); block checkpoints must be dynamic
+
+A format adapts the method's FP8Spec (strategy, scale dtype) and names the tensors; it never sees how the
+scales were found. Both read as one layout: a float8 weight times its scale grid (``FloatWeightLayout``,
+which int8.py shares for W8A8 weights).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from qconvert.errors import BadInput
+from qconvert.formats.packed.base import (
+    PackPlan,
+    QuantizedLayer,
+    ReadSmall,
+    Source,
+    TensorInfo,
+    group_size,
+    ignore_list,
+    layer,
+    members,
+)
+from qconvert.formats.packed.compressed_tensors import ct_config
+from qconvert.methods.types import FP8Spec, FP8Tensor, PackOptions
+
+if TYPE_CHECKING:  # torch only where tensors are made: inspect reads layouts without it
+    import torch
+
+BLOCK = (128, 128)
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ")
+
+
+def scheme_of(spec: FP8Spec, options: PackOptions) -> str:
+    """The llm-compressor preset a spec is: block, static (calibrated input scales) or dynamic."""
+    return "block" if spec.strategy == "block" else "static" if options.static_inputs else "dynamic"
+
+
+class FloatWeightLayout:
+    """A weight stored in a narrow dtype [N, K] times a scale grid: ``weight_scale`` ([] / [1] per tensor,
+    [N, 1] per channel, [N, G] per group, [N/bn, K/bk] per block) or DeepSeek's ``weight_scale_inv``."""
+
+    method = "fp8"
+    suffixes = ("weight", "weight_scale", "weight_scale_inv", "input_scale")
+    dtypes: tuple[str, ...] = FP8_DTYPES
+
+    def claims(self, prefix: str, suffix: str, tensors: Mapping[str, TensorInfo], method: str) -> bool:
+        return suffix == "weight" and tensors[f"{prefix}.weight"].dtype in self.dtypes
+
+    def detect(self, prefix: str, tensors: Mapping[str, TensorInfo], hints: dict[str, Any],
+               read_small: ReadSmall | None) -> QuantizedLayer | None:
+        w = tensors[f"{prefix}.weight"]
+        if len(w.shape) != 2:
+            return None
+        n, k = w.shape
+        sc = tensors.get(f"{prefix}.weight_scale_inv")
+        if sc is None:
+            sc = tensors.get(f"{prefix}.weight_scale")
+        shape = sc.shape if sc is not None else ()
+        if math.prod(shape) <= 1:
+            group, gran = None, "tensor"
+        elif len(shape) == 2 and shape[0] == n:
+            group, gran = group_size(k, shape[1], hints.get("group_size"))
+        else:
+            group, gran = None, "block"
+        names = members(prefix, self.suffixes, tensors)
+        return layer(prefix, self.method, 8, group, n, k, names, tensors, gran)
+
+    def unpack(self, src: Source, prefix: str, qc: dict) -> torch.Tensor:
+        w = src.read(f"{prefix}.weight").float()
+        block = f"{prefix}.weight_scale_inv" in src.tensors  # DeepSeek-style 128x128 tiles
+        s = src.read(f"{prefix}.weight_scale_inv" if block else f"{prefix}.weight_scale").float()
+        # compressed-tensors block (or group) strategy: any 2-D grid but a channel column [N, 1] (a block grid
+        # can be [N/128, 1] when K <= 128)
+        if block or (s.dim() == 2 and tuple(s.shape) != (w.shape[0], 1)):
+            s = _expand_blocks(s, w.shape)
+        return w * s  # tensor ([] / [1]) and channel ([N, 1]) scales broadcast
+
+
+def _expand_blocks(s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Per-tile scales [ceil(N/bn), ceil(K/bk)] -> per-element [N, K]."""
+    bn, bk = -(-shape[0] // s.shape[0]), -(-shape[1] // s.shape[1])
+    return s.repeat_interleave(bn, 0)[: shape[0]].repeat_interleave(bk, 1)[:, : shape[1]]
+
+
+class CompressedTensorsFP8Format(FloatWeightLayout):
+    """``--format compressed-tensors`` for fp8: llm-compressor's FP8_DYNAMIC / FP8 / FP8_BLOCK presets."""
+
+    name = "compressed-tensors"
+    kind = "fp8"
+    FORMAT = "float-quantized"
+
+    def check_spec(self, spec: FP8Spec, options: PackOptions) -> None:
+        return None  # every strategy has a preset
+
+    def check_layer(self, name: str, n: int, k: int, spec: FP8Spec) -> None:
+        return None  # the method refuses blocks that do not divide, naming all of them at once
+
+    def adapt(self, spec: FP8Spec, model_dtype: str) -> FP8Spec:
+        return replace(spec, block=BLOCK, scale_dtype=model_dtype)
+
+    def pack(self, prefix: str, qt: FP8Tensor, input_scale: torch.Tensor | None = None
+             ) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.weight": qt.float8(), f"{prefix}.weight_scale": qt.stored_scale()}
+        if input_scale is not None:
+            out[f"{prefix}.input_scale"] = input_scale.to(qt.stored_scale().dtype).reshape(1)
+        return out
+
+    def quantization_config(self, plan: PackPlan) -> dict:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+        assert isinstance(plan.default, FP8Spec)
+        scheme = scheme_of(plan.default, plan.options)
+        fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
+        if scheme == "dynamic":
+            weights = QuantizationArgs(**fp8, strategy="channel", dynamic=False)
+            inputs = QuantizationArgs(**fp8, strategy="token", dynamic=True)
+        elif scheme == "static":
+            weights = QuantizationArgs(**fp8, strategy="tensor", dynamic=False)
+            inputs = QuantizationArgs(**fp8, strategy="tensor", dynamic=False, observer="static_minmax")
+        else:
+            weights = QuantizationArgs(**fp8, strategy="block", dynamic=False, block_structure=list(BLOCK))
+            inputs = QuantizationArgs(**fp8, strategy="group", group_size=BLOCK[1], dynamic=True)
+        group = QuantizationScheme(
+            targets=["Linear"], weights=weights, input_activations=inputs, format=self.FORMAT
+        )
+        return ct_config({"group_0": group}, self.FORMAT, plan.skipped, plan.options.lm_head)
+
+    def extra_files(self, quantization_config: dict) -> dict[str, dict]:
+        return {}
+
+
+class VLLMFP8Format(FloatWeightLayout):
+    """``--format fp8``: vLLM's own fp8 method (AutoFP8 per-tensor, DeepSeek 128x128 blocks)."""
+
+    name = "fp8"
+    kind = "fp8"
+
+    def check_spec(self, spec: FP8Spec, options: PackOptions) -> None:
+        return None
+
+    def check_layer(self, name: str, n: int, k: int, spec: FP8Spec) -> None:
+        return None
+
+    def adapt(self, spec: FP8Spec, model_dtype: str) -> FP8Spec:
+        """One weight scale per tensor (the only non-block granularity this method stores), float32."""
+        strategy = "block" if spec.strategy == "block" else "tensor"
+        return replace(spec, strategy=strategy, block=BLOCK, scale_dtype="float32")
+
+    def pack(self, prefix: str, qt: FP8Tensor, input_scale: torch.Tensor | None = None
+             ) -> dict[str, torch.Tensor]:
+        if qt.spec.strategy == "block":
+            return {f"{prefix}.weight": qt.float8(), f"{prefix}.weight_scale_inv": qt.stored_scale()}
+        if qt.spec.strategy != "tensor":
+            raise BadInput(f"{prefix}: the fp8 format stores one weight scale per tensor or per block")
+        out = {f"{prefix}.weight": qt.float8(), f"{prefix}.weight_scale": qt.stored_scale().reshape(())}
+        if input_scale is not None:
+            out[f"{prefix}.input_scale"] = input_scale.float().reshape(())
+        return out
+
+    def quantization_config(self, plan: PackPlan) -> dict:
+        assert isinstance(plan.default, FP8Spec)
+        scheme = scheme_of(plan.default, plan.options)
+        cfg: dict = {
+            "quant_method": "fp8",
+            "activation_scheme": "static" if scheme == "static" else "dynamic",
+            "ignored_layers": ignore_list(plan.skipped, plan.options.lm_head),
+        }
+        if scheme == "block":
+            cfg["weight_block_size"] = list(BLOCK)
+            cfg["fmt"] = "e4m3"
+        return cfg
+
+    def extra_files(self, quantization_config: dict) -> dict[str, dict]:
+        return {}

@@ -1,0 +1,116 @@
+"""What the quantize shell hands a method: the Linears to quantize, the typed options every calibrated
+method shares, and the writer's hands (``Job``).
+
+A method module (rtn, gptq_layerwise, awq_block, fp8) defines ``Config`` (its typed options) and
+``run(job)``. Data-free methods call ``job.stream`` (tensor by tensor, checkpoint order); calibrated ones
+walk the decoder layers and call ``job.emit`` per quantized Linear. The shell writes everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qconvert.methods.types import FP8Spec, FP8Tensor, QuantizedTensor, QuantSpec
+
+Spec = QuantSpec | FP8Spec
+Quantized = QuantizedTensor | FP8Tensor
+Progress = Callable[[int, int, str], None]  # (decoder layers done, total, "layers.3 mlp.down_proj err 0.012")
+
+
+@dataclass
+class LayerPlan:
+    prefix: str  # module name, e.g. model.layers.3.mlp.down_proj
+    weight: str  # tensor name (prefix + ".weight")
+    layer: int | None  # decoder layer index (None for lm_head)
+    shape: tuple[int, int]  # (N, K)
+    spec: Spec | None  # None = kept in its source dtype
+
+    def label(self, error: float) -> str:
+        """Progress text: "layers.3 mlp.down_proj err 0.012"."""
+        short = self.prefix.split(f"layers.{self.layer}.", 1)[-1] if self.layer is not None else self.prefix
+        where = f"layers.{self.layer}" if self.layer is not None else "head"
+        return f"{where} {short} err {error:.4g}"
+
+
+@dataclass(frozen=True)
+class IntOptions:
+    """The integer weight grid every integer method quantizes to."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    mse: bool = False  # search scales on a shrink grid minimising |Q(w)-w|^2.4
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym,
+                         mse=2.4 if self.mse else 0.0)
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Calibration text and how the calibration engine runs it."""
+
+    dataset: str | None = None  # FILE.txt|.jsonl|.parquet|hf:NAME
+    num_samples: int = 128
+    seq_len: int = 512
+    device: str = "auto"  # auto (GPU if present), cpu, cuda, cuda:N
+    calib_dtype: str = "bf16"  # the forward's dtype (Hessians and sums stay float32)
+
+    def check_calibration(self) -> None:
+        from qconvert.calib.runner import resolve_device, resolve_dtype
+
+        resolve_dtype(self.calib_dtype)
+        if self.dataset:
+            resolve_device(self.device)
+
+    def tokens(self, ckpt) -> torch.Tensor:
+        from qconvert.calib.datasets import load_calibration, load_tokenizer
+
+        return load_calibration(self.dataset, load_tokenizer(ckpt), seq_len=self.seq_len,
+                                num_samples=self.num_samples).tokens
+
+
+Emit = Callable[[LayerPlan, Quantized, float, "torch.Tensor | None"], None]
+QuantizeTensor = Callable[[LayerPlan, torch.Tensor], tuple[Quantized, float]]
+
+
+@dataclass
+class Job:
+    """One quantize run as a method sees it."""
+
+    ckpt: Any  # load.checkpoint.Checkpoint
+    config: Any  # the method's Config
+    layers: list[LayerPlan]  # every candidate Linear; spec None = kept dense
+    n_layers: int  # decoder layers (progress total)
+    emit: Emit  # pack one quantized Linear in the output format and write it
+    write: Callable[[str, torch.Tensor], None]  # write one tensor as is (e.g. AWQ's rescaled norms)
+    progress: Progress | None = None
+    written: set[str] = field(default_factory=set)  # tensor names written so far
+
+    @property
+    def quantized(self) -> list[LayerPlan]:
+        return [p for p in self.layers if p.spec is not None]
+
+    def stream(self, quantize: QuantizeTensor, input_scales: dict[str, torch.Tensor] | None = None) -> None:
+        """Every tensor of the checkpoint not written yet, in checkpoint order, each Linear to quantize
+        replaced by what `quantize(plan, weight)` returns; one tensor in memory at a time. Data-free methods
+        stream the whole model; calibrated ones what their layer walk left (lm_head, embeddings, norms)."""
+        wanted = {p.weight: p for p in self.quantized}
+        done: set[int] = set()
+        for name in self.ckpt.tensors:
+            if name in self.written:
+                continue
+            p = wanted.get(name)
+            if p is None:
+                self.write(name, self.ckpt.read(name))
+                continue
+            qt, err = quantize(p, self.ckpt.read(name))
+            self.emit(p, qt, err, (input_scales or {}).get(p.prefix))
+            if p.layer is not None:
+                done.add(p.layer)
+            if self.progress:
+                self.progress(len(done), self.n_layers, p.label(err))

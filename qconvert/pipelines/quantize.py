@@ -1,0 +1,317 @@
+"""`qconvert quantize`: checkpoint → per-Linear method → packed format → atomic writer, for every method.
+
+    summary = run_quantize(QuantizeOptions(model, output, method="gptq", options={"bits": 4, ...}))
+
+One shell: plan (every check that can fail runs here, before any work), open the writer, let the method run
+(data-free methods tensor by tensor, calibrated ones layer by layer; methods/plan.py), copy what it left,
+write config.json with the format's quantization_config, the format's side files and the tokenizer.
+
+Which tensors are quantized: 2-D ``*.weight`` tensors inside decoder layers (``…layers.<i>.…``) of the text
+model, minus MoE routers and anything matching ``--ignore`` or the layer config's ``ignore``; ``lm_head``
+only with ``--quantize-lm-head``; embeddings never. Per-layer overrides come from a YAML
+(``--layer-config``, a path or a preset name under ``configs/quantize/``): ``ignore: [regex…]`` and
+``overrides: [{match: regex, bits, group_size, sym}]``, first match wins, regexes are searched in the module
+prefix (``model.layers.3.mlp.down_proj``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from qconvert.errors import BadInput
+from qconvert.formats.packed import packed_format
+from qconvert.formats.packed.base import PackedFormat, PackPlan
+from qconvert.formats.safetensors_out import DEFAULT_SHARD_BYTES, CheckpointWriter
+from qconvert.load.checkpoint import Checkpoint
+from qconvert.methods import method as find_method
+from qconvert.methods.plan import Job, LayerPlan, Progress, Quantized, Spec
+from qconvert.methods.types import FP8Spec, FP8Tensor, QuantSpec
+
+PRESET_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "quantize"
+LINEAR_RE = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..+)\.weight$")
+# not decoder Linears, or not worth quantizing: MoE routers, other modalities
+DEFAULT_IGNORE = (r"\.mlp\.gate$", r"\.router$", r"(^|\.)(vision|visual|audio|multi_modal)")
+FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+FP8_GROUP = {"tensor": 0, "channel": -1}  # LayerResult.group_size of FP8 strategies: 0 = one scale per tensor
+
+
+@dataclass
+class QuantizeOptions:
+    model: str
+    output: Path
+    method: str = "gptq"
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own (its Config's fields)
+    format: str | None = None  # None: the method's native layout
+    ignore: list[str] = field(default_factory=list)
+    layer_config: str | None = None
+    quantize_lm_head: bool = False
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    overwrite: bool = False
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    fmt: PackedFormat
+    pack: PackPlan
+    quantization_config: dict
+    n_decoder_layers: int
+
+    @property
+    def skipped(self) -> list[str]:
+        return [p.prefix for p in self.layers if p.spec is None]
+
+
+@dataclass
+class LayerResult:
+    name: str
+    bits: int
+    group_size: int
+    sym: bool
+    shape: tuple[int, int]
+    error: float  # RTN, AWQ, FP8: ||W-Wq||/||W||; GPTQ: ||(W-Wq)X||/||WX|| on the calibration inputs
+    bytes: int
+    kind: str = "int"  # int, or fp8-tensor / fp8-channel / fp8-block
+
+    @property
+    def bpw(self) -> float:
+        return self.bytes * 8 / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class QuantizeSummary:
+    output: str
+    method: str
+    format: str
+    layers: list[LayerResult]
+    skipped: list[str]
+    source_bytes: int
+    output_bytes: int
+    seconds: float
+    scheme: str = ""  # fp8 only
+
+    def table(self) -> list[dict]:
+        """One row per scheme: layers, bits, group, size, bits per weight (packed tensors incl.
+        scales/zeros)."""
+        rows: dict[tuple, dict] = {}
+        for r in self.layers:
+            row = rows.setdefault(
+                (r.kind, r.bits, r.group_size, r.sym),
+                {"kind": r.kind, "bits": r.bits, "group_size": r.group_size, "sym": r.sym, "layers": 0,
+                 "params": 0, "bytes": 0, "max_error": 0.0},
+            )
+            row["layers"] += 1
+            row["params"] += r.shape[0] * r.shape[1]
+            row["bytes"] += r.bytes
+            row["max_error"] = max(row["max_error"], r.error)
+        for row in rows.values():
+            row["bits_per_weight"] = round(row["bytes"] * 8 / row["params"], 4) if row["params"] else 0.0
+        return list(rows.values())
+
+    def to_json(self) -> dict:
+        return {
+            "output": self.output,
+            "method": self.method,
+            "format": self.format,
+            **({"scheme": self.scheme} if self.scheme else {}),
+            "schemes": self.table(),
+            "skipped": self.skipped,
+            "source_bytes": self.source_bytes,
+            "output_bytes": self.output_bytes,
+            "seconds": round(self.seconds, 2),
+            "layers": [
+                {**asdict(r), "shape": list(r.shape), "bits_per_weight": round(r.bpw, 4)} for r in self.layers
+            ],
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# planning: everything the user can get wrong is caught here
+
+
+def load_layer_config(ref: str | None) -> dict:
+    """A YAML path, or the name of a preset in configs/quantize/ (with or without .yaml)."""
+    if not ref:
+        return {}
+    path = Path(ref)
+    if not path.exists():
+        path = PRESET_DIR / (ref if ref.endswith((".yaml", ".yml")) else f"{ref}.yaml")
+    if not path.exists():
+        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise BadInput(f"layer config {ref!r} is neither a file nor a preset ({', '.join(presets)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise BadInput(f"cannot read layer config: {e}".replace("\n", " "), path) from None
+    if not isinstance(data, dict) or set(data) - {"ignore", "overrides", "description"}:
+        raise BadInput("layer config must be a mapping with 'ignore' and/or 'overrides'", path)
+    for rule in data.get("overrides") or []:
+        if (
+            not isinstance(rule, dict)
+            or "match" not in rule
+            or set(rule) - {"match", "bits", "group_size", "sym"}
+        ):
+            raise BadInput(f"bad override {rule!r}: keys are match, bits, group_size, sym", path)
+    return data
+
+
+def _compile(patterns: list[str], what: str) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise BadInput(f"{what} {p!r} is not a valid regular expression: {e}") from None
+    return out
+
+
+def _n_layers(config: dict) -> int | None:
+    cfg = config.get("text_config", config)
+    n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    return int(n) if n is not None else None
+
+
+def _model_dtype(ckpt: Checkpoint, names: list[str]) -> str:
+    for name in names:
+        dt = FLOAT_DTYPES.get(ckpt.tensors[name].dtype)
+        if dt:
+            return dt
+    return "float16"
+
+
+def find_linears(ckpt: Checkpoint, ignore: list[re.Pattern], lm_head: bool) -> tuple[list[LayerPlan], int]:
+    """Decoder Linear weights (and lm_head when asked), in file order, with ignored ones marked spec=None
+    (the others get a placeholder spec until planning sets theirs)."""
+    n_layers = _n_layers(ckpt.config)
+    plans = []
+    for name, info in ckpt.tensors.items():
+        m = LINEAR_RE.match(name)
+        if len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
+            continue
+        if m:
+            layer = int(m["layer"])
+            if n_layers is not None and layer >= n_layers:
+                continue
+            prefix = m["prefix"]
+        elif name == "lm_head.weight":
+            layer, prefix = None, "lm_head"
+        else:
+            continue
+        skip = (prefix == "lm_head" and not lm_head) or any(rx.search(prefix) for rx in ignore)
+        plans.append(LayerPlan(prefix, name, layer, tuple(info.shape), None if skip else QuantSpec()))
+    if lm_head and not any(p.prefix == "lm_head" for p in plans):
+        raise BadInput(
+            "--quantize-lm-head: this checkpoint has no separate lm_head.weight (tied to the embeddings)",
+            ckpt.path,
+        )
+    layers = {p.layer for p in plans if p.layer is not None}
+    return plans, (n_layers or (max(layers) + 1 if layers else 0))
+
+
+def plan_quantization(ckpt: Checkpoint, opts: QuantizeOptions, config: Any) -> Plan:
+    """Every Linear's spec (the method's grid, the layer config's overrides, the format's constraints), the
+    format, and the quantization_config it will write."""
+    user: Spec = config.spec()
+    kind = "fp8" if isinstance(user, FP8Spec) else "int"
+    fmt = packed_format(opts.format or find_method(opts.method).default_format, kind, opts.method)
+    options = config.pack_options(opts.quantize_lm_head)
+    fmt.check_spec(user, options)
+
+    lc = load_layer_config(opts.layer_config)
+    if lc.get("overrides") and kind == "fp8":
+        raise BadInput("layer config overrides (bits, group size) do not apply to fp8; only 'ignore' does")
+    ignore = _compile(list(DEFAULT_IGNORE) + list(opts.ignore) + list(lc.get("ignore") or []), "--ignore")
+    overrides = lc.get("overrides") or []
+    rules = list(zip(_compile([r["match"] for r in overrides], "override"), overrides, strict=True))
+    plans, n_layers = find_linears(ckpt, ignore, opts.quantize_lm_head)
+    quantized = [p for p in plans if p.spec is not None]
+    if not quantized:
+        raise BadInput("no Linear layers to quantize (check --ignore and the layer config)", ckpt.path)
+
+    model_dtype = _model_dtype(ckpt, [p.weight for p in quantized])
+    default = fmt.adapt(user, model_dtype)
+    for p in quantized:
+        p.spec = default
+        for rx, rule in rules:
+            if rx.search(p.prefix):
+                changes = {k: rule[k] for k in ("bits", "group_size", "sym") if k in rule}
+                p.spec = fmt.adapt(replace(user, **changes), model_dtype)
+                fmt.check_spec(p.spec, options)
+                break
+    bad = [(p.prefix, p.shape) for p in quantized if not p.spec.fits(*p.shape)]  # type: ignore[union-attr]
+    if bad:
+        raise BadInput(default.misfit([(prefix, shape) for prefix, shape in bad]))
+    for p in quantized:
+        fmt.check_layer(p.prefix, *p.shape, p.spec)  # type: ignore[arg-type]
+    pack = PackPlan(options, default, {p.prefix: p.spec for p in quantized if p.spec != default},  # type: ignore[misc]
+                    tuple(p.prefix for p in plans if p.spec is None))
+    return Plan(plans, fmt, pack, fmt.quantization_config(pack), n_layers)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _result(p: LayerPlan, qt: Quantized, err: float, nbytes: int) -> LayerResult:
+    if isinstance(qt, FP8Tensor):
+        spec = qt.spec
+        group = spec.block[1] if spec.strategy == "block" else FP8_GROUP[spec.strategy]
+        return LayerResult(p.prefix, 8, group, True, p.shape, err, nbytes, kind=f"fp8-{spec.strategy}")
+    return LayerResult(p.prefix, qt.bits, qt.group_size, qt.sym, tuple(qt.shape), err, nbytes)  # type: ignore[arg-type]
+
+
+def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> QuantizeSummary:
+    from qconvert.load import open_checkpoint
+
+    t0 = time.monotonic()
+    entry = find_method(opts.method)
+    config = entry.make_config(opts.options)
+    config.check()
+    ckpt = open_checkpoint(opts.model)
+    plan = plan_quantization(ckpt, opts, config)
+    results: list[LayerResult] = []
+
+    with CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite) as out:
+
+        def write(name: str, tensor: torch.Tensor) -> None:
+            out.add(name, tensor)
+            job.written.add(name)
+
+        def emit(p: LayerPlan, qt: Quantized, err: float, input_scale: torch.Tensor | None) -> None:
+            packed = plan.fmt.pack(p.prefix, qt, input_scale)
+            for name, t in packed.items():
+                out.add(name, t)
+            job.written.add(p.weight)
+            results.append(_result(p, qt, err, sum(t.numel() * t.element_size() for t in packed.values())))
+
+        job = Job(ckpt, config, plan.layers, plan.n_decoder_layers, emit, write, progress)
+        entry.load().run(job)
+        job.stream(_nothing_left)  # whatever the method did not write, as it is, in checkpoint order
+        _write_side_files(out, ckpt, plan)
+        output_bytes = out.total_bytes
+    source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
+    fmt_name = plan.fmt.name
+    return QuantizeSummary(str(opts.output), opts.method, fmt_name, results, plan.skipped, source_bytes,
+                           output_bytes, time.monotonic() - t0, scheme=getattr(config, "scheme", ""))
+
+
+def _nothing_left(p: LayerPlan, w: torch.Tensor) -> tuple[Quantized, float]:
+    raise RuntimeError(f"{p.prefix}: the method left a Linear it was asked to quantize")
+
+
+def _write_side_files(out: CheckpointWriter, ckpt: Checkpoint, plan: Plan) -> None:
+    """config.json with quantization_config, the format's extra files, the tokenizer/generation files."""
+    config = dict(ckpt.config)
+    config["quantization_config"] = plan.quantization_config
+    out.write_json("config.json", config)
+    for fname, obj in plan.fmt.extra_files(plan.quantization_config).items():
+        out.write_json(fname, obj)
+    for fname, src in ckpt.tokenizer_files.items():
+        out.copy_file(src, fname)
