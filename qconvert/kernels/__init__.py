@@ -33,16 +33,7 @@ rounding, shared by the GGUF MXFP4/NVFP4 blocks and the packed FP4 schemes), pac
 for the packed formats).
 """
 
-from qconvert.kernels.registry import (
-    BLOCK_TYPES,
-    FAST_TYPES,
-    FLOAT_TYPES,
-    QUANTIZED_TYPES,
-    BlockType,
-    block_type,
-    dequantize,
-    quantize,
-)
+from typing import Any
 
 __all__ = [
     "BLOCK_TYPES",
@@ -54,3 +45,13 @@ __all__ = [
     "dequantize",
     "quantize",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The registry on first use: importing kernels.packing (the packed formats, inspect) or the CLI must not
+    pay for the GGML kernels and numba."""
+    if name in __all__:
+        from qconvert.kernels import registry
+
+        return getattr(registry, name)
+    raise AttributeError(name)

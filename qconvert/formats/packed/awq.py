@@ -16,16 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qconvert.errors import BadInput
-from qconvert.formats.packed.base import (
-    PackPlan,
-    QuantizedLayer,
-    ReadSmall,
-    Source,
-    TensorInfo,
-    group_size,
-    layer,
-    members,
-)
+from qconvert.formats.packed import base
 from qconvert.kernels import packing
 from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
 
@@ -66,7 +57,7 @@ class AWQFormat:
             f"{prefix}.scales": torch.from_numpy(np.ascontiguousarray(qt.scales.T)).to(torch.float16),
         }
 
-    def quantization_config(self, plan: PackPlan) -> dict:
+    def quantization_config(self, plan: base.PackPlan) -> dict:
         default, overrides, skipped = plan.default, plan.overrides, plan.skipped
         assert isinstance(default, QuantSpec)
         if plan.options.lm_head:
@@ -90,7 +81,7 @@ class AWQFormat:
         return {}
 
     # -- reading -------------------------------------------------------------------------------------------
-    def claims(self, prefix: str, suffix: str, tensors: Mapping[str, TensorInfo], method: str) -> bool:
+    def claims(self, prefix: str, suffix: str, tensors: Mapping[str, base.TensorInfo], method: str) -> bool:
         """A qweight is AWQ's when the config says so, or (no gptq config) when nothing marks it as GPTQ:
         GPTQ has a g_idx, and its scales [G, N] share the last dimension of its qweight [K*b/32, N]."""
         if suffix != "qweight" or method == "gptq":
@@ -100,18 +91,18 @@ class AWQFormat:
             scales is not None and scales.shape[-1:] == tensors[f"{prefix}.qweight"].shape[-1:])
         return method == "awq" or not is_gptq
 
-    def detect(self, prefix: str, tensors: Mapping[str, TensorInfo], hints: dict[str, Any],
-               read_small: ReadSmall | None) -> QuantizedLayer | None:
+    def detect(self, prefix: str, tensors: Mapping[str, base.TensorInfo], hints: dict[str, Any],
+               read_small: base.ReadSmall | None) -> base.QuantizedLayer | None:
         qw, sc = tensors[f"{prefix}.qweight"], tensors.get(f"{prefix}.scales")
         if sc is None or len(qw.shape) != 2 or len(sc.shape) != 2 or not sc.shape[1]:
             return None
         k, n, groups = qw.shape[0], sc.shape[1], sc.shape[0]
         bits = qw.shape[1] * 32 // n if (qw.shape[1] * 32) % n == 0 else hints.get("bits")
-        group, gran = group_size(k, groups, hints.get("group_size"))
-        return layer(prefix, self.method, bits, group, n, k, members(prefix, self.suffixes, tensors), tensors,
-                     gran)
+        group, gran = base.group_size(k, groups, hints.get("group_size"))
+        names = base.members(prefix, self.suffixes, tensors)
+        return base.layer(prefix, self.method, bits, group, n, k, names, tensors, gran)
 
-    def unpack(self, src: Source, prefix: str, qc: dict) -> torch.Tensor:
+    def unpack(self, src: base.Source, prefix: str, qc: dict) -> torch.Tensor:
         import torch
         if int(qc.get("bits", qc.get("w_bit", 4))) != 4:
             raise ValueError("AWQ GEMM checkpoints are 4-bit")

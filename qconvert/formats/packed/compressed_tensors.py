@@ -19,17 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qconvert.errors import BadInput
-from qconvert.formats.packed.base import (
-    PackPlan,
-    QuantizedLayer,
-    ReadSmall,
-    Source,
-    TensorInfo,
-    group_size,
-    ignore_list,
-    layer,
-    members,
-)
+from qconvert.formats.packed import base
 from qconvert.kernels import packing
 from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec, scale_dtype
 
@@ -47,7 +37,7 @@ def ct_config(config_groups: dict, format: str, skipped: tuple[str, ...], lm_hea
     from compressed_tensors.quantization import QuantizationConfig
 
     cfg = QuantizationConfig(config_groups=config_groups, format=format, quantization_status="compressed",
-                             ignore=ignore_list(skipped, lm_head))
+                             ignore=base.ignore_list(skipped, lm_head))
     return {
         "version": compressed_tensors.__version__,
         "quant_method": "compressed-tensors",
@@ -104,7 +94,7 @@ class CompressedTensorsFormat:
             )
         return out
 
-    def quantization_config(self, plan: PackPlan) -> dict:
+    def quantization_config(self, plan: base.PackPlan) -> dict:
         from compressed_tensors.quantization import QuantizationScheme
 
         default, act_order = plan.default, plan.options.act_order
@@ -128,17 +118,17 @@ class CompressedTensorsFormat:
         return {}
 
     # -- reading -------------------------------------------------------------------------------------------
-    def claims(self, prefix: str, suffix: str, tensors: Mapping[str, TensorInfo], method: str) -> bool:
+    def claims(self, prefix: str, suffix: str, tensors: Mapping[str, base.TensorInfo], method: str) -> bool:
         return suffix == "weight_packed"
 
-    def detect(self, prefix: str, tensors: Mapping[str, TensorInfo], hints: dict[str, Any],
-               read_small: ReadSmall | None) -> QuantizedLayer | None:
+    def detect(self, prefix: str, tensors: Mapping[str, base.TensorInfo], hints: dict[str, Any],
+               read_small: base.ReadSmall | None) -> base.QuantizedLayer | None:
         wp = tensors[f"{prefix}.weight_packed"]
         sc = tensors.get(f"{prefix}.weight_scale")
         if len(wp.shape) != 2:
             return None
         n, cols = wp.shape
-        names = members(prefix, self.suffixes, tensors)
+        names = base.members(prefix, self.suffixes, tensors)
         if wp.dtype == "U8":  # nvfp4 / mxfp4: two 4-bit values per byte
             k, bits = cols * 2, 4
         else:
@@ -146,10 +136,10 @@ class CompressedTensorsFormat:
                                                                if isinstance(hints.get("bits"), int) else 0)
             bits = _packed_bits(k, cols, hints.get("bits")) if k else None
         groups = sc.shape[1] if sc is not None and len(sc.shape) == 2 else 1
-        group, gran = group_size(k, groups, hints.get("group_size"))
-        return layer(prefix, self.method, bits, group, n, k, names, tensors, gran)
+        group, gran = base.group_size(k, groups, hints.get("group_size"))
+        return base.layer(prefix, self.method, bits, group, n, k, names, tensors, gran)
 
-    def unpack(self, src: Source, prefix: str, qc: dict) -> torch.Tensor:
+    def unpack(self, src: base.Source, prefix: str, qc: dict) -> torch.Tensor:
         import torch
         packed = src.read_numpy(f"{prefix}.weight_packed")
         shape = src.read_numpy(f"{prefix}.weight_shape")
@@ -191,7 +181,7 @@ def _bits_for(n: int, words: int) -> int:
     raise ValueError(f"{words} words cannot hold {n} values of 1..8 bits")
 
 
-def _logical_k(prefix: str, tensors: Mapping[str, TensorInfo], read_small: ReadSmall | None, n: int
+def _logical_k(prefix: str, tensors: Mapping[str, base.TensorInfo], read_small: base.ReadSmall | None, n: int
                ) -> int | None:
     name = f"{prefix}.weight_shape"
     info = tensors.get(name)
@@ -204,5 +194,5 @@ def _logical_k(prefix: str, tensors: Mapping[str, TensorInfo], read_small: ReadS
     return values[1] if len(values) == 2 and values[0] == n and values[1] > 0 else None
 
 
-def _optional(src: Source, name: str) -> np.ndarray | None:
+def _optional(src: base.Source, name: str) -> np.ndarray | None:
     return src.read_numpy(name) if name in src.tensors else None

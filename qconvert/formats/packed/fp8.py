@@ -23,17 +23,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from qconvert.errors import BadInput
-from qconvert.formats.packed.base import (
-    PackPlan,
-    QuantizedLayer,
-    ReadSmall,
-    Source,
-    TensorInfo,
-    group_size,
-    ignore_list,
-    layer,
-    members,
-)
+from qconvert.formats.packed import base
 from qconvert.formats.packed.compressed_tensors import ct_config
 from qconvert.methods.types import FP8Spec, FP8Tensor, PackOptions
 
@@ -57,11 +47,11 @@ class FloatWeightLayout:
     suffixes = ("weight", "weight_scale", "weight_scale_inv", "input_scale")
     dtypes: tuple[str, ...] = FP8_DTYPES
 
-    def claims(self, prefix: str, suffix: str, tensors: Mapping[str, TensorInfo], method: str) -> bool:
+    def claims(self, prefix: str, suffix: str, tensors: Mapping[str, base.TensorInfo], method: str) -> bool:
         return suffix == "weight" and tensors[f"{prefix}.weight"].dtype in self.dtypes
 
-    def detect(self, prefix: str, tensors: Mapping[str, TensorInfo], hints: dict[str, Any],
-               read_small: ReadSmall | None) -> QuantizedLayer | None:
+    def detect(self, prefix: str, tensors: Mapping[str, base.TensorInfo], hints: dict[str, Any],
+               read_small: base.ReadSmall | None) -> base.QuantizedLayer | None:
         w = tensors[f"{prefix}.weight"]
         if len(w.shape) != 2:
             return None
@@ -73,13 +63,13 @@ class FloatWeightLayout:
         if math.prod(shape) <= 1:
             group, gran = None, "tensor"
         elif len(shape) == 2 and shape[0] == n:
-            group, gran = group_size(k, shape[1], hints.get("group_size"))
+            group, gran = base.group_size(k, shape[1], hints.get("group_size"))
         else:
             group, gran = None, "block"
-        names = members(prefix, self.suffixes, tensors)
-        return layer(prefix, self.method, 8, group, n, k, names, tensors, gran)
+        names = base.members(prefix, self.suffixes, tensors)
+        return base.layer(prefix, self.method, 8, group, n, k, names, tensors, gran)
 
-    def unpack(self, src: Source, prefix: str, qc: dict) -> torch.Tensor:
+    def unpack(self, src: base.Source, prefix: str, qc: dict) -> torch.Tensor:
         w = src.read(f"{prefix}.weight").float()
         block = f"{prefix}.weight_scale_inv" in src.tensors  # DeepSeek-style 128x128 tiles
         s = src.read(f"{prefix}.weight_scale_inv" if block else f"{prefix}.weight_scale").float()
@@ -119,7 +109,7 @@ class CompressedTensorsFP8Format(FloatWeightLayout):
             out[f"{prefix}.input_scale"] = input_scale.to(qt.stored_scale().dtype).reshape(1)
         return out
 
-    def quantization_config(self, plan: PackPlan) -> dict:
+    def quantization_config(self, plan: base.PackPlan) -> dict:
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
         assert isinstance(plan.default, FP8Spec)
@@ -171,13 +161,13 @@ class VLLMFP8Format(FloatWeightLayout):
             out[f"{prefix}.input_scale"] = input_scale.float().reshape(())
         return out
 
-    def quantization_config(self, plan: PackPlan) -> dict:
+    def quantization_config(self, plan: base.PackPlan) -> dict:
         assert isinstance(plan.default, FP8Spec)
         scheme = scheme_of(plan.default, plan.options)
         cfg: dict = {
             "quant_method": "fp8",
             "activation_scheme": "static" if scheme == "static" else "dynamic",
-            "ignored_layers": ignore_list(plan.skipped, plan.options.lm_head),
+            "ignored_layers": base.ignore_list(plan.skipped, plan.options.lm_head),
         }
         if scheme == "block":
             cfg["weight_block_size"] = list(BLOCK)

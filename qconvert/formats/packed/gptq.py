@@ -18,16 +18,7 @@ import numpy as np
 
 from qconvert import __version__
 from qconvert.errors import BadInput
-from qconvert.formats.packed.base import (
-    PackPlan,
-    QuantizedLayer,
-    ReadSmall,
-    Source,
-    TensorInfo,
-    group_size,
-    layer,
-    members,
-)
+from qconvert.formats.packed import base
 from qconvert.kernels import packing
 from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
 
@@ -97,7 +88,7 @@ class GPTQFormat:
         }
 
     # -- config --------------------------------------------------------------------------------------------
-    def quantization_config(self, plan: PackPlan) -> dict:
+    def quantization_config(self, plan: base.PackPlan) -> dict:
         o, default = plan.options, plan.default
         assert isinstance(default, QuantSpec)
         act_order, static_groups = o.act_order, o.static_groups
@@ -136,11 +127,11 @@ class GPTQFormat:
         return {"quantize_config.json": quantization_config}
 
     # -- reading -------------------------------------------------------------------------------------------
-    def claims(self, prefix: str, suffix: str, tensors: Mapping[str, TensorInfo], method: str) -> bool:
+    def claims(self, prefix: str, suffix: str, tensors: Mapping[str, base.TensorInfo], method: str) -> bool:
         return suffix == "qweight"  # after AWQ, which claims the qweights that are its own
 
-    def detect(self, prefix: str, tensors: Mapping[str, TensorInfo], hints: dict[str, Any],
-               read_small: ReadSmall | None) -> QuantizedLayer | None:
+    def detect(self, prefix: str, tensors: Mapping[str, base.TensorInfo], hints: dict[str, Any],
+               read_small: base.ReadSmall | None) -> base.QuantizedLayer | None:
         qw, sc = tensors[f"{prefix}.qweight"], tensors.get(f"{prefix}.scales")
         qz, gi = tensors.get(f"{prefix}.qzeros"), tensors.get(f"{prefix}.g_idx")
         if sc is None or len(qw.shape) != 2 or len(sc.shape) != 2:
@@ -155,11 +146,11 @@ class GPTQFormat:
             candidates.append(hints["bits"])
         bits = next((b for b in candidates if 0 < b <= 32 and (qw.shape[0] * 32) % b == 0), None)
         k = gi.shape[0] if gi is not None and gi.shape else (qw.shape[0] * 32 // bits if bits else 0)
-        group, gran = group_size(k, groups, hints.get("group_size"))
-        return layer(prefix, self.method, bits, group, n, k, members(prefix, self.suffixes, tensors), tensors,
-                     gran)
+        group, gran = base.group_size(k, groups, hints.get("group_size"))
+        names = base.members(prefix, self.suffixes, tensors)
+        return base.layer(prefix, self.method, bits, group, n, k, names, tensors, gran)
 
-    def unpack(self, src: Source, prefix: str, qc: dict) -> torch.Tensor:
+    def unpack(self, src: base.Source, prefix: str, qc: dict) -> torch.Tensor:
         import torch
         qweight = src.read_numpy(f"{prefix}.qweight")
         scales = src.read_numpy(f"{prefix}.scales")
