@@ -34,6 +34,7 @@ from torch import nn
 from qconvert.calib.model import Skeleton, build_skeleton, linear_modules, materialise, release
 from qconvert.calib.stats import LinearStats, parse_kinds
 from qconvert.errors import BadInput
+from qconvert.load.dtypes import TORCH_BY_NAME
 
 Progress = Callable[[str, int, int], None]  # (what, done, total) after each unit of work
 
@@ -130,21 +131,16 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+_DTYPE_ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
-    table = {
-        "float32": torch.float32,
-        "f32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "f16": torch.float16,
-    }
-    if name.lower() not in table:
+    key = _DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in TORCH_BY_NAME:
         raise BadInput(f"unknown dtype '{name}' (use f32, bf16 or f16)")
-    return table[name.lower()]
+    return TORCH_BY_NAME[key]
 
 
 class LayerwiseRunner:

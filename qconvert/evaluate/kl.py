@@ -39,12 +39,11 @@ import numpy as np
 import torch
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.load.dtypes import name_of_numpy, numpy_values
 
 FORMAT = "qconvert-logits"
 VERSION = "1"
 DEFAULT_TOP_K = 0  # full distribution
-_ST_DTYPES = {"I32": np.int32, "F32": np.float32, "F16": np.float16}
-_NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 def scored_per_chunk(ctx: int) -> int:
@@ -96,7 +95,7 @@ class RefLogits:
         offset = 0
         for name, (dt, shape) in layout.items():
             size = int(np.prod(shape)) * dt.itemsize
-            header[name] = {"dtype": _NP_TO_ST[dt], "shape": list(shape),
+            header[name] = {"dtype": name_of_numpy(dt), "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -241,9 +240,9 @@ def load_logits(path: str | Path) -> RefLogits:
         if not isinstance(info, dict):
             raise BadInput(f"logits file lacks tensor {name!r}", path)
         begin, end = info.get("data_offsets", [0, 0])
-        if tuple(info.get("shape", ())) != shape or _ST_DTYPES.get(info.get("dtype")) != dt.type:
+        if tuple(info.get("shape", ())) != shape or numpy_values(info.get("dtype")) != dt:
             raise BadInput(f"logits file tensor {name!r} is {info.get('dtype')} {info.get('shape')}, "
-                           f"expected {_NP_TO_ST[dt]} {list(shape)}", path)
+                           f"expected {name_of_numpy(dt)} {list(shape)}", path)
         if end - begin != int(np.prod(shape)) * dt.itemsize or base + end > size:
             raise BadInput(f"logits file tensor {name!r} runs past the end of the file (truncated?)", path)
         ref.arrays[name] = np.memmap(path, dtype=dt, mode="r", offset=base + begin, shape=shape)

@@ -23,37 +23,21 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.load.dtypes import DTYPES
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 COPY_CHUNK = 8 * 1024**2  # buffer of the user-space copy fallback
 
-# torch dtype → safetensors dtype string (the names the safetensors library writes)
+# torch dtype → safetensors dtype string (the names the safetensors library writes), from the one dtype table;
+# the newer dtypes only where this torch has them. F4 is written from torch's packed float4_e2m1fn_x2 (two
+# values per byte: the header counts values, not bytes), which the reader hands back as raw bytes.
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.complex64: "C64",
+    getattr(torch, d.torch_name): d.name
+    for d in DTYPES.values()
+    if d.torch_name and hasattr(torch, d.torch_name)
 }
-for _attr, _code in [
-    ("uint64", "U64"),
-    ("uint32", "U32"),
-    ("uint16", "U16"),
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
-    ("float8_e8m0fnu", "F8_E8M0"),
-    ("float4_e2m1fn_x2", "F4"),  # two 4-bit values per byte: the header counts values, not bytes
-]:
-    if hasattr(torch, _attr):  # newer dtypes: only where this torch has them
-        SAFETENSORS_DTYPES[getattr(torch, _attr)] = _code
+if hasattr(torch, "float4_e2m1fn_x2"):
+    SAFETENSORS_DTYPES[torch.float4_e2m1fn_x2] = "F4"
 
 
 def parse_size(text: str) -> int:

@@ -15,7 +15,8 @@ import numpy as np
 
 from qconvert.errors import BadInput, IOFailure
 from qconvert.load import hub
-from qconvert.load.safetensors import DTYPES, MappedFile, SafetensorsHeader, TensorInfo, read_header
+from qconvert.load.dtypes import DTYPES
+from qconvert.load.safetensors import MappedFile, SafetensorsHeader, TensorInfo, read_header
 
 TOKENIZER_FILES = hub.TOKENIZER_FILES
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")  # AutoGPTQ / AutoAWQ side files

@@ -19,44 +19,9 @@ from typing import Any
 import numpy as np
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.load.dtypes import DTYPES, torch_dtype
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference implementation uses the same cap
-
-
-@dataclass(frozen=True)
-class DType:
-    name: str
-    bits: int  # per element; sub-byte types (F4, F6_*) pack several elements per byte
-    torch_name: str | None  # attribute of the torch module; None -> read as raw uint8 bytes
-    numpy: str | None  # numpy dtype holding the raw bits (BF16 -> uint16, F8 -> uint8); None -> flat bytes
-    is_float: bool
-
-
-_DTYPES = [
-    DType("BOOL", 8, "bool", "bool", False),
-    DType("U8", 8, "uint8", "uint8", False),
-    DType("I8", 8, "int8", "int8", False),
-    DType("F8_E5M2", 8, "float8_e5m2", "uint8", True),
-    DType("F8_E4M3", 8, "float8_e4m3fn", "uint8", True),
-    DType("F8_E5M2FNUZ", 8, "float8_e5m2fnuz", "uint8", True),
-    DType("F8_E4M3FNUZ", 8, "float8_e4m3fnuz", "uint8", True),
-    DType("F8_E8M0", 8, "float8_e8m0fnu", "uint8", True),
-    DType("I16", 16, "int16", "<i2", False),
-    DType("U16", 16, "uint16", "<u2", False),
-    DType("F16", 16, "float16", "<f2", True),
-    DType("BF16", 16, "bfloat16", "<u2", True),
-    DType("I32", 32, "int32", "<i4", False),
-    DType("U32", 32, "uint32", "<u4", False),
-    DType("F32", 32, "float32", "<f4", True),
-    DType("I64", 64, "int64", "<i8", False),
-    DType("U64", 64, "uint64", "<u8", False),
-    DType("F64", 64, "float64", "<f8", True),
-    DType("C64", 64, "complex64", "<c8", False),
-    DType("F4", 4, None, None, True),
-    DType("F6_E2M3", 6, None, None, True),
-    DType("F6_E3M2", 6, None, None, True),
-]
-DTYPES: dict[str, DType] = {d.name: d for d in _DTYPES}
 
 
 @dataclass(frozen=True)
@@ -239,8 +204,7 @@ class MappedFile:
         """Zero-copy torch tensor in the native dtype (flat uint8 for sub-byte types)."""
         import torch  # lazy: inspect must not pay torch's import time
 
-        dt = DTYPES[t.dtype]
-        tdtype = getattr(torch, dt.torch_name, None) if dt.torch_name else None
+        tdtype = torch_dtype(t.dtype)
         if tdtype is None:
             tdtype, shape = torch.uint8, (t.nbytes,)
         else:

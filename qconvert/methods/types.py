@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qconvert.errors import BadInput
+from qconvert.load import dtypes
 
 if TYPE_CHECKING:  # torch only where tensors are made: inspect reads layouts without it
     import torch
@@ -27,9 +28,7 @@ SCHEMES = {"dynamic": "channel", "static": "tensor", "block": "block"}
 
 def scale_dtype(name: str) -> torch.dtype:
     """The torch dtype a scale is stored in ("float16", "bfloat16", "float32")."""
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return dtypes.TORCH_BY_NAME[name]  # the attribute imports torch on first use, not this module
 
 
 @dataclass(frozen=True)
