@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import BadInput, IOFailure
-from qconvert.formats.output import check_output_path
+from qconvert.formats.output import atomic_file, check_output_path
 from qconvert.formats.safetensors_out import SafetensorsStream
 
 STAT_KINDS = ("hessian", "abs_sum", "sq_sum", "abs_max", "token_max")
@@ -137,16 +136,15 @@ class StatsFileWriter:
         self.aliases: dict[str, str] = {}  # name -> the name whose statistics it shares
         self.names: list[str] = []  # every linear added, aliases included
         self._stream: SafetensorsStream | None = None
+        self._out = atomic_file(self.path, "stats file")  # nothing is touched before __enter__
 
     def __enter__(self) -> StatsFileWriter:
         check_output_path(self.path)  # now, not after the whole calibration pass
-        self._stream = SafetensorsStream(self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}"))
+        self._stream = SafetensorsStream(self._out.tmp)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._stream is not None:  # not committed
-            self._stream.abort()
-            self._stream = None
+        self._abort()  # not committed
 
     def add(self, linears: dict[str, LinearStats]) -> None:
         """Write these statistics; linears that share one LinearStats object are stored once (aliases)."""
@@ -170,15 +168,22 @@ class StatsFileWriter:
         meta["aliases"] = json.dumps(self.aliases)
         stream = self._stream
         self._io(lambda: stream.finish(meta))  # created by open(): the usual umask mode
-        self._io(lambda: os.replace(stream.path, self.path))
         self._stream = None
+        self._out.commit()
         return meta
 
     def _io(self, fn) -> None:
         try:
             fn()
         except OSError as e:
-            raise IOFailure(f"cannot write stats file: {e.strerror or e}", self.path) from e
+            self._abort()
+            raise self._out.fail(e) from e
+
+    def _abort(self) -> None:
+        """Remove what was written: the stream's data file and the temp file."""
+        if self._stream is not None:
+            self._stream.abort()
+            self._stream = None
 
 
 def save_stats(path: str | Path, stats: CalibStats) -> Path:

@@ -30,7 +30,6 @@ so the default keeps the full distribution.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.formats.output import AtomicFile, atomic_file
 from qconvert.load.dtypes import name_of_numpy, numpy_values
 
 FORMAT = "qconvert-logits"
@@ -72,7 +72,7 @@ class RefLogits:
     source: str = ""
     backend: str = ""
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # memory maps
-    _final: Path | None = None  # rename target while writing
+    _pending: AtomicFile | None = None  # while writing: the temp file `path` is, to be renamed by finish
 
     @property
     def n_chunks(self) -> int:
@@ -86,8 +86,8 @@ class RefLogits:
     def create(cls, path: str | Path, n_chunks: int, ctx: int, n_vocab: int, top_k: int, source: str = "",
                backend: str = "") -> RefLogits:
         """Preallocate the file (a temp name next to `path`) and map its tensors for filling."""
-        final = Path(path)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        out = atomic_file(path, "logits file")
+        tmp = out.tmp
         layout = _layout(n_chunks, ctx, n_vocab, top_k)
         meta = {"format": FORMAT, "version": VERSION, "ctx_size": str(ctx), "n_vocab": str(n_vocab),
                 "top_k": str(top_k), "source": source, "backend": backend}
@@ -106,9 +106,8 @@ class RefLogits:
                 f.write(struct.pack("<Q", len(raw)) + raw)
                 f.truncate(base + offset)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise IOFailure(f"cannot write the logits file: {e.strerror or e}", final) from None
-        ref = cls(tmp, ctx, n_vocab, top_k, source, backend, _final=final)
+            raise out.fail(e) from e
+        ref = cls(tmp, ctx, n_vocab, top_k, source, backend, _pending=out)
         ref.arrays = {name: np.memmap(tmp, dtype=dt, mode="r+", offset=base + header[name]["data_offsets"][0],
                                       shape=shape) for name, (dt, shape) in layout.items()}
         return ref
@@ -131,13 +130,13 @@ class RefLogits:
         """Flush and move the finished file into place (atomic)."""
         for arr in self.arrays.values():
             arr.flush()
-        if self._final is not None:
+        if self._pending is not None:
             try:
-                os.replace(self.path, self._final)
-            except OSError as e:
-                self.discard()
-                raise IOFailure(f"cannot write the logits file: {e.strerror or e}", self._final) from None
-            self.path, self._final = self._final, None
+                self._pending.commit()
+            except IOFailure:
+                self.arrays = {}
+                raise
+            self.path, self._pending = self._pending.target, None
 
     def discard(self) -> None:
         self.arrays = {}

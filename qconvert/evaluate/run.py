@@ -173,7 +173,7 @@ def _evaluate(model_b: Backend, ref_b: Backend | None, stored: RefLogits | None,
             ref_b.close()  # free its weights before MODEL loads
             return _score_model(model_b, model_chunks, ref, ref_nll, _label(ref_b), save_to, progress)
         finally:
-            if save_to is None or ref._final is not None:  # temporary, or never finished
+            if save_to is None or ref._pending is not None:  # temporary, or never finished
                 ref.discard()
     if stored is not None:
         _check_vocab(model_b, stored.n_vocab, str(stored.path))

@@ -15,14 +15,12 @@ import json
 import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.formats.output import atomic_dir
 from qconvert.load.dtypes import DTYPES
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -118,7 +116,8 @@ class SafetensorsStream:
 
 class CheckpointWriter:
     """``with CheckpointWriter(out) as w: w.add(name, tensor); w.write_json(...)`` — committed on clean
-    exit."""
+    exit. The directory is built under a temp name and swapped in (formats/output.py: atomic_dir); the first
+    OSError removes it and becomes the one IOFailure line."""
 
     def __init__(
         self, target: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False
@@ -126,25 +125,16 @@ class CheckpointWriter:
         self.target = Path(target)
         self.max_shard_bytes = max_shard_bytes
         self.overwrite = overwrite
-        if self.target.exists() and not (self.target.is_dir() and not any(self.target.iterdir())):
-            if not overwrite:
-                raise BadInput("output exists; choose another path or pass --overwrite", self.target)
-            if not self.target.is_dir():
-                raise BadInput("output exists and is not a directory", self.target)
+        self._out = atomic_dir(self.target, overwrite, "checkpoint")  # refuses an existing output now
         self.tmp: Path | None = None
         self._names: set[str] = set()
         self._shards: list[list[str]] = []  # tensor names of the closed shards
         self._shard: SafetensorsStream | None = None  # the open shard
-        self._failed: str | None = None  # set when a write failed half-way: the open shard is unusable
+        self._failed: str | None = None  # set when a write failed: the output is gone
         self.total_bytes = 0
 
     def __enter__(self) -> CheckpointWriter:
-        parent = self.target.resolve().parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=parent))
-        except OSError as e:
-            raise IOFailure(f"cannot create the output directory: {e.strerror or e}", parent) from None
+        self.tmp = self._out.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -161,69 +151,71 @@ class CheckpointWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
             raise ValueError(f"tensor {name} written twice")
+        self._check_usable()
         size = tensor.numel() * tensor.element_size()
         shard = self._shard
         if shard is not None and shard.header and shard.offset + size > self.max_shard_bytes:
             self._close_shard()
         if self._shard is None:
             self._shard = SafetensorsStream(self._shard_path())
-        with self._shard_io(self._shard.data_path):
-            self.total_bytes += self._shard.add(name, tensor)
+        shard = self._shard
+        self._io(lambda: self._count(shard.add(name, tensor)))
         self._names.add(name)
 
     def write_json(self, filename: str, obj: object) -> None:
-        self._io(
-            lambda: (self._path(filename)).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"),
-            filename,
-        )
+        self._io(lambda: (self._path(filename)).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
     def copy_file(self, src: str | Path, filename: str | None = None) -> None:
         src = Path(src)
-        self._io(lambda: shutil.copyfile(src, self._path(filename or src.name)), src)
+        self._io(lambda: shutil.copyfile(src, self._path(filename or src.name)))
 
     # -- internals ------------------------------------------------------------------------------------------
     def _path(self, filename: str) -> Path:
         assert self.tmp is not None, "use CheckpointWriter as a context manager"
         return self.tmp / filename
 
-    def _io(self, fn, where: object) -> None:
+    def _count(self, nbytes: int) -> None:
+        self.total_bytes += nbytes
+
+    def _check_usable(self) -> None:
+        # after a failed write the output is gone (and a half-written tensor would leave a shard's data out of
+        # step with its header): refuse to go on
+        if self._failed is not None:
+            raise IOFailure(f"write failed earlier: {self._failed}", self.target)
+
+    def _io(self, fn) -> None:
+        self._check_usable()
         try:
             fn()
         except OSError as e:
-            raise IOFailure(f"write failed: {e.strerror or e}", where) from None
-
-    @contextmanager
-    def _shard_io(self, where: object) -> Iterator[None]:
-        # a half-written tensor leaves the data file out of step with the header: refuse to go on with it
-        if self._failed is not None:
-            raise IOFailure(f"write failed earlier: {self._failed}", where)
-        try:
-            yield
-        except OSError as e:
             self._failed = str(e.strerror or e)
-            raise IOFailure(f"write failed: {self._failed}", where) from None
+            self._abort_shard()
+            self.tmp = None
+            raise self._out.fail(e) from e
 
     def _shard_path(self, index: int | None = None) -> Path:
         return self._path(f"shard-{index or len(self._shards) + 1:05d}.safetensors")
 
     def _close_shard(self) -> None:
         """Write the open shard's safetensors file (header, then the data file's bytes)."""
-        if self._shard is None:
+        shard = self._shard
+        if shard is None:
             return
-        with self._shard_io(self._shard.path):
-            self._shard.finish()
-        self._shards.append(list(self._shard.header))
+        self._io(shard.finish)
+        self._shards.append(list(shard.header))
         self._shard = None
+
+    def _abort_shard(self) -> None:
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
 
     def _discard(self) -> None:
         try:
-            if self._shard is not None:
-                self._shard.abort()
-                self._shard = None
+            self._abort_shard()
         finally:
-            if self.tmp is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                self.tmp = None
+            self._out.discard()
+            self.tmp = None
 
     def _shard_names(self) -> list[str]:
         n = len(self._shards)
@@ -240,41 +232,24 @@ class CheckpointWriter:
         names = self._shard_names()
         for i, final in enumerate(names, start=1):
             src = self._shard_path(i)
-            self._io(lambda s=src, f=final: os.replace(s, self._path(f)), src)
+            self._io(lambda s=src, f=final: os.replace(s, self._path(f)))
         if len(names) > 1:
             weight_map = {t: names[i] for i, shard in enumerate(self._shards) for t in shard}
             self.write_json(
                 "model.safetensors.index.json",
                 {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
             )
-        self._fix_modes()
-        self._swap_in()
+        self._io(self._fix_modes)
+        self._out.commit()
         self.tmp = None
 
     def _fix_modes(self) -> None:
-        # mkdtemp makes the directory 0700 (and some writers make files 0600): give the usual umask modes
+        # whatever made them, the directory and its files get the usual umask modes
         umask = current_umask()
         assert self.tmp is not None
         os.chmod(self.tmp, 0o777 & ~umask)
         for f in self.tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
-
-    def _swap_in(self) -> None:
-        assert self.tmp is not None
-        old = None
-        try:
-            if self.target.exists():  # --overwrite (checked in __init__): park the old output until the swap
-                old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.tmp.parent))
-                os.replace(self.target, old / "d")
-            os.replace(self.tmp, self.target)
-        except OSError as e:
-            if old is not None and not self.target.exists():
-                os.replace(old / "d", self.target)  # put the previous output back
-            raise IOFailure(
-                f"cannot move the finished output into place: {e.strerror or e}", self.target
-            ) from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # -- tensor bytes and the safetensors file layout -----------------------------------------------------------

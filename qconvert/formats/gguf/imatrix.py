@@ -11,7 +11,6 @@ Two formats:
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, Keys
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.formats.output import atomic_file
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_CHUNK_SIZE = (
@@ -257,22 +257,10 @@ class _Writer(GGUFWriter):
         return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
-def _temp_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def _atomic(path: Path, write) -> None:
-    """Run write(tmp) and rename tmp onto path; remove tmp on any failure."""
-    path = Path(path)
-    tmp = _temp_for(path)
-    try:
+    """Run write(tmp) and rename tmp onto path; remove tmp on any failure (formats/output.py)."""
+    with atomic_file(path, "imatrix") as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise IOFailure(f"cannot write imatrix: {e.strerror or e}", path) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _sorted_names(names: Iterable[str]) -> list[str]:

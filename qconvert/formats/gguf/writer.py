@@ -8,7 +8,6 @@ when KV order and tensor order match (reference gguf.md §3.4, §6).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Iterable
@@ -18,8 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from qconvert.errors import IOFailure
-from qconvert.formats.output import check_output_path
+from qconvert.formats.output import atomic_file, check_output_path
 
 # gguf-py logs an INFO line per file and a WARNING per re-set key; neither is for our users.
 logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
@@ -80,34 +78,26 @@ class GGUFOutput(gguf.GGUFWriter):
         return nbytes
 
 
-def temp_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}.tmp")
-
-
 def write_gguf(out: GGUFOutput, target: Path, tensors: Iterable[np.ndarray]) -> None:
     """Write header, then each tensor's bytes as they come, to a temp file renamed on success.
 
     `tensors` yields uint8 (or any dtype) arrays in the order of add_planned_tensor. On any error
-    or Ctrl-C the temp file is removed; OS errors become one-line IOFailure.
+    or Ctrl-C the temp file is removed; OS errors become one-line IOFailure (formats/output.py).
     """
     check_output_path(target)
-    tmp = temp_path(target)
-    try:
-        out.write_header_to_file(tmp)
-        out.write_kv_data_to_file()
-        out.write_ti_data_to_file()
-        for data in tensors:
-            out.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
-        if any(out.tensors[0]):
-            raise RuntimeError("fewer tensor data than tensor infos were written")
-        _close_synced(out)
-        os.replace(tmp, target)
-    except OSError as e:
-        _discard(out, tmp)
-        raise _io_failure(e, target) from e
-    except BaseException:
-        _discard(out, tmp)
-        raise
+    with atomic_file(target, "GGUF file") as tmp:
+        try:
+            out.write_header_to_file(tmp)
+            out.write_kv_data_to_file()
+            out.write_ti_data_to_file()
+            for data in tensors:
+                out.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+            if any(out.tensors[0]):
+                raise RuntimeError("fewer tensor data than tensor infos were written")
+            _close_synced(out)
+        except BaseException:
+            _close_quietly(out)  # before the temp file is removed
+            raise
 
 
 def _close_synced(out: GGUFOutput) -> None:
@@ -118,15 +108,8 @@ def _close_synced(out: GGUFOutput) -> None:
     out.close()
 
 
-def _discard(out: GGUFOutput, tmp: Path) -> None:
+def _close_quietly(out: GGUFOutput) -> None:
     try:
         out.close()
     except OSError:
         pass  # the disk may be full: the file is removed next anyway
-    tmp.unlink(missing_ok=True)
-
-
-def _io_failure(e: OSError, target: Path) -> IOFailure:
-    if e.errno == errno.ENOSPC:
-        return IOFailure("no space left on device (partial output removed)", target)
-    return IOFailure(f"cannot write: {e.strerror or e}", target)
