@@ -374,9 +374,6 @@ def _round_float_params(step, specs, store_dtype) -> None:
 # the method: the calibration runner walks the decoder blocks; each block is scaled, clipped and quantized in
 # place, written out, and re-run so the next block sees the quantized block's outputs.
 
-_STORE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
 @dataclass(frozen=True)
 class Config(IntOptions, CalibrationOptions):
     """``--method awq``: the integer grid (zero point by default, as AutoAWQ) and the calibration data."""
@@ -394,6 +391,7 @@ class Config(IntOptions, CalibrationOptions):
 
 def run(job: Job) -> None:
     from qconvert.calib.runner import LayerwiseRunner
+    from qconvert.load.dtypes import TORCH_FLOATS
     from qconvert.methods.rtn import relative_error
 
     cfg: Config = job.config
@@ -405,7 +403,7 @@ def run(job: Job) -> None:
 
     def store_dtype(name: str) -> torch.dtype:
         info = ckpt.tensors.get(name)
-        return _STORE_DTYPES.get(info.dtype, torch.float32) if info is not None else torch.float32
+        return TORCH_FLOATS.get(info.dtype, torch.float32) if info is not None else torch.float32
 
     def on_layer(step) -> bool:
         block = quantize_block(step, specs, ckpt.config, AWQConfig(), store_dtype)  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from qconvert.formats.packed import packed_format
 from qconvert.formats.packed.base import PackedFormat, PackPlan
 from qconvert.formats.safetensors_out import DEFAULT_SHARD_BYTES, CheckpointWriter
 from qconvert.load.checkpoint import Checkpoint
+from qconvert.load.dtypes import FLOAT_NAMES
 from qconvert.methods import method as find_method
 from qconvert.methods.plan import Job, LayerPlan, Progress, Quantized, Spec
 from qconvert.methods.types import FP8Spec, FP8Tensor, QuantSpec
@@ -38,7 +39,6 @@ PRESET_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "quanti
 LINEAR_RE = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..+)\.weight$")
 # not decoder Linears, or not worth quantizing: MoE routers, other modalities
 DEFAULT_IGNORE = (r"\.mlp\.gate$", r"\.router$", r"(^|\.)(vision|visual|audio|multi_modal)")
-FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 FP8_GROUP = {"tensor": 0, "channel": -1}  # LayerResult.group_size of FP8 strategies: 0 = one scale per tensor
 
 
@@ -180,7 +180,7 @@ def _n_layers(config: dict) -> int | None:
 
 def _model_dtype(ckpt: Checkpoint, names: list[str]) -> str:
     for name in names:
-        dt = FLOAT_DTYPES.get(ckpt.tensors[name].dtype)
+        dt = FLOAT_NAMES.get(ckpt.tensors[name].dtype)
         if dt:
             return dt
     return "float16"
@@ -193,7 +193,7 @@ def find_linears(ckpt: Checkpoint, ignore: list[re.Pattern], lm_head: bool) -> t
     plans = []
     for name, info in ckpt.tensors.items():
         m = LINEAR_RE.match(name)
-        if len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
+        if len(info.shape) != 2 or info.dtype not in FLOAT_NAMES:
             continue
         if m:
             layer = int(m["layer"])
