@@ -23,10 +23,6 @@ class BadInput(QConvertError):
     exit_code = EXIT_USAGE
 
 
-class NotAvailable(BadInput):
-    """A subcommand or option this version does not implement yet."""
-
-
 class IOFailure(QConvertError):
     """Reading or writing failed (permissions, disk full, device error): exit 1."""
 

@@ -2,7 +2,7 @@
 
     from qconvert.load import open_checkpoint, Checkpoint, TensorInfo, open_gguf, GGUFFile
 
-See /work/notes/api.md (Load stage) for the Checkpoint contract and `qconvert.load.summary` for the
+See `Checkpoint` (load/checkpoint.py) for the checkpoint contract and `qconvert.load.summary` for the
 `qconvert inspect` data.
 """
 

@@ -24,7 +24,9 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class Checkpoint:
-    """Lazy view of a safetensors checkpoint (see /work/notes/api.md, Load stage)."""
+    """Lazy view of a safetensors checkpoint: `config` (config.json), `tensors` (name -> TensorInfo, from the
+    validated headers), `metadata`, `tokenizer_files`, `quantization_config`; `read` / `read_raw` /
+    `read_numpy` map one tensor at a time. A context manager (closes the mapped files)."""
 
     def __init__(self, path: Path, name: str, config: dict[str, Any], headers: list[SafetensorsHeader],
                  tokenizer_files: dict[str, Path],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import gguf
 
@@ -52,8 +51,3 @@ def build_header(spec: ArchSpec, cfg: dict, model_dir: Path, name: str, total_pa
         if key != gguf.Keys.General.ARCHITECTURE:
             w.add_key_value(key, val.value, val.type, val.sub_type)
     return w
-
-
-def kv_value(w: GGUFOutput, key: str) -> Any:
-    v = w.kv().get(key)
-    return None if v is None else v.value
