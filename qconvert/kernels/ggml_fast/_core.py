@@ -31,6 +31,17 @@ F_TENTH = np.float32(0.1)
 F_TO_INF = np.float32(2.0**112)
 F_TO_ZERO = np.float32(2.0**-110)
 F_EXP_SCALE = np.float32(2.0**-112)
+# the small integers the kernels divide by or clamp to, defined once
+F4 = np.float32(4.0)
+F5 = np.float32(5.0)
+F7 = np.float32(7.0)
+F15 = np.float32(15.0)
+F31 = np.float32(31.0)
+F32 = np.float32(32.0)
+F63 = np.float32(63.0)
+F127 = np.float32(127.0)
+F128 = np.float32(128.0)
+F256 = np.float32(256.0)
 
 
 @intrinsic
@@ -71,6 +82,13 @@ def clampf(v, lo, hi):
     """MAX(lo, MIN(hi, v)) with C's macro semantics."""
     v = hi if hi < v else v
     return lo if lo > v else v
+
+
+@njit(inline="always", **JIT)
+def odd_level(v, top):
+    """``MAX(0, MIN(top, nearest_int(0.5f*(v - 1))))``: the level l whose odd value 2l+1 is nearest to v
+    (the lattice kernels' rounding of id*x, and of their 4-bit / 3-bit sub-block scales)."""
+    return clampf(nearest_int(F_HALF * (v - F1)), F0, top)
 
 
 @njit(inline="always", **JIT)

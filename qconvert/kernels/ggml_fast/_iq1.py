@@ -19,12 +19,9 @@ from numba import njit
 from ..ggml import iq1 as _spec
 from ..ggml.helpers import missing_imatrix
 from ..ggml.iq2 import search_nan
-from ._core import F0, F1, F2, F_HALF, JIT, clampf, fp32_to_fp16, nearest_int
-from ._grids import FLT_MAX, PAD, rank, soa_tables, winner
+from ._core import F0, F1, F2, F7, F15, F256, JIT, fp32_to_fp16, odd_level, put_u16
+from ._grids import FLT_MAX, key8, load_group, scan, soa_tables, square_sum
 
-F7 = np.float32(7.0)
-F15 = np.float32(15.0)
-F256 = np.float32(256.0)
 DELTA = np.float32(0.125)
 X_P = np.array([-1.0 + 0.125, 0.125, 1.0 + 0.125], np.float32)
 X_M = np.array([-1.0 - 0.125, -0.125, 1.0 - 0.125], np.float32)
@@ -43,43 +40,6 @@ def tables() -> tuple[np.ndarray, ...]:
     in the lists) and levels float32 [2048, 8]."""
     t = _spec.tables()
     return (*soa_tables(t), t.levels.astype(np.float32))
-
-
-@njit(inline="always", **JIT)
-def _scan(start, count, lev, idx, g, scale, xx0):
-    """iq1_find_best_neighbour2 over one off-grid key's list: the grid index of the first minimum below
-    FLT_MAX of Σ_i (w_i*diff)*diff, diff = scale*q - x_i with q = xx[l] = xx0 + l (exact for both level
-    tables), the full weight and the signed x; -1 if none (ggml then scans the whole grid reading past
-    the group, ggml-quants.c:4467: the caller refuses). g: x (0..7), w (8..15)."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]
-    w0, w1, w2, w3, w4, w5, w6, w7 = g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
-    un = np.uint64(count)
-    npad = (un + np.uint64(PAD - 1)) // np.uint64(PAD) * np.uint64(PAD)
-    s0 = np.uint64(start)
-    best = np.uint64(0xFFFFFFFFFFFFFFFF)
-    for j in range(npad):
-        k = s0 + np.uint64(j)
-        d = scale * (xx0 + lev[0, k]) - x0
-        s = F0 + (w0 * d) * d
-        d = scale * (xx0 + lev[1, k]) - x1
-        s = s + (w1 * d) * d
-        d = scale * (xx0 + lev[2, k]) - x2
-        s = s + (w2 * d) * d
-        d = scale * (xx0 + lev[3, k]) - x3
-        s = s + (w3 * d) * d
-        d = scale * (xx0 + lev[4, k]) - x4
-        s = s + (w4 * d) * d
-        d = scale * (xx0 + lev[5, k]) - x5
-        s = s + (w5 * d) * d
-        d = scale * (xx0 + lev[6, k]) - x6
-        s = s + (w6 * d) * d
-        d = scale * (xx0 + lev[7, k]) - x7
-        s = s + (w7 * d) * d
-        best = min(best, rank(s, j))
-    f = winner(best)
-    if f < 0:
-        return -1
-    return idx[s0 + np.uint64(f)]
 
 
 @njit(inline="always", **JIT)
@@ -108,17 +68,15 @@ def _sort(x, base, n, order, lane, rank):
 @njit(inline="always", **JIT)
 def _snap(L, off, x, w, base, scale, xx0, kmap, start, count, lev, idx, levels, g):
     """Grid index of the group L[off:off+8] (levels 0..2), replaced in L by its best neighbour when off the
-    grid; returns (index, was off grid), index -1 when the search failed."""
-    u = np.int32(0)
-    for i in range(8):
-        u |= np.int32(L[off + i]) << (2 * i)
+    grid (iq1_find_best_neighbour2: the full weight and the signed x, q = xx0 + l; if no score is below
+    FLT_MAX ggml scans the whole grid reading past the group, ggml-quants.c:4467: the caller refuses);
+    returns (index, was off grid), index -1 when the search failed."""
+    u = key8(L, off)
     gi = kmap[u]
     if gi >= 0:
         return gi, False
-    for i in range(8):
-        g[i] = x[base + off + i]
-        g[8 + i] = w[base + off + i]
-    gi = _scan(start[u], count[u], lev, idx, g, scale, xx0)
+    load_group(g, x, w, base + off)
+    gi = scan(start[u], count[u], lev, idx, g, scale, xx0)
     if gi >= 0:
         for i in range(8):
             L[off + i] = levels[gi, i]
@@ -126,12 +84,56 @@ def _snap(L, off, x, w, base, scale, xx0, kmap, start, count, lev, idx, levels, 
 
 
 @njit(inline="always", **JIT)
+def _xx0(k, grp):
+    """xx[0] of group grp's level table for the shift code k: 0 (+,+), 1 (+,-), 2 (-,+), 3 (-,-), the
+    first group's shift first; + is X_P. IQ1_S shifts its whole sub-block alike (k is 0 or 3)."""
+    plus = k < 2 if grp == 0 else k % 2 == 0
+    return X_P[0] if plus else X_M[0]
+
+
+@njit(inline="always", **JIT)
+def _settle(lane, code, scl, order, n, x, wt, base, L, gidx, kmap, start, count, lev, idx, levels, g):
+    """The accepted split of a live sub-block made final, as C does after the search: the levels from the
+    sorted order (mirrored, 2 - l, with the scale and the shift code when the scale is negative), every
+    group snapped to the grid, and the scale refit (sumqx/sumq2, if both are positive) when one was off
+    it. Returns (scale, shift code k, ok); ok False where ggml aborts (no neighbour, a NaN scale)."""
+    c = code[lane]
+    i1 = c // (4 * (n + 1))
+    i2 = (c // 4) % (n + 1)
+    k = c % 4
+    for j in range(n):
+        L[order[lane, j]] = F0 if j < i1 else (F1 if j < i2 else F2)
+    scale = scl[lane]
+    if scale < F0:
+        for j in range(n):
+            L[j] = F2 - L[j]
+        scale = -scale
+        k = 3 - k
+    any_off = False
+    for grp in range(n // 8):
+        gi, was_off = _snap(L, 8 * grp, x, wt, base, scale, _xx0(k, grp), kmap, start, count, lev, idx,
+                            levels, g)
+        if gi < 0:
+            return scale, k, False
+        gidx[grp] = gi
+        any_off |= was_off
+    if any_off:
+        sumqx = F0
+        sumq2 = F0
+        for j in range(n):
+            w = wt[base + j]
+            q = _xx0(k, j // 8) + L[j]
+            sumqx = sumqx + (w * q) * x[base + j]
+            sumq2 = sumq2 + (w * q) * q
+        if sumqx > F0 and sumq2 > F0:
+            scale = sumqx / sumq2
+    return scale, k, scale >= F0  # GGML_ASSERT(scale >= 0): a NaN scale fails
+
+
+@njit(inline="always", **JIT)
 def _weights(x, qw, qoff, use_qw, weight):
     """weight = qw*sqrtf(sigma2 + x*x), sigma2 = 2*Σx²/256; x*x without an imatrix (IQ1_M only)."""
-    sumx2 = F0
-    for i in range(256):
-        sumx2 = sumx2 + x[i] * x[i]
-    sigma2 = (F2 * sumx2) / F256
+    sigma2 = (F2 * square_sum(x, 256)) / F256
     for i in range(256):
         xi = x[i]
         weight[i] = qw[qoff + i] * np.sqrt(sigma2 + xi * xi) if use_qw else xi * xi
@@ -180,7 +182,8 @@ def _try_s(sx, sw, i1, i2, c0, c1, c2, best, qx, q2, nl):
 @njit(**JIT)
 def _splits_s(sx, sw, best, scl, code, nl):
     """The exhaustive 3-way split search of IQ1_S, one sub-block per lane: i1 outer, i2 >= i1 inner, x_p
-    before x_m. code = 4*(33*i1 + i2) + 2*(x_m), or -1 where nothing was accepted."""
+    before x_m. code = 4*(33*i1 + i2) + k, k = 0 (x_p) or 3 (x_m: both of _xx0's shifts minus), or -1
+    where nothing was accepted."""
     qx = np.empty(NLANES, np.float32)
     q2 = np.empty(NLANES, np.float32)
     for i1 in range(33):
@@ -189,7 +192,7 @@ def _splits_s(sx, sw, best, scl, code, nl):
             hit = _try_s(sx, sw, i1, i2, P0, P1, P2, best, qx, q2, nl)
             _accept(qx, q2, best, scl, code, cand, hit, nl)
             hit = _try_s(sx, sw, i1, i2, M0, M1, M2, best, qx, q2, nl)
-            _accept(qx, q2, best, scl, code, cand + np.int32(2), hit, nl)
+            _accept(qx, q2, best, scl, code, cand + np.int32(3), hit, nl)
 
 
 @njit(inline="always", **JIT)
@@ -263,88 +266,67 @@ def _lane_start(x, base, n, eps, lane, live, scl, best, code, order, rank):
             order[lane, j] = j
 
 
+@njit(inline="always", **JIT)
+def _scratch(n):
+    """The buffers both kernels use, for sub-blocks of n: weight [BATCH, 256], the sort's order [NLANES, n]
+    and rank [n], the search state per lane (live, best, scale, code), the levels L [n], the shift codes
+    [256/n] and a group's x and w for the neighbour scan [16]."""
+    return (np.empty((BATCH, 256), np.float32), np.empty((NLANES, n), np.int64), np.empty(n, np.int64),
+            np.empty(NLANES, np.bool_), np.empty(NLANES, np.float32), np.empty(NLANES, np.float32),
+            np.empty(NLANES, np.int32), np.empty(n, np.float32), np.empty(256 // n, np.int64),
+            np.empty(16, np.float32))
+
+
+@njit(inline="always", **JIT)
+def _batch_start(blocks, qw, nbr, use_qw, b0, nbat, n, eps, weight, live, scl, best, code, order, rank):
+    """The weights of BATCH super-blocks from b0 on and the start of the split search of each of their
+    sub-blocks of n (lane = (256/n)*block + sub-block)."""
+    nsub = 256 // n
+    for h in range(nbat):
+        x = blocks[b0 + h]
+        _weights(x, qw, ((b0 + h) % nbr) * 256, use_qw, weight[h])
+        for ib in range(nsub):
+            _lane_start(x, n * ib, n, eps, nsub * h + ib, live, scl, best, code, order, rank)
+
+
 @njit(**JIT)
 def kernel_s(blocks, qw, nbr, out, kmap, start, count, lev, idx, levels):
     """quantize_iq1_s: blocks [nblocks, 256] -> out [nblocks, 50], BATCH super-blocks per split search.
     Returns -1, or the first block on which ggml aborts (inf/NaN weights)."""
-    weight = np.empty((BATCH, 256), np.float32)
-    order = np.empty((NLANES, 32), np.int64)
-    rank = np.empty(32, np.int64)
+    weight, order, rank, live, best, scl, code, L, bk, g = _scratch(32)
     sx = np.empty((33, NLANES), np.float32)  # prefix sums [position, lane = 8*block + sub-block]
     sw = np.empty((33, NLANES), np.float32)
-    live = np.empty(NLANES, np.bool_)
-    best = np.empty(NLANES, np.float32)
-    scl = np.empty(NLANES, np.float32)
-    code = np.empty(NLANES, np.int32)
-    L = np.empty(32, np.float32)
     gidx = np.empty(4, np.int32)
-    shift = np.empty(8, np.int32)
-    g = np.empty(16, np.float32)
     nb = blocks.shape[0]
     for b0 in range(0, nb, BATCH):
         nbat = min(BATCH, nb - b0)
-        for h in range(nbat):
-            x = blocks[b0 + h]
-            wt = weight[h]
-            _weights(x, qw, ((b0 + h) % nbr) * 256, True, wt)
-            for ib in range(8):
-                lane = 8 * h + ib
-                base = 32 * ib
-                _lane_start(x, base, 32, EPS_S, lane, live, scl, best, code, order, rank)
-                sx[0, lane] = F0
-                sw[0, lane] = F0
-                for j in range(32):
-                    i = base + order[lane, j]
-                    sx[j + 1, lane] = sx[j, lane] + wt[i] * x[i]
-                    sw[j + 1, lane] = sw[j, lane] + wt[i]
+        _batch_start(blocks, qw, nbr, True, b0, nbat, 32, EPS_S, weight, live, scl, best, code, order, rank)
+        for lane in range(8 * nbat):
+            x = blocks[b0 + lane // 8]
+            wt = weight[lane // 8]
+            base = 32 * (lane % 8)
+            sx[0, lane] = F0
+            sw[0, lane] = F0
+            for j in range(32):
+                i = base + order[lane, j]
+                sx[j + 1, lane] = sx[j, lane] + wt[i] * x[i]
+                sw[j + 1, lane] = sw[j, lane] + wt[i]
         _splits_s(sx, sw, best, scl, code, 8 * nbat)
         for h in range(nbat):
             b = b0 + h
             x = blocks[b]
-            wt = weight[h]
             o = out[b]
-            for j in range(o.shape[0]):
-                o[j] = 0
+            o[:] = 0
             max_scale = F0
             for ib in range(8):
                 lane = 8 * h + ib
-                c = code[lane]
-                shift[ib] = 1
-                if not live[lane] or c < 0:
+                bk[ib] = 0
+                if not live[lane] or code[lane] < 0:
                     scl[lane] = F0
                     continue
-                i1 = c // 132
-                i2 = (c // 4) % 33
-                shift[ib] = 1 if c % 4 == 0 else -1
-                base = 32 * ib
-                for j in range(32):
-                    L[order[lane, j]] = F0 if j < i1 else (F1 if j < i2 else F2)
-                scale = scl[lane]
-                if scale < F0:
-                    for j in range(32):
-                        L[j] = F2 - L[j]
-                    scale = -scale
-                    shift[ib] = -shift[ib]
-                xx0 = X_P[0] if shift[ib] == 1 else X_M[0]
-                any_off = False
-                for k in range(4):
-                    gi, was_off = _snap(L, 8 * k, x, wt, base, scale, xx0, kmap, start, count, lev, idx,
-                                        levels, g)
-                    if gi < 0:
-                        return b
-                    gidx[k] = gi
-                    any_off |= was_off
-                if any_off:
-                    sumqx = F0
-                    sumq2 = F0
-                    for j in range(32):
-                        w = wt[base + j]
-                        q = xx0 + L[j]
-                        sumqx = sumqx + (w * q) * x[base + j]
-                        sumq2 = sumq2 + (w * q) * q
-                    if sumqx > F0 and sumq2 > F0:
-                        scale = sumqx / sumq2
-                if not (scale >= F0):  # GGML_ASSERT(scale >= 0): a NaN scale
+                scale, bk[ib], ok = _settle(lane, code, scl, order, 32, x, weight[h], 32 * ib, L, gidx, kmap,
+                                            start, count, lev, idx, levels, g)
+                if not ok:
                     return b
                 hq = 0
                 for k in range(4):
@@ -357,13 +339,11 @@ def kernel_s(blocks, qw, nbr, out, kmap, start, count, lev, idx, levels):
             if max_scale == F0:  # d stays 0 and the ls bits too; the indices written stay
                 continue
             d = max_scale / F15
-            hd = fp32_to_fp16(d * FUDGE_S)
-            o[0] = np.uint8(hd & 255)
-            o[1] = np.uint8((hd >> 8) & 255)
+            put_u16(out, b, 0, fp32_to_fp16(d * FUDGE_S))
             inv = F1 / d
             for ib in range(8):
-                ls = np.int32(clampf(nearest_int(F_HALF * (inv * scl[8 * h + ib] - F1)), F0, F7))
-                if shift[ib] == -1:
+                ls = np.int32(odd_level(inv * scl[8 * h + ib], F7))
+                if bk[ib] == 3:  # shifted down
                     ls |= 8
                 o[35 + 2 * ib] = np.uint8(o[35 + 2 * ib] | (ls << 4))
     return -1
@@ -373,95 +353,48 @@ def kernel_s(blocks, qw, nbr, out, kmap, start, count, lev, idx, levels):
 def kernel_m(blocks, qw, nbr, out, use_qw, kmap, start, count, lev, idx, levels):
     """quantize_iq1_m: blocks [nblocks, 256] -> out [nblocks, 56], BATCH super-blocks per split search.
     Returns -1, or the first block on which ggml aborts (inf/NaN weights)."""
-    weight = np.empty((BATCH, 256), np.float32)
-    order = np.empty((NLANES, 16), np.int64)
-    rank = np.empty(16, np.int64)
+    weight, order, rank, live, best, scl, code, L, bk, g = _scratch(16)
     px = np.empty((2, 17, NLANES), np.float32)  # per-half prefix sums [half, position, lane]
     pw = np.empty((2, 17, NLANES), np.float32)
-    live = np.empty(NLANES, np.bool_)
-    best = np.empty(NLANES, np.float32)
-    scl = np.empty(NLANES, np.float32)
-    code = np.empty(NLANES, np.int32)
-    bk = np.empty(16, np.int64)
-    L = np.empty(16, np.float32)
     gidx = np.empty((16, 2), np.int32)
-    g = np.empty(16, np.float32)
     nb = blocks.shape[0]
     for b0 in range(0, nb, BATCH):
         nbat = min(BATCH, nb - b0)
-        for h in range(nbat):
-            x = blocks[b0 + h]
-            wt = weight[h]
-            _weights(x, qw, ((b0 + h) % nbr) * 256, use_qw, wt)
-            for ib in range(16):
-                lane = 16 * h + ib
-                base = 16 * ib
-                _lane_start(x, base, 16, EPS_M, lane, live, scl, best, code, order, rank)
-                for hh in range(2):
-                    px[hh, 0, lane] = F0
-                    pw[hh, 0, lane] = F0
-                for j in range(16):
-                    e = order[lane, j]
-                    i = base + e
-                    hh = 0 if e < 8 else 1
-                    px[hh, j + 1, lane] = px[hh, j, lane] + wt[i] * x[i]
-                    px[1 - hh, j + 1, lane] = px[1 - hh, j, lane]
-                    pw[hh, j + 1, lane] = pw[hh, j, lane] + wt[i]
-                    pw[1 - hh, j + 1, lane] = pw[1 - hh, j, lane]
+        _batch_start(blocks, qw, nbr, use_qw, b0, nbat, 16, EPS_M, weight, live, scl, best, code, order, rank)
+        for lane in range(16 * nbat):
+            x = blocks[b0 + lane // 16]
+            wt = weight[lane // 16]
+            base = 16 * (lane % 16)
+            for hh in range(2):
+                px[hh, 0, lane] = F0
+                pw[hh, 0, lane] = F0
+            for j in range(16):
+                e = order[lane, j]
+                i = base + e
+                hh = 0 if e < 8 else 1
+                px[hh, j + 1, lane] = px[hh, j, lane] + wt[i] * x[i]
+                px[1 - hh, j + 1, lane] = px[1 - hh, j, lane]
+                pw[hh, j + 1, lane] = pw[hh, j, lane] + wt[i]
+                pw[1 - hh, j + 1, lane] = pw[1 - hh, j, lane]
         _splits_m(px, pw, best, scl, code, 16 * nbat)
         for h in range(nbat):
             b = b0 + h
             x = blocks[b]
             wt = weight[h]
             o = out[b]
-            for j in range(o.shape[0]):
-                o[j] = 0
+            o[:] = 0
             max_scale = F0
             for ib in range(16):
                 lane = 16 * h + ib
                 gidx[ib, 0] = 0
                 gidx[ib, 1] = 0
-                c = code[lane]
                 bk[ib] = 0
-                if not live[lane] or c < 0:
+                if not live[lane] or code[lane] < 0:
                     scl[lane] = F0
                     continue
-                i1 = c // 68
-                i2 = (c // 4) % 17
-                bk[ib] = c % 4
-                base = 16 * ib
-                for j in range(16):
-                    L[order[lane, j]] = F0 if j < i1 else (F1 if j < i2 else F2)
-                scale = scl[lane]
-                if scale < F0:
-                    for j in range(16):
-                        L[j] = F2 - L[j]
-                    scale = -scale
-                    bk[ib] = 3 - bk[ib]
-                any_off = False
-                for k in range(2):
-                    plus = bk[ib] < 2 if k == 0 else bk[ib] % 2 == 0
-                    xx0 = X_P[0] if plus else X_M[0]
-                    gi, was_off = _snap(L, 8 * k, x, wt, base, scale, xx0, kmap, start, count, lev, idx,
-                                        levels, g)
-                    if gi < 0:
-                        return b
-                    gidx[ib, k] = gi
-                    any_off |= was_off
-                if any_off:
-                    sumqx = F0
-                    sumq2 = F0
-                    for k in range(2):
-                        plus = bk[ib] < 2 if k == 0 else bk[ib] % 2 == 0
-                        xx0 = X_P[0] if plus else X_M[0]
-                        for j in range(8):
-                            w = wt[base + 8 * k + j]
-                            q = xx0 + L[8 * k + j]
-                            sumqx = sumqx + (w * q) * x[base + 8 * k + j]
-                            sumq2 = sumq2 + (w * q) * q
-                    if sumqx > F0 and sumq2 > F0:
-                        scale = sumqx / sumq2
-                if not (scale >= F0):  # GGML_ASSERT(scale >= 0): a NaN scale
+                scale, bk[ib], ok = _settle(lane, code, scl, order, 16, x, wt, 16 * ib, L, gidx[ib], kmap,
+                                            start, count, lev, idx, levels, g)
+                if not ok:
                     return b
                 o[2 * ib] = np.uint8(gidx[ib, 0] & 255)
                 o[2 * ib + 1] = np.uint8(gidx[ib, 1] & 255)
@@ -476,13 +409,12 @@ def kernel_m(blocks, qw, nbr, out, use_qw, kmap, start, count, lev, idx, levels)
             sumq2 = F0
             sc = 0
             for ib in range(16):
-                ls = np.int32(clampf(nearest_int(F_HALF * (inv * scl[16 * h + ib] - F1)), F0, F7))
+                ls = np.int32(odd_level(inv * scl[16 * h + ib], F7))
                 sc |= np.int64(ls) << (16 * (ib // 4) + 3 * (ib % 4))
                 o[32 + ib] = np.uint8(o[32 + ib] | MASKS[bk[ib]])
                 fl = np.float32(2 * ls + 1)
                 for k in range(2):  # the super-scale refit, zero sub-blocks included (grid point 0, X_P)
-                    plus = bk[ib] < 2 if k == 0 else bk[ib] % 2 == 0
-                    xx0 = X_P[0] if plus else X_M[0]
+                    xx0 = _xx0(bk[ib], k)
                     gi = gidx[ib, k]
                     for j in range(8):
                         e = 16 * ib + 8 * k + j

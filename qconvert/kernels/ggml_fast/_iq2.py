@@ -4,7 +4,7 @@ Literal float32 ports of quantize_row_iq2_xxs_impl / _xs_impl / _s_impl (ggml-qu
 with or without an imatrix; the spec is qconvert.kernels.ggml.iq2. As in _iq3: one sub-block at a time,
 the trial scales of its candidate loop side by side as lanes (rounding, keys and the two sums vectorize
 over trials, each keeping C's order of operations), then C's sequential accept chain over the trials.
-An off-grid group's neighbour scan (``_scan``) scores its whole list in one vector loop, each entry in
+An off-grid group's neighbour scan (``_grids.scan``) scores its whole list in one vector loop, each entry in
 C's operations and summation order. Loops index with unsigned integers where they must vectorize (a
 signed index carries numba's wraparound test, which turns loads into gathers).
 """
@@ -19,20 +19,44 @@ from numba import njit
 from ..ggml import iq2 as _spec
 from ..ggml.helpers import missing_imatrix
 from ..ggml.iq2 import search_nan
-from ._core import F0, F1, F2, F_HALF, F_TENTH, JIT, clampf, fp32_to_fp16, nearest_int, wrap_u8
-from ._grids import PAD, rank, soa_tables, winner
+from ._core import (
+    F0,
+    F1,
+    F2,
+    F4,
+    F5,
+    F15,
+    F31,
+    F_TENTH,
+    JIT,
+    fp32_to_fp16,
+    nearest_int,
+    odd_level,
+    put_u16,
+    wrap_u8,
+)
+from ._grids import (
+    NT,
+    accept_trials,
+    count_off,
+    key8,
+    load_group,
+    positive_scale,
+    refit_scale,
+    round_trials,
+    scan,
+    search_scratch,
+    soa_tables,
+    start_trials,
+    sub_start,
+    superblock,
+    trial_sums,
+)
 
-F4 = np.float32(4.0)
-F5 = np.float32(5.0)
-F15 = np.float32(15.0)
-F31 = np.float32(31.0)
-F256 = np.float32(256.0)
-F_QUARTER = np.float32(0.25)
 EPS_XXS_XS = np.float32(1e-15)  # GROUP_MAX_EPS
 EPS_S = np.float32(1e-8)  # GROUP_MAX_EPS_IQ2_S
 FUDGE_S = np.float32(0.9875)
 POW4 = np.array([4.0**i for i in range(8)], np.float32)  # key = Σ level_i · 4^i
-NT = 32  # trial lanes (13 trials for IQ2_XXS in 16 lanes, 19 for IQ2_XS / IQ2_S in 32)
 XXS, XS, S = 0, 1, 2
 
 
@@ -44,59 +68,6 @@ def tables(kind: int) -> tuple[np.ndarray, ...]:
     t = _spec.tables((_spec.T.IQ2_XXS, _spec.T.IQ2_XS, _spec.T.IQ2_S)[kind])
     kmap, start, count, lev, idx = soa_tables(t)
     return kmap, start, count, F2 * lev + F1, idx, t.levels.astype(np.float32)
-
-
-@njit(inline="always", **JIT)
-def _scan(start, count, odd, idx, g, scale):
-    """iq2_find_best_neighbour over the list of one off-grid key: the grid index of the first minimum
-    below FLT_MAX of Σ_i (w_i*diff)*diff, diff = scale*odd_i - x_i, summed left to right as C does, or -1.
-    g holds the group's x (0..7) and w = sqrt(weight) (8..15)."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]
-    w0, w1, w2, w3, w4, w5, w6, w7 = g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
-    un = np.uint64(count)
-    npad = (un + np.uint64(PAD - 1)) // np.uint64(PAD) * np.uint64(PAD)
-    s0 = np.uint64(start)
-    best = np.uint64(0xFFFFFFFFFFFFFFFF)
-    for j in range(npad):
-        k = s0 + np.uint64(j)
-        d = scale * odd[0, k] - x0
-        s = F0 + (w0 * d) * d
-        d = scale * odd[1, k] - x1
-        s = s + (w1 * d) * d
-        d = scale * odd[2, k] - x2
-        s = s + (w2 * d) * d
-        d = scale * odd[3, k] - x3
-        s = s + (w3 * d) * d
-        d = scale * odd[4, k] - x4
-        s = s + (w4 * d) * d
-        d = scale * odd[5, k] - x5
-        s = s + (w5 * d) * d
-        d = scale * odd[6, k] - x6
-        s = s + (w6 * d) * d
-        d = scale * odd[7, k] - x7
-        s = s + (w7 * d) * d
-        best = min(best, rank(s, j))
-    f = winner(best)
-    if f < 0:
-        return -1
-    return idx[s0 + np.uint64(f)]
-
-
-@njit(inline="always", **JIT)
-def _group(g, xval, waux, off):
-    """Copy a group's x and sqrt(weight) into the 16 values _scan reads."""
-    for i in range(8):
-        g[i] = xval[off + i]
-        g[8 + i] = waux[off + i]
-
-
-@njit(inline="always", **JIT)
-def _key(L, off):
-    """Packed key of the levels L[off .. off+7]."""
-    u = np.int32(0)
-    for i in range(8):
-        u |= np.int32(L[off + i]) << (2 * i)
-    return u
 
 
 @njit(**JIT)
@@ -174,73 +145,21 @@ def iq2(blocks, qw, nbr, out, use_qw, kind, kmap, start, count, odd, idx, levels
     ng = sub // 8
     nsb = 256 // sub
     ntr = 13 if kind == XXS else 19
-    ntp = 16 if kind == XXS else 32  # lanes computed: a multiple of the vector width; past ntr unused
+    ntp = 16 if kind == XXS else NT  # trials computed: a multiple of the vector width; past ntr unused
     lo = -6 if kind == XXS else -9
     eps = EPS_S if kind == S else EPS_XXS_XS
-    weight = np.empty(32, np.float32)
-    waux = np.empty(32, np.float32)
-    xval = np.empty(32, np.float32)
-    wx = np.empty(32, np.float32)
+    weight, waux, xval, wx, L, lev, ong, flags, bsig, idt, tsc, sqx, sq2 = search_scratch()
     lqp = np.empty(32, np.float32)
-    lev = np.empty((32, NT), np.float32)  # [element, trial]
     keys = np.empty((4, NT), np.int32)
-    idt = np.empty(NT, np.float32)
-    tsc = np.empty(NT, np.float32)
-    sqx = np.empty(NT, np.float32)
-    sq2 = np.empty(NT, np.float32)
-    L = np.empty(32, np.float32)
-    flags = np.empty(4, np.bool_)
-    bsig = np.empty(4, np.int32)
     gidx = np.empty(4, np.int32)
     scales = np.empty(16, np.float32)
     g = np.empty(16, np.float32)
     for b in range(blocks.shape[0]):
-        x = blocks[b]
-        qoff = (b % nbr) * 256
-        o = out[b]
-        for j in range(o.shape[0]):
-            o[j] = 0
-        sumx2 = F0
-        for i in range(256):
-            sumx2 = sumx2 + x[i] * x[i]
-        sigma2 = (F2 * sumx2) / F256 if kind == S else sumx2 / F256
+        x, o, qoff, sigma2 = superblock(blocks, out, b, nbr, kind == S)
         max_scale = F0
         for ib in range(nsb):
-            base = sub * ib
-            for i in range(sub):
-                xi = x[base + i]
-                if use_qw:
-                    weight[i] = qw[qoff + base + i] * np.sqrt(sigma2 + xi * xi)
-                else:
-                    weight[i] = F_QUARTER * sigma2 + xi * xi
-                waux[i] = np.sqrt(weight[i])
-            for r in range(ng):
-                s = 0
-                nflip = 0
-                for i in range(8):
-                    xi = x[base + 8 * r + i]
-                    if xi >= F0:
-                        xval[8 * r + i] = xi
-                    else:
-                        xval[8 * r + i] = -xi
-                        nflip += 1
-                        s |= 1 << i
-                if kind != S and nflip % 2 == 1:
-                    imin = 0
-                    xi = x[base + 8 * r]
-                    vmin = (weight[8 * r] * xi) * xi
-                    for i in range(1, 8):
-                        xi = x[base + 8 * r + i]
-                        v = (weight[8 * r + i] * xi) * xi
-                        if v < vmin:
-                            vmin = v
-                            imin = i
-                    xval[8 * r + imin] = -xval[8 * r + imin]
-                    s ^= 1 << imin
-                bsig[r] = s if kind == S else s & 127
-            mx = xval[0]
-            for i in range(1, sub):
-                mx = mx if mx > xval[i] else xval[i]
+            mx = sub_start(x, qw, qoff, sub * ib, sub, use_qw, sigma2, True, kind != S, weight, waux, xval,
+                           bsig)
             if mx < eps:
                 scales[ib] = F0
                 continue
@@ -253,24 +172,13 @@ def iq2(blocks, qw, nbr, out, use_qw, kind, kmap, start, count, odd, idx, levels
             else:
                 den = mx
                 scale = mx / F5
-            best = F0
             for k in range(ng):
                 flags[k] = True
             for i in range(sub):
                 L[i] = F0  # kept when no trial is accepted
                 wx[i] = weight[i] * xval[i]
-            for t in range(ntp):
-                tt = np.uint64(t)
-                idt[tt] = (F5 + np.float32(lo + t) * F_TENTH) / den
-                tsc[tt] = F1 / idt[tt]
-                sqx[tt] = F0
-                sq2[tt] = F0
-            for i in range(sub):
-                xv = xval[i]
-                ui = np.uint64(i)
-                for t in range(ntp):
-                    tt = np.uint64(t)
-                    lev[ui, tt] = clampf(nearest_int(F_HALF * (idt[tt] * xv - F1)), F0, F2)
+            start_trials(idt, tsc, sqx, sq2, ntp, F5, lo, F_TENTH, den)
+            round_trials(lev, idt, xval, sub, ntp, F2)
             for k in range(ng):
                 uk = np.uint64(k)
                 for t in range(ntp):
@@ -279,71 +187,42 @@ def iq2(blocks, qw, nbr, out, use_qw, kind, kmap, start, count, odd, idx, levels
                     for i in range(8):
                         u = u + lev[np.uint64(8 * k + i), tt] * POW4[i]  # < 2^16: exact in float32
                     keys[uk, tt] = np.int32(u)
-                _group(g, xval, waux, 8 * k)
+                load_group(g, xval, waux, 8 * k)
                 for t in range(ntr):
                     u = keys[k, t]
                     gi = kmap[u]
+                    ong[k, t] = gi >= 0
                     if gi >= 0:
                         continue
-                    gi = _scan(start[u], count[u], odd, idx, g, tsc[t])
+                    gi = scan(start[u], count[u], odd, idx, g, tsc[t], None)
                     if gi < 0:
                         return b
                     for i in range(8):
                         lev[8 * k + i, t] = levels[gi, i]
-            for i in range(sub):
-                w = weight[i]
-                wxi = wx[i]
-                ui = np.uint64(i)
-                for t in range(ntp):
-                    tt = np.uint64(t)
-                    q = F2 * lev[ui, tt] + F1
-                    sqx[tt] = sqx[tt] + wxi * q
-                    sq2[tt] = sq2[tt] + (w * q) * q
-            for t in range(ntr):
-                if sq2[t] > F0 and sqx[t] * sqx[t] > best * sq2[t]:
-                    scale = sqx[t] / sq2[t]
-                    best = scale * sqx[t]
-                    for i in range(sub):
-                        L[i] = lev[i, t]
-                    for k in range(ng):
-                        flags[k] = kmap[keys[k, t]] >= 0
-            n_off = 0
-            for k in range(ng):
-                if not flags[k]:
-                    n_off += 1
-            if scale > F0 and (kind == XXS or n_off > 0):
+            trial_sums(lev, weight, wx, sqx, sq2, sub, ntp)
+            scale = accept_trials(sqx, sq2, ntr, lev, ong, sub, ng, scale, L, flags)
+            if scale > F0 and (kind == XXS or count_off(flags, ng) > 0):
                 inv = F1 / scale
                 for k in range(ng):
                     if kind != XXS and flags[k]:
                         continue
                     for i in range(8):
-                        L[8 * k + i] = clampf(nearest_int(F_HALF * (inv * xval[8 * k + i] - F1)), F0, F2)
-                    u = _key(L, 8 * k)
+                        L[8 * k + i] = odd_level(inv * xval[8 * k + i], F2)
+                    u = key8(L, 8 * k)
                     gi = kmap[u]
                     if gi < 0:
-                        _group(g, xval, waux, 8 * k)
-                        gi = _scan(start[u], count[u], odd, idx, g, scale)
+                        load_group(g, xval, waux, 8 * k)
+                        gi = scan(start[u], count[u], odd, idx, g, scale, None)
                         if gi < 0:
                             return b
                         for i in range(8):
                             L[8 * k + i] = levels[gi, i]
-                sumqx = F0
-                sumq2 = F0
-                for i in range(sub):
-                    w = weight[i]
-                    q = F2 * L[i] + F1
-                    sumqx = sumqx + (w * xval[i]) * q
-                    sumq2 = sumq2 + (w * q) * q
-                if sumq2 > F0:
-                    scale = sumqx / sumq2
-            if scale < F0:  # possible with an imatrix: ggml complements the signs
-                scale = -scale
-                for r in range(ng):
-                    bsig[r] = ~bsig[r] & (255 if kind == S else 127)
+                scale = refit_scale(weight, xval, L, sub, scale)
+            scale = positive_scale(scale, bsig, ng, 255 if kind == S else 127)
             if not (scale >= F0):  # GGML_ASSERT(scale >= 0): a NaN scale
                 return b
             for k in range(ng):
-                gidx[k] = kmap[_key(L, 8 * k)]
+                gidx[k] = kmap[key8(L, 8 * k)]
             if kind == XXS:
                 word = 0
                 for k in range(4):
@@ -366,16 +245,13 @@ def iq2(blocks, qw, nbr, out, use_qw, kind, kmap, start, count, odd, idx, levels
             max_scale = max_scale if max_scale > scale else scale
         if max_scale == F0:
             if kind != S:  # IQ2_XXS / IQ2_XS clear the data; IQ2_S keeps what it wrote
-                for j in range(o.shape[0]):
-                    o[j] = 0
+                o[:] = 0
             continue
         d = max_scale / F31
-        h = fp32_to_fp16(d * FUDGE_S if kind == S else d)
-        o[0] = np.uint8(h & 255)
-        o[1] = np.uint8((h >> 8) & 255)
+        put_u16(out, b, 0, fp32_to_fp16(d * FUDGE_S if kind == S else d))
         inv = F1 / d
         for ib in range(nsb):
-            ls = np.int32(clampf(nearest_int(F_HALF * (inv * scales[ib] - F1)), F0, F15))
+            ls = np.int32(odd_level(inv * scales[ib], F15))
             if kind == XXS:
                 o[9 + 8 * ib] = np.uint8(o[9 + 8 * ib] | (ls << 4))
             else:

@@ -16,18 +16,27 @@ from numba import njit
 
 from ..ggml import iq3 as _spec
 from ..ggml.grids import search_failed
-from ._core import F0, F1, F2, F_HALF, JIT, clampf, fp32_to_fp16, nearest_int
-from ._grids import FLT_MAX, best_neighbour, flat_tables
+from ._core import F0, F1, F7, F15, F31, JIT, fp32_to_fp16, odd_level, put_u16
+from ._grids import (
+    FLT_MAX,
+    accept_trials,
+    best_neighbour,
+    count_off,
+    flat_tables,
+    positive_scale,
+    refit_scale,
+    round_trials,
+    search_scratch,
+    start_trials,
+    sub_start,
+    superblock,
+    trial_sums,
+)
 
-F7 = np.float32(7.0)
-F15 = np.float32(15.0)
-F31 = np.float32(31.0)
-F256 = np.float32(256.0)
 F_FIFTH = np.float32(0.2)
 EPS_XXS = np.float32(1e-8)
 FUDGE_XXS = np.float32(1.0125)
 FUDGE_S = np.float32(1.033)
-NT = 32  # trial lanes (31 for IQ3_XXS, 19 for IQ3_S)
 G32 = np.repeat(np.arange(1, 16, 2, dtype=np.float32)[None], 4, axis=0).reshape(-1)  # odd level of row 8i+l
 
 
@@ -56,91 +65,29 @@ def iq3(blocks, qw, nbr, out, use_qw, is_s, kmap, neigh, coords, levels, rows):
     aborts (no neighbour score below FLT_MAX: inf/NaN weights)."""
     ntr = 19 if is_s else 31
     lo = -9 if is_s else -15
-    weight = np.empty(32, np.float32)
-    waux = np.empty(32, np.float32)
-    xval = np.empty(32, np.float32)
-    wx = np.empty(32, np.float32)
-    lev = np.empty((32, NT), np.float32)  # [element, trial]
-    ong = np.empty((8, NT), np.bool_)
-    idt = np.empty(NT, np.float32)
-    tsc = np.empty(NT, np.float32)
-    sqx = np.empty(NT, np.float32)
-    sq2 = np.empty(NT, np.float32)
-    L = np.empty(32, np.float32)
-    flags = np.empty(8, np.bool_)
-    bsig = np.empty(4, np.int32)
+    weight, waux, xval, wx, L, lev, ong, flags, bsig, idt, tsc, sqx, sq2 = search_scratch()
     scales = np.empty(8, np.float32)
     terms = np.empty(32, np.float32)  # neighbour-score term of coordinate i at level l: [8*i + l]
     gx = np.empty(32, np.float32)
     gw = np.empty(32, np.float32)
     for b in range(blocks.shape[0]):
-        x = blocks[b]
-        qoff = (b % nbr) * 256
-        o = out[b]
-        for j in range(o.shape[0]):
-            o[j] = 0
-        sumx2 = F0
-        for i in range(256):
-            sumx2 = sumx2 + x[i] * x[i]
-        sigma2 = (F2 * sumx2) / F256
+        x, o, qoff, sigma2 = superblock(blocks, out, b, nbr, True)
         max_scale = F0
         slot = 0  # IQ3_S: qs / signs pointer, not advanced by exactly-zero sub-blocks
         for ib in range(8):
-            base = 32 * ib
-            for i in range(32):
-                xi = x[base + i]
-                if use_qw:
-                    weight[i] = qw[qoff + base + i] * np.sqrt(sigma2 + xi * xi)
-                else:
-                    weight[i] = xi * xi
-                waux[i] = np.sqrt(weight[i])
-            for r in range(4):
-                s = 0
-                nflip = 0
-                for i in range(8):
-                    xi = x[base + 8 * r + i]
-                    if xi >= F0:
-                        xval[8 * r + i] = xi
-                    else:
-                        xval[8 * r + i] = -xi
-                        nflip += 1
-                        s |= 1 << i
-                if not is_s and nflip % 2 == 1:
-                    imin = 0
-                    xi = x[base + 8 * r]
-                    vmin = (weight[8 * r] * xi) * xi
-                    for i in range(1, 8):
-                        xi = x[base + 8 * r + i]
-                        v = (weight[8 * r + i] * xi) * xi
-                        if v < vmin:
-                            vmin = v
-                            imin = i
-                    xval[8 * r + imin] = -xval[8 * r + imin]
-                    s ^= 1 << imin
-                bsig[r] = s if is_s else s & 127
-            mx = xval[0]
-            for i in range(1, 32):
-                mx = mx if mx > xval[i] else xval[i]
+            mx = sub_start(x, qw, qoff, 32 * ib, 32, use_qw, sigma2, False, not is_s, weight, waux, xval,
+                           bsig)
             if (mx == F0) if is_s else (mx < EPS_XXS):
                 scales[ib] = F0
                 continue
-            best = F0
             scale = mx / F15
             for k in range(8):
                 flags[k] = not is_s
             for i in range(32):
                 L[i] = F0  # kept when no trial is accepted
-            for i in range(32):
                 wx[i] = weight[i] * xval[i]
-            for t in range(ntr):
-                idt[t] = (F15 + np.float32(lo + t) * F_FIFTH) / mx
-                tsc[t] = F1 / idt[t]
-                sqx[t] = F0
-                sq2[t] = F0
-            for i in range(32):
-                xv = xval[i]
-                for t in range(ntr):
-                    lev[i, t] = clampf(nearest_int(F_HALF * (idt[t] * xv - F1)), F0, F7)
+            start_trials(idt, tsc, sqx, sq2, ntr, F15, lo, F_FIFTH, mx)
+            round_trials(lev, idt, xval, 32, ntr, F7)
             for k in range(8):
                 # iq3_find_best_neighbour scores Σ_i (waux_i*diff)*diff, diff = s*g - xval_i, and g is one of
                 # 8 odd levels: the 32 possible terms are computed once per trial, in C's operations, and a
@@ -173,33 +120,16 @@ def iq3(blocks, qw, nbr, out, use_qw, is_s, kmap, neigh, coords, levels, rows):
                         return b
                     for i in range(4):
                         lev[4 * k + i, t] = levels[gi, i]
-            for i in range(32):
-                w = weight[i]
-                wxi = wx[i]
-                for t in range(ntr):
-                    q = F2 * lev[i, t] + F1
-                    sqx[t] = sqx[t] + wxi * q
-                    sq2[t] = sq2[t] + (w * q) * q
-            for t in range(ntr):
-                if sq2[t] > F0 and sqx[t] * sqx[t] > best * sq2[t]:
-                    scale = sqx[t] / sq2[t]
-                    best = scale * sqx[t]
-                    for i in range(32):
-                        L[i] = lev[i, t]
-                    for k in range(8):
-                        flags[k] = ong[k, t]
-            n_off = 0
-            for k in range(8):
-                if not flags[k]:
-                    n_off += 1
-            if n_off > 0 and scale > F0:
+            trial_sums(lev, weight, wx, sqx, sq2, 32, ntr)
+            scale = accept_trials(sqx, sq2, ntr, lev, ong, 32, 8, scale, L, flags)
+            if count_off(flags, 8) > 0 and scale > F0:
                 inv = F1 / scale
                 for k in range(8):
                     if flags[k] and not is_s:
                         continue
                     u = 0
                     for i in range(4):
-                        lv = clampf(nearest_int(F_HALF * (inv * xval[4 * k + i] - F1)), F0, F7)
+                        lv = odd_level(inv * xval[4 * k + i], F7)
                         L[4 * k + i] = lv
                         u |= np.int32(lv) << (3 * i)
                     gi = kmap[u]
@@ -209,19 +139,8 @@ def iq3(blocks, qw, nbr, out, use_qw, is_s, kmap, neigh, coords, levels, rows):
                             return b
                         for i in range(4):
                             L[4 * k + i] = levels[gi, i]
-                sumqx = F0
-                sumq2 = F0
-                for i in range(32):
-                    w = weight[i]
-                    q = F2 * L[i] + F1
-                    sumqx = sumqx + (w * xval[i]) * q
-                    sumq2 = sumq2 + (w * q) * q
-                if sumq2 > F0:
-                    scale = sumqx / sumq2
-            if scale < F0:  # possible with an imatrix: ggml complements the signs
-                scale = -scale
-                for r in range(4):
-                    bsig[r] = ~bsig[r] & (255 if is_s else 127)
+                scale = refit_scale(weight, xval, L, 32, scale)
+            scale = positive_scale(scale, bsig, 4, 255 if is_s else 127)
             for k in range(8):
                 gi = kmap[np.int32(L[4 * k]) | (np.int32(L[4 * k + 1]) << 3) | (np.int32(L[4 * k + 2]) << 6)
                           | (np.int32(L[4 * k + 3]) << 9)]
@@ -242,16 +161,13 @@ def iq3(blocks, qw, nbr, out, use_qw, is_s, kmap, neigh, coords, levels, rows):
             max_scale = max_scale if max_scale > scale else scale
         if max_scale == F0:
             if not is_s:  # IQ3_XXS clears every data byte; IQ3_S keeps what it wrote
-                for j in range(o.shape[0]):
-                    o[j] = 0
+                o[:] = 0
             continue
         d = max_scale / F31
-        h = fp32_to_fp16(d * (FUDGE_S if is_s else FUDGE_XXS))
-        o[0] = np.uint8(h & 255)
-        o[1] = np.uint8((h >> 8) & 255)
+        put_u16(out, b, 0, fp32_to_fp16(d * (FUDGE_S if is_s else FUDGE_XXS)))
         inv = F1 / d
         for ib in range(8):
-            ls = np.int32(clampf(nearest_int(F_HALF * (inv * scales[ib] - F1)), F0, F15))
+            ls = np.int32(odd_level(inv * scales[ib], F15))
             if is_s:
                 o[106 + ib // 2] = np.uint8(o[106 + ib // 2] | (ls << (4 * (ib % 2))))
             else:
