@@ -7,7 +7,6 @@ the skeleton costs no memory and its non-parameter state is exactly what transfo
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,30 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qconvert.arch.table import resolve
 from qconvert.errors import BadInput
-
-
-def gguf_tensor_name(config: dict, hf_name: str) -> str | None:
-    """GGUF tensor name that `convert --to gguf` writes for an HF tensor name (None if it has none).
-
-    Same mapping as the converter: the load stage's architecture table gives the gguf architecture, and
-    gguf-py's name map does the rest (reference/gguf.md §5)."""
-    from qconvert.load.architectures import n_layer, resolve, text_config
-
-    tmap = _name_map(resolve(config).arch, n_layer(text_config(config)))
-    return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-
-
-@functools.lru_cache(maxsize=8)
-def _name_map(arch, n_blocks: int):
-    """gguf-py's name map (building one takes ~0.1 s, so once per architecture)."""
-    import gguf
-
-    return gguf.get_tensor_name_map(arch, n_blocks)
-
-
-def _text_config(config: dict) -> dict:
-    return config.get("text_config") or config
+from qconvert.load.config import text_config
 
 
 @contextmanager
@@ -69,14 +47,12 @@ class Skeleton:
 
 def attn_implementation(config: dict) -> str:
     # sdpa has no logit soft-capping; eager is what transformers itself requires for it
-    return "eager" if _text_config(config).get("attn_logit_softcapping") else "sdpa"
+    return "eager" if text_config(config).get("attn_logit_softcapping") else "sdpa"
 
 
 def build_skeleton(ckpt, dtype: torch.dtype) -> Skeleton:
     """The checkpoint's transformers model with parameters on meta (nothing read yet)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qconvert.load.architectures import resolve
 
     resolve(ckpt.config, ckpt.path)  # BadInput naming the supported families for anything else
     try:

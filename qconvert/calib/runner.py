@@ -31,9 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qconvert.arch.tensors import LM_HEAD
 from qconvert.calib.model import Skeleton, build_skeleton, linear_modules, materialise, release
 from qconvert.calib.stats import LinearStats, parse_kinds
 from qconvert.errors import BadInput
+from qconvert.load.config import text_config
 from qconvert.load.dtypes import TORCH_BY_NAME
 
 Progress = Callable[[str, int, int], None]  # (what, done, total) after each unit of work
@@ -300,8 +302,8 @@ class LayerwiseRunner:
     def _final(self, sk, hidden, batches, kinds, sink, lm_head_stats, on_final, tick) -> None:
         head = sk.lm_head
         if on_final is not None and head is not None:
-            fallback = {"lm_head.weight": _embed_name(sk)} if _embed_name(sk) else None
-            materialise(head, "lm_head", self.ckpt, self.device, self.dtype, fallbacks=fallback)
+            fallback = {f"{LM_HEAD}.weight": _embed_name(sk)} if _embed_name(sk) else None  # tied
+            materialise(head, LM_HEAD, self.ckpt, self.device, self.dtype, fallbacks=fallback)
         st = LinearStats(sk.decoder.norm.weight.shape[-1], kinds) if lm_head_stats else None
         for b, h in enumerate(hidden):
             normed = sk.decoder.norm(h)
@@ -311,7 +313,7 @@ class LayerwiseRunner:
                 on_final(b, normed, batches[b], head)
             tick(b)
         if st is not None:
-            sink({"lm_head": st})
+            sink({LM_HEAD: st})
         if head is not None:
             release(head)
 
@@ -345,7 +347,7 @@ class _SpillDir:
         import psutil
 
         cfg = self.runner.ckpt.config
-        hidden = int((cfg.get("text_config") or cfg).get("hidden_size", 0))
+        hidden = int(text_config(cfg).get("hidden_size", 0))
         elem = torch.finfo(self.runner.dtype).bits // 8
         need = 2 * self.tokens.numel() * hidden * elem  # inputs + outputs of one layer
         limit = self.runner.max_activation_bytes

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.load.config import text_config
 from qconvert.load.gguf_file import is_gguf, open_gguf
 
 LLAMA_N_BATCH = 2048  # llama-perplexity's default -b: it packs n_batch // ctx chunks into one decode
@@ -237,7 +238,7 @@ class HFBackend:
         self.tokenizer = load_tokenizer(self.ckpt)
         self.add_bos = adds_bos(self.tokenizer)
         self.bos_id = self.tokenizer.bos_token_id
-        text = self.ckpt.config.get("text_config") or self.ckpt.config
+        text = text_config(self.ckpt.config)
         self.n_vocab = int(text.get("vocab_size") or len(self.tokenizer))
         self.model = None
 
@@ -278,7 +279,7 @@ class HFBackend:
 
 def _attn(config: dict) -> str:
     # sdpa has no logit soft-capping (gemma2); eager is what transformers itself requires for it
-    text = config.get("text_config") or config
+    text = text_config(config)
     return "eager" if text.get("attn_logit_softcapping") else "sdpa"
 
 

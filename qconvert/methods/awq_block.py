@@ -1,25 +1,12 @@
-"""AWQ on one decoder block: the scaling groups of each family, folding scales into the previous operation,
-and the per-block driver the calibration runner calls ("quantize as you go").
-
-Scaling groups (AutoAWQ ``get_layers_for_scaling``, checkpoint-formats.md §3.3), names relative to the block:
-
-    family              prev op (scales folded in)       balanced layers          inspected module
-    llama/mistral/      input_layernorm                  q_proj, k_proj, v_proj   self_attn
-    qwen2/qwen3/gemma   v_proj (rows)                    o_proj                   o_proj   (if v out == o in)
-                        post_attention_layernorm         gate_proj, up_proj       mlp
-                        up_proj (rows)                   down_proj                down_proj
-    gemma2/gemma3       as llama, but the MLP is fed by pre_feedforward_layernorm (post_attention_layernorm
-                        and post_feedforward_layernorm act on the *outputs* of o_proj/down_proj: untouched)
-    phi3                input_layernorm → qkv_proj; qkv_proj (v rows) → o_proj (if v out == o in);
-                        post_attention_layernorm → gate_up_proj; gate_up_proj (up rows) → down_proj
+"""AWQ on one decoder block: folding scales into the previous operation, and the per-block driver the
+calibration runner calls ("quantize as you go"). The scaling groups come from the architecture table
+(arch/blocks.py: each family's block layout and AutoAWQ's get_layers_for_scaling groups built from it).
 
 Folding keeps the float model mathematically identical: balanced ``W[:, c] *= s[c]``; a norm's weight is
 divided by ``s`` (Gemma's RMSNorm multiplies by ``1 + w``: ``w ← (1 + w)/s − 1``); a previous Linear's
 output rows (and bias) are divided by ``s``. Only the rows feeding the balanced layers are touched (the v
-rows of a fused qkv, the up half of a fused gate_up).
-
-Clipping skips q and k (their errors are amplified by the q·k product): for a fused qkv only the v rows are
-clipped (AutoAWQ clips the whole fused qkv_proj; its skip list only knows separate q/k layers).
+rows of a fused qkv, the up half of a fused gate_up). Clipping skips the Linears the plan names (q and k;
+of a fused qkv, all but the v rows).
 """
 
 from __future__ import annotations
@@ -27,12 +14,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qconvert.arch.blocks import BlockPlan, ScalingGroup, awq_plan
+from qconvert.arch.table import BLOCK_FAMILIES, ArchSpec, resolve
 from qconvert.errors import BadInput
+from qconvert.load.config import text_config
 from qconvert.methods.awq import (
     AWQConfig,
     apply_clip,
@@ -48,43 +38,18 @@ from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
 
 log = logging.getLogger("qconvert.awq")
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")  # load.architectures names
 
-
-@dataclass
-class ScalingGroup:
-    name: str  # "qkv", "v-o", "gate-up", "up-down"
-    prev: str  # the module the scales are folded into (a norm or a Linear), relative to the block
-    balanced: list[str]  # Linears whose input columns are multiplied by s
-    inspect: str  # the module whose output error the search minimises
-    prev_rows: tuple[int, int] | None = None  # Linear prev op: the output rows feeding the balanced layers
-    norm_offset: float = 0.0  # 1.0 for Gemma's RMSNorm (y = norm(x) * (1 + w))
-
-
-@dataclass
-class BlockPlan:
-    """The scaling groups of one block and which Linears are never clipped (whole or partly)."""
-
-    groups: list[ScalingGroup]
-    no_clip: set[str] = field(default_factory=set)
-    clip_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # Linear -> the only rows clipped
+def _spec(config: dict) -> ArchSpec:
+    spec = resolve(text_config(config))
+    if spec.block is None:
+        raise BadInput(f"--method awq: no AWQ scaling groups for the {spec.name} architecture "
+                       f"(supported: {', '.join(BLOCK_FAMILIES)})")
+    return spec
 
 
 def family(config: dict) -> str:
-    """The load-stage family name of a checkpoint, refused clearly when AWQ has no scaling groups for it."""
-    from qconvert.load.architectures import resolve, text_config
-
-    name = resolve(text_config(config)).name
-    if name not in FAMILIES:
-        raise BadInput(f"--method awq: no AWQ scaling groups for the {name} architecture "
-                       f"(supported: {', '.join(FAMILIES)})")
-    return name
-
-
-def _norm_offset(config: dict) -> float:
-    from qconvert.load.architectures import resolve, text_config
-
-    return float(resolve(text_config(config)).norm_shift)
+    """The architecture-table family name of a checkpoint, refused clearly when AWQ cannot walk its blocks."""
+    return _spec(config).name
 
 
 def _linear(block: nn.Module, name: str) -> nn.Linear:
@@ -96,52 +61,20 @@ def _linear(block: nn.Module, name: str) -> nn.Linear:
 
 def block_plan(config: dict, block: nn.Module) -> BlockPlan:
     """The scaling groups of one decoder block of this checkpoint's family."""
-    fam = family(config)
-    off = _norm_offset(config)
-    if fam == "phi3":
-        return _phi3_plan(block, off)
-    mlp_norm = "pre_feedforward_layernorm" if fam in ("gemma2", "gemma3") else "post_attention_layernorm"
-    groups = [
-        ScalingGroup("qkv", "input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                     "self_attn", norm_offset=off),
-    ]
-    v, o = _linear(block, "self_attn.v_proj"), _linear(block, "self_attn.o_proj")
-    if v.out_features == o.in_features:  # no GQA: each v row feeds exactly one o column
-        groups.append(ScalingGroup("v-o", "self_attn.v_proj", ["self_attn.o_proj"], "self_attn.o_proj",
-                                   prev_rows=(0, v.out_features)))
-    up = _linear(block, "mlp.up_proj")
-    groups += [
-        ScalingGroup("gate-up", mlp_norm, ["mlp.gate_proj", "mlp.up_proj"], "mlp", norm_offset=off),
-        ScalingGroup("up-down", "mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj",
-                     prev_rows=(0, up.out_features)),
-    ]
-    return BlockPlan(groups, no_clip={"self_attn.q_proj", "self_attn.k_proj"})
+    spec = _spec(config)
+    layout = spec.block
+    assert layout is not None  # _spec refused the others
 
+    def linear(name: str) -> tuple[int, int]:
+        lin = _linear(block, name)
+        return lin.out_features, lin.in_features
 
-def _phi3_plan(block: nn.Module, off: float) -> BlockPlan:
-    qkv, o = _linear(block, "self_attn.qkv_proj"), _linear(block, "self_attn.o_proj")
-    gate_up, down = _linear(block, "mlp.gate_up_proj"), _linear(block, "mlp.down_proj")
-    attn = block.get_submodule("self_attn")
-    n_head, n_kv = int(attn.config.num_attention_heads), int(attn.config.num_key_value_heads)
-    hd = int(getattr(attn, "head_dim", None) or attn.config.hidden_size // n_head)
-    v_rows = (n_head * hd + n_kv * hd, qkv.out_features)  # fused as [q; k; v]
-    if v_rows[1] - v_rows[0] != n_kv * hd:
-        raise BadInput(f"--method awq: phi3 qkv_proj has {qkv.out_features} rows, the config implies "
-                       f"{(n_head + 2 * n_kv) * hd}")
-    groups = [ScalingGroup("qkv", "input_layernorm", ["self_attn.qkv_proj"], "self_attn", norm_offset=off)]
-    if v_rows[1] - v_rows[0] == o.in_features:
-        groups.append(ScalingGroup("v-o", "self_attn.qkv_proj", ["self_attn.o_proj"], "self_attn.o_proj",
-                                   prev_rows=v_rows))
-    half = gate_up.out_features // 2  # fused as [gate; up]: the up half multiplies act(gate)
-    groups += [
-        ScalingGroup("gate-up", "post_attention_layernorm", ["mlp.gate_up_proj"], "mlp", norm_offset=off),
-        ScalingGroup("up-down", "mlp.gate_up_proj", ["mlp.down_proj"], "mlp.down_proj",
-                     prev_rows=(half, gate_up.out_features)),
-    ]
-    if down.in_features != half:
-        raise BadInput(f"--method awq: phi3 down_proj takes {down.in_features} inputs, "
-                       f"gate_up_proj gives {half}")
-    return BlockPlan(groups, clip_rows={"self_attn.qkv_proj": v_rows})
+    def heads() -> tuple[int, int, int]:
+        attn = block.get_submodule(layout.attn)
+        n_head, n_kv = int(attn.config.num_attention_heads), int(attn.config.num_key_value_heads)
+        return n_head, n_kv, int(getattr(attn, "head_dim", None) or attn.config.hidden_size // n_head)
+
+    return awq_plan(layout, linear, heads, float(spec.norm_shift))
 
 
 # ------------------------------------------------------------------------------------------------------------

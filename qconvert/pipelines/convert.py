@@ -19,14 +19,17 @@ from typing import Any
 import gguf
 import numpy as np
 
+from qconvert.arch.facts import ModelFacts, facts_from_kv
+from qconvert.arch.table import resolve
+from qconvert.arch.tensors import PlannedTensor, plan_tensors
 from qconvert.errors import BadInput
 from qconvert.formats.gguf.metadata import build_header, tokenizer_kvs
-from qconvert.formats.gguf.reader import GGUFSource, facts_from_header, read_gguf_source
+from qconvert.formats.gguf.reader import GGUFSource, read_gguf_source
 from qconvert.formats.gguf.tokenizer import llama_load_problem
 from qconvert.formats.gguf.writer import GGUFOutput, tensor_nbytes, write_gguf
 from qconvert.formats.output import check_output_path
 from qconvert.kernels import FLOAT_TYPES, quantize
-from qconvert.load.architectures import PlannedTensor, model_facts, plan_tensors, resolve, text_config
+from qconvert.load.config import text_config
 
 Q = gguf.GGMLQuantizationType
 _MAX_KV_STR = 127  # llama_model_kv_override.val_str is char[128]
@@ -107,7 +110,7 @@ class _Source:
     label: str                      # path for messages
     name: str                       # model name for the default output file
     arch: str
-    facts: dict
+    facts: ModelFacts
     header: GGUFOutput
     tensors: list[PlannedTensor]
     gguf: GGUFSource | None = None  # set for .gguf input (raw copies, requantize checks)
@@ -168,8 +171,8 @@ def _open_source(model: str, opts: ConvertOptions) -> _Source:
         if not path.is_file():
             raise BadInput("no such GGUF file", path)
         src = read_gguf_source(path)
-        return _Source(str(path), path.stem, src.arch, facts_from_header(src.header, src.arch),
-                       src.header, src.tensors, src)
+        facts = _facts(src.arch, src.header)
+        return _Source(str(path), path.stem, src.arch, facts, src.header, src.tensors, src)
     from qconvert.load import open_checkpoint
 
     ckpt = open_checkpoint(model)
@@ -181,7 +184,13 @@ def _open_source(model: str, opts: ConvertOptions) -> _Source:
     planned = plan_tensors(ckpt, spec, cfg, info.n_vocab_real)
     total = sum(int(np.prod(t.shape, dtype=np.int64)) for t in planned)
     header = build_header(spec, cfg, ckpt.path, ckpt.name, total, tok)
-    return _Source(str(ckpt.path), ckpt.name, spec.name, model_facts(spec, cfg), header, planned)
+    return _Source(str(ckpt.path), ckpt.name, spec.name, _facts(spec.name, header), header, planned)
+
+
+def _facts(arch: str, header: GGUFOutput) -> ModelFacts:
+    # from the KVs for both inputs: llama-quantize reads them from its input file (for an HF checkpoint,
+    # the BF16 GGUF we would write: these very KVs)
+    return facts_from_kv(arch, {k: v.value for k, v in header.kv().items()})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,10 +225,10 @@ def mixture_options(opts: ConvertOptions, has_imatrix: bool) -> Any:
 
 
 def _choices(src: _Source, mix: Any) -> list[Any]:
-    from qconvert.formats.gguf.mixture import ModelFacts, choose_types
+    from qconvert.formats.gguf.mixture import choose_types
 
     items = [(t.name, t.ne, _kept_type(t, src)) for t in src.tensors]
-    return choose_types(items, ModelFacts(**src.facts), mix)
+    return choose_types(items, src.facts, mix)
 
 
 def _opt_type(name: str | None, option: str) -> Q | None:

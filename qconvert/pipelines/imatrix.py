@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qconvert.arch.tensors import gguf_tensor_name, writes_output_tensor
 from qconvert.calib.datasets import load_calibration, load_tokenizer
-from qconvert.calib.model import gguf_tensor_name
 from qconvert.calib.runner import LayerwiseRunner, Progress
 from qconvert.calib.stats import LinearStats
 from qconvert.errors import BadInput
@@ -35,6 +35,7 @@ from qconvert.formats.gguf.imatrix import (
     write_imatrix_dat,
     write_imatrix_gguf,
 )
+from qconvert.load.config import text_config
 
 DEFAULT_CTX = 512
 N_BATCH = 2048  # llama-imatrix's default logical batch (-b): n_seq = n_batch / n_ctx chunks per pass
@@ -89,7 +90,7 @@ def compute_imatrix(
         skip_chunks=from_chunk,
     )
     notes: list[str] = []
-    want_output = process_output and _has_output_tensor(ckpt)
+    want_output = process_output and writes_output_tensor(ckpt.config, ckpt.tensors)
     if process_output and not want_output:
         notes.append(
             "the model has no separate output.weight (tied embeddings): no output entry, as in llama.cpp"
@@ -134,18 +135,6 @@ def write(path: str | Path, imat: Imatrix, output_format: str = "gguf") -> Path:
 # -- helpers ---------------------------------------------------------------------------------------------
 
 
-def _has_output_tensor(ckpt) -> bool:
-    """Whether `convert --to gguf` writes output.weight for this checkpoint."""
-    if "lm_head.weight" not in ckpt.tensors:
-        return False
-    try:
-        from qconvert.load.architectures import resolve
-
-        return not resolve(ckpt.config).drop_lm_head
-    except ImportError:
-        return True
-
-
 def _entries(config: dict, stats: dict[str, LinearStats]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for hf_module, st in stats.items():
@@ -165,7 +154,7 @@ class _PplScorer:
     """Running perplexity over the second half of each chunk (llama-imatrix's estimate)."""
 
     def __init__(self, config: dict, ctx_size: int, on_ppl: OnPpl | None):
-        cfg = config.get("text_config") or config
+        cfg = text_config(config)
         self.softcap = cfg.get("final_logit_softcapping")
         self.first = ctx_size // 2
         self.ctx = ctx_size

@@ -1,4 +1,5 @@
-"""GGUF export pieces without llama.cpp: architecture table, pre-tokenizer detection, header, writer."""
+"""GGUF export pieces without llama.cpp: pre-tokenizer detection, header, writer (the architecture table:
+tests/arch)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,12 @@ import gguf
 import numpy as np
 import pytest
 
+from qconvert.arch.table import resolve
 from qconvert.errors import BadInput, IOFailure
 from qconvert.formats.gguf.metadata import build_header, tokenizer_kvs
 from qconvert.formats.gguf.tokenizer import check_pre_tokenizer_name, detect_pre_tokenizer
 from qconvert.formats.gguf.writer import GGUFOutput, write_gguf
 from qconvert.load import open_checkpoint
-from qconvert.load.architectures import (
-    llama3_rope_factors,
-    permute_rows,
-    plan_tensors,
-    resolve,
-    rope_parameters,
-    text_config,
-)
 
 V = gguf.GGUFValueType
 LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -77,52 +71,6 @@ def test_unknown_pre_tokenizer_fails_with_override_hint(smollm2_dir, tmp_path):
     assert info.pre == "smollm" and t.kv()["tokenizer.ggml.pre"].value == "smollm"
     with pytest.raises(BadInput, match="not a name llama.cpp knows"):
         check_pre_tokenizer_name("no-such-pre")
-
-
-# ---------------------------------------------------------------- architectures
-
-def test_permutation_matches_the_fixture_builder(fixtures_lib):
-    w = np.arange(12 * 5, dtype=np.float32).reshape(12, 5)
-    for n_head in (1, 2, 3):
-        got = permute_rows(w, n_head)
-        assert np.array_equal(got, fixtures_lib.llama_permute(w, n_head))
-        assert np.array_equal(fixtures_lib.llama_unpermute(got, n_head), w)
-
-
-def test_unsupported_architecture():
-    with pytest.raises(BadInput, match="unsupported architecture GPTNeoXForCausalLM"):
-        resolve({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
-    assert resolve({"model_type": "mistral"}).name == "llama"
-    assert resolve({"architectures": ["Gemma3ForCausalLM"]}).norm_shift == 1.0
-
-
-def test_rope_parameters_both_config_styles():
-    assert rope_parameters({"rope_theta": 5e5})["rope_theta"] == 5e5
-    v5 = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
-    assert rope_parameters(v5)["rope_theta"] == 1e4
-    f = llama3_rope_factors({"rope_theta": 5e5, "factor": 8.0, "original_max_position_embeddings": 8192}, 128)
-    assert f.shape == (64,) and f[0] == 1.0 and f[-1] == 8.0
-
-
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
-def test_plan_names_and_transforms(synthetic_dir, arch):
-    ckpt = open_checkpoint(synthetic_dir(arch))
-    cfg = text_config(ckpt.config)
-    spec = resolve(cfg)
-    planned = {t.name: t for t in plan_tensors(ckpt, spec, cfg)}
-    assert "token_embd.weight" in planned and "blk.3.ffn_down.weight" in planned
-    assert "output.weight" not in planned  # tied
-    norm = planned["blk.0.attn_norm.weight"]
-    expect = ckpt.read_numpy(norm.source) + (1.0 if arch.startswith("gemma") else 0.0)
-    assert np.array_equal(norm.read(), expect.astype(np.float32))
-    if arch == "llama":
-        q = planned["blk.1.attn_q.weight"]
-        assert np.array_equal(q.read(), permute_rows(ckpt.read_numpy(q.source), cfg["num_attention_heads"]))
-    if arch == "phi3":  # fused tensors stay fused
-        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-        qkv_rows = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * head_dim
-        assert planned["blk.0.attn_qkv.weight"].shape == (qkv_rows, cfg["hidden_size"])
-        assert planned["blk.0.ffn_up.weight"].shape[0] == 2 * cfg["intermediate_size"]
 
 
 # ---------------------------------------------------------------- header

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
+from qconvert.arch.facts import is_70b_model
 from qconvert.errors import BadInput
 from qconvert.formats.gguf import mixture as gm
 from qconvert.formats.gguf.mixture import (
@@ -175,7 +176,7 @@ def facts_for(s: Spec) -> ModelFacts:
         s.n_head,
         s.n_head_kv,
         s.n_expert,
-        gm.is_70b_model("llama", s.n_layer, s.n_head, s.n_head_kv),
+        is_70b_model("llama", s.n_layer, s.n_head, s.n_head_kv),
     )
 
 

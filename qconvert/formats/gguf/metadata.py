@@ -12,9 +12,9 @@ from pathlib import Path
 
 import gguf
 
+from qconvert.arch.table import ArchSpec
 from qconvert.formats.gguf.tokenizer import TokenizerInfo, add_tokenizer
 from qconvert.formats.gguf.writer import GGUF_QUANT_VERSION, GGUFOutput
-from qconvert.load.architectures import ArchSpec, extra_kvs
 
 logging.getLogger("gguf.metadata").setLevel(logging.ERROR)
 
@@ -43,7 +43,8 @@ def build_header(spec: ArchSpec, cfg: dict, model_dir: Path, name: str, total_pa
                  tokenizer: GGUFOutput) -> GGUFOutput:
     """A GGUFOutput holding every KV of the converted model, in converter order."""
     w = GGUFOutput(spec.name)
-    extra_kvs(spec, cfg, w)
+    if spec.extra_kvs is not None:  # written while the converter generates its extra tensors: first
+        spec.extra_kvs(cfg, w)
     add_general(w, model_dir, name, total_params)
     spec.hparams(cfg, w)
     w.add_quantization_version(GGUF_QUANT_VERSION)

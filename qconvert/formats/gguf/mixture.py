@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
+from qconvert.arch.facts import ModelFacts
 from qconvert.errors import BadInput, IOFailure
 from qconvert.kernels import BLOCK_TYPES, FLOAT_TYPES
 
@@ -109,31 +110,6 @@ class MixtureOptions:
     # (regex, type): the first `re.search` match wins; patterns are used as given
     # (llama-quantize's CLI lower-cases them, the library does not)
     tensor_types: list[tuple[str, GGMLQuantizationType]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """The hparams the rules read: arch name as in general.architecture, layer 0 head counts, expert count."""
-
-    arch: str
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_expert: int = 0
-    is_70b: bool = False
-
-    @property
-    def n_gqa(self) -> int:
-        return self.n_head // self.n_head_kv if self.n_head_kv else 0
-
-
-def is_70b_model(arch: str, n_layer: int, n_head: int, n_head_kv: int) -> bool:
-    """llama.cpp's LLM_TYPE_70B, the only model size the rules read (src/models/<arch>.cpp load_hparams)."""
-    if arch == "llama":
-        return n_layer == 80 and n_head != n_head_kv
-    if arch in ("qwen2", "olmo", "deci"):
-        return n_layer == 80
-    return arch == "jais2" and n_layer == 68
 
 
 @dataclass(frozen=True)
@@ -354,7 +330,7 @@ def _ffn_down_rule(ft: str, t: T, i: int, n: int, has_imatrix: bool, falcon: boo
 
 
 def _attn_output_rule(ft: str, t: T, facts: ModelFacts) -> T:
-    if facts.arch == "falcon":
+    if facts.falcon:
         return T.Q4_K if ft == "Q3_K_L" else t
     if facts.n_expert == 8:
         return T.Q5_K if ft in _E8_ATTN_OUTPUT_Q5K else t
@@ -367,7 +343,7 @@ def _rules(name: str, cat: str, t: T, ne0: int, st: _State, facts: ModelFacts, o
     if cat == OUTPUT or (st.tied and cat == TOKEN_EMBD):
         if opts.output_tensor_type is not None:
             return opts.output_tensor_type  # a tied token_embd lands here: the fallback still follows
-        if facts.arch == "falcon" or ne0 % block_size(t) != 0:
+        if facts.falcon or ne0 % block_size(t) != 0:
             return T.Q8_0
         return t if t == T.Q8_0 else T.Q6_K
     if cat == TOKEN_EMBD:
@@ -379,7 +355,7 @@ def _rules(name: str, cat: str, t: T, ne0: int, st: _State, facts: ModelFacts, o
     if cat == FFN_DOWN:
         i = _layer_for_ffn(name, st.i_down, facts)
         st.i_down += 1
-        return _ffn_down_rule(ft, t, i, facts.n_layer, opts.has_imatrix, facts.arch == "falcon")
+        return _ffn_down_rule(ft, t, i, facts.n_layer, opts.has_imatrix, facts.falcon)
     if cat == ATTN_OUTPUT:
         return _attn_output_rule(ft, t, facts)
     if cat == FFN_GATE:

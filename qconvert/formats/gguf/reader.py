@@ -15,9 +15,9 @@ from typing import Any
 import gguf
 import numpy as np
 
+from qconvert.arch.tensors import PlannedTensor
 from qconvert.errors import BadInput, IOFailure
 from qconvert.formats.gguf.writer import GGUFOutput
-from qconvert.load.architectures import PlannedTensor
 from qconvert.load.gguf_file import open_gguf
 
 
@@ -87,19 +87,3 @@ def _release(file_map: np.memmap, start: int, nbytes: int) -> None:
     with contextlib.suppress(ValueError, OSError):
         mm.madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
 
-
-def kv_int(header: GGUFOutput, key: str, default: int = 0) -> int:
-    v = header.kv().get(key)
-    if v is None:
-        return default
-    val = v.value[0] if isinstance(v.value, list) else v.value  # per-layer arrays: layer 0, as llama.cpp
-    return int(val)
-
-
-def facts_from_header(header: GGUFOutput, arch: str) -> dict:
-    n_layer = kv_int(header, f"{arch}.block_count")
-    n_head = kv_int(header, f"{arch}.attention.head_count")
-    n_head_kv = kv_int(header, f"{arch}.attention.head_count_kv", n_head)
-    is_70b = n_layer == 80 and ((arch == "llama" and n_head_kv != n_head) or arch == "qwen2")
-    return {"arch": arch, "n_layer": n_layer, "n_head": n_head, "n_head_kv": n_head_kv,
-            "n_expert": kv_int(header, f"{arch}.expert_count"), "is_70b": is_70b}

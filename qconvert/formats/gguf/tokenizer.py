@@ -21,6 +21,7 @@ from typing import Any
 
 import gguf
 
+from qconvert.arch.vocab import Vocab
 from qconvert.errors import BadInput
 
 logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
@@ -318,16 +319,16 @@ def _export_one(kind: str, w: Any, model_dir: Path, cfg: dict, pre: str | None) 
     raise ValueError(kind)
 
 
-def add_tokenizer(w: Any, arch: str, kinds: tuple[str, ...], model_dir: Path, cfg: dict,
+def add_tokenizer(w: Any, arch: str, vocab: Vocab, model_dir: Path, cfg: dict,
                   pre_override: str | None = None) -> TokenizerInfo:
-    """Write tokenizer.* KVs for a checkpoint directory, with the per-family quirks of the converter."""
+    """Write tokenizer.* KVs for a checkpoint directory, with the family's quirks (arch/vocab.py)."""
     if pre_override is not None:
         check_pre_tokenizer_name(pre_override)
     tok_cfg = _config(model_dir, "tokenizer_config.json")
-    if arch == "llama" and tok_cfg.get("add_prefix_space") is not None:
-        w.add_add_space_prefix(bool(tok_cfg["add_prefix_space"]))
+    if vocab.before is not None:
+        vocab.before(w, tok_cfg)
     info = None
-    for kind in kinds:
+    for kind in vocab.kinds:
         try:
             info = _export_one(kind, w, model_dir, cfg, pre_override)
             break
@@ -336,19 +337,11 @@ def add_tokenizer(w: Any, arch: str, kinds: tuple[str, ...], model_dir: Path, cf
     if info is None:
         wanted = {"spm": "tokenizer.model", "llama_hf": "tokenizer.json", "gpt2": "tokenizer.json",
                   "phi3": "tokenizer.model"}
-        files = " or ".join(sorted({wanted[k] for k in kinds}))
+        files = " or ".join(sorted({wanted[k] for k in vocab.kinds}))
         raise BadInput(f"no tokenizer found for {arch} (needs {files})", model_dir)
-    _arch_quirks(w, arch, info, cfg, model_dir)
+    if vocab.after is not None:
+        vocab.after(w, info, cfg)
     return info
-
-
-def _arch_quirks(w: Any, arch: str, info: TokenizerInfo, cfg: dict, model_dir: Path) -> None:
-    if arch == "llama" and cfg.get("vocab_size") == 49152:
-        w.add_add_bos_token(False)  # the converter's Granite/SmolLM rule
-    if arch == "gemma" and info.n_tokens > 107:
-        w.add_eot_token_id(107)  # CodeGemma's <end_of_turn>; the converter's FIM ids have no KV handler
-    if arch in ("gemma", "gemma2") or (arch == "gemma3" and info.model == "llama"):
-        w.add_add_space_prefix(False)
 
 
 # llama-vocab.cpp sets attributes on these tokens by name (token_to_id.at: a missing one aborts the load)

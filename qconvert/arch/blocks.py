@@ -1,0 +1,107 @@
+"""The decoder-block structure methods need: module names inside one block, and AWQ's scaling groups.
+
+A family's ``BlockLayout`` (table.py) names the modules of one decoder block relative to it
+(``model.layers.N``). ``awq_plan`` turns a layout into AutoAWQ's ``get_layers_for_scaling`` groups
+(checkpoint-formats.md §3.3):
+
+    prev op (scales folded in)     balanced layers          inspected module
+    attn_norm                      q, k, v (or fused qkv)   attn
+    v (rows; of qkv: the v rows)   o                        o        (only if v out == o in: no GQA)
+    mlp_norm                       gate, up (or gate_up)    mlp
+    up (rows; of gate_up: up half) down                     down
+
+gemma2/gemma3 feed the MLP through pre_feedforward_layernorm (post_attention_layernorm and
+post_feedforward_layernorm act on the *outputs* of o_proj/down_proj: untouched).
+
+Clipping skips q and k (their errors are amplified by the q·k product): for a fused qkv only the v rows are
+clipped (AutoAWQ clips the whole fused qkv_proj; its skip list only knows separate q/k layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from qconvert.errors import BadInput
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Module names inside one decoder block; a one-name ``qkv`` / ``gate_up`` is fused ([q; k; v], [gate;
+    up]), otherwise they are separate Linears."""
+
+    attn_norm: str = "input_layernorm"
+    attn: str = "self_attn"
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    o: str = "self_attn.o_proj"
+    mlp_norm: str = "post_attention_layernorm"  # the norm whose output feeds gate/up
+    mlp: str = "mlp"
+    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    down: str = "mlp.down_proj"
+
+
+LLAMA_BLOCK = BlockLayout()
+GEMMA2_BLOCK = BlockLayout(mlp_norm="pre_feedforward_layernorm")
+PHI3_BLOCK = BlockLayout(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",))
+
+
+@dataclass
+class ScalingGroup:
+    name: str  # "qkv", "v-o", "gate-up", "up-down"
+    prev: str  # the module the scales are folded into (a norm or a Linear), relative to the block
+    balanced: list[str]  # Linears whose input columns are multiplied by s
+    inspect: str  # the module whose output error the search minimises
+    prev_rows: tuple[int, int] | None = None  # Linear prev op: the output rows feeding the balanced layers
+    norm_offset: float = 0.0  # 1.0 for Gemma's RMSNorm (y = norm(x) * (1 + w))
+
+
+@dataclass
+class BlockPlan:
+    """The scaling groups of one block and which Linears are never clipped (whole or partly)."""
+
+    groups: list[ScalingGroup]
+    no_clip: set[str] = field(default_factory=set)
+    clip_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # Linear -> the only rows clipped
+
+
+LinearShape = Callable[[str], tuple[int, int]]  # module name -> (out_features, in_features); raises if absent
+Heads = Callable[[], tuple[int, int, int]]  # (n_head, n_head_kv, head_dim) of the block's attention
+
+
+def awq_plan(layout: BlockLayout, linear: LinearShape, heads: Heads, norm_offset: float = 0.0) -> BlockPlan:
+    """The AWQ scaling groups of one block of this layout (``linear`` reads the block's Linear shapes)."""
+    if len(layout.qkv) == 1:
+        return _fused_plan(layout, linear, heads, norm_offset)
+    q, k, v = layout.qkv
+    groups = [ScalingGroup("qkv", layout.attn_norm, list(layout.qkv), layout.attn, norm_offset=norm_offset)]
+    v_out, o_in = linear(v)[0], linear(layout.o)[1]
+    if v_out == o_in:  # no GQA: each v row feeds exactly one o column
+        groups.append(ScalingGroup("v-o", v, [layout.o], layout.o, prev_rows=(0, v_out)))
+    up = layout.gate_up[-1]
+    groups += [
+        ScalingGroup("gate-up", layout.mlp_norm, list(layout.gate_up), layout.mlp, norm_offset=norm_offset),
+        ScalingGroup("up-down", up, [layout.down], layout.down, prev_rows=(0, linear(up)[0])),
+    ]
+    return BlockPlan(groups, no_clip={q, k})
+
+
+def _fused_plan(layout: BlockLayout, linear: LinearShape, heads: Heads, norm_offset: float) -> BlockPlan:
+    (qkv,), (gate_up,) = layout.qkv, layout.gate_up
+    qkv_out, o_in = linear(qkv)[0], linear(layout.o)[1]
+    gate_up_out, down_in = linear(gate_up)[0], linear(layout.down)[1]
+    n_head, n_kv, hd = heads()
+    v_rows = (n_head * hd + n_kv * hd, qkv_out)  # fused as [q; k; v]
+    if v_rows[1] - v_rows[0] != n_kv * hd:
+        raise BadInput(f"--method awq: {qkv} has {qkv_out} rows, the config implies "
+                       f"{(n_head + 2 * n_kv) * hd}")
+    groups = [ScalingGroup("qkv", layout.attn_norm, [qkv], layout.attn, norm_offset=norm_offset)]
+    if v_rows[1] - v_rows[0] == o_in:
+        groups.append(ScalingGroup("v-o", qkv, [layout.o], layout.o, prev_rows=v_rows))
+    half = gate_up_out // 2  # fused as [gate; up]: the up half multiplies act(gate)
+    groups += [
+        ScalingGroup("gate-up", layout.mlp_norm, [gate_up], layout.mlp, norm_offset=norm_offset),
+        ScalingGroup("up-down", gate_up, [layout.down], layout.down, prev_rows=(half, gate_up_out)),
+    ]
+    if down_in != half:
+        raise BadInput(f"--method awq: {layout.down} takes {down_in} inputs, {gate_up} gives {half}")
+    return BlockPlan(groups, clip_rows={qkv: v_rows})

@@ -1,0 +1,236 @@
+"""Hyper-parameters: the GGUF KVs each family's converter writes (in its order), read from config.json.
+
+Each ``hp_*`` writer mirrors one ``set_gguf_parameters`` of convert_hf_to_gguf.py; ``extra_*`` are the KVs
+and tensors the converter generates from the rope settings. The table (table.py) names which one a family
+uses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gguf
+import numpy as np
+
+from qconvert.errors import BadInput
+
+
+def find(cfg: dict, keys: list[str], default: Any = None) -> Any:
+    """The first of ``keys`` that is set (the converter's find_hparam)."""
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def n_layer(cfg: dict) -> int:
+    return int(find(cfg, ["num_hidden_layers", "n_layer", "n_layers", "num_layers"]))
+
+
+def head_dim(cfg: dict) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def rope_parameters(cfg: dict) -> dict:
+    """Rope settings in transformers 4 (`rope_scaling`, top-level theta) or 5 (`rope_parameters`) style."""
+    rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if "full_attention" in rp or "sliding_attention" in rp:
+        return rp
+    local = find(cfg, ["local_rope_theta", "rope_local_theta", "rope_local_base_freq"])
+    if local is not None:
+        rp["sliding_attention"] = {"rope_theta": local}
+    theta = find(cfg, ["rope_theta", "rotary_emb_base"])
+    if "rope_theta" not in rp and theta is not None:
+        rp["rope_theta"] = theta
+    if "rope_type" not in rp and rp.get("type") is not None:
+        rp["rope_type"] = rp["type"]
+    for k in ("partial_rotary_factor", "original_max_position_embeddings"):
+        if k not in rp and cfg.get(k) is not None:
+            rp[k] = cfg[k]
+    return rp
+
+
+def _full_rope(cfg: dict) -> dict:
+    rp = rope_parameters(cfg)
+    return rp.get("full_attention", rp)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the KV writers (w: a GGUFWriter-like object)
+
+def hp_text(cfg: dict, w: Any) -> None:
+    """Generic text-model KVs (TextModel.set_gguf_parameters)."""
+    w.add_block_count(n_layer(cfg))
+    if (n_ctx := find(cfg, ["max_position_embeddings", "n_ctx", "n_positions"])) is not None:
+        w.add_context_length(n_ctx)
+    if (n_embd := find(cfg, ["hidden_size", "n_embd"])) is not None:
+        w.add_embedding_length(n_embd)
+    if (n_ff := find(cfg, ["intermediate_size", "n_inner"])) is not None:
+        w.add_feed_forward_length(n_ff)
+    if (n_head := find(cfg, ["num_attention_heads", "n_head"])) is not None:
+        w.add_head_count(n_head)
+    if (n_kv := find(cfg, ["num_key_value_heads", "n_kv_heads"])) is not None:
+        w.add_head_count_kv(n_kv)
+    rp = _full_rope(cfg)
+    _rope_scaling(rp, w)
+    if (theta := rp.get("rope_theta")) is not None:
+        w.add_rope_freq_base(theta)
+    if (swa_theta := rope_parameters(cfg).get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(swa_theta)
+    if (eps := find(cfg, ["rms_norm_eps", "norm_eps"])) is not None:
+        w.add_layer_norm_rms_eps(eps)
+    if (hd := cfg.get("head_dim")) is not None:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)  # placeholder; re-set at the end like llama-quantize
+
+
+def _rope_scaling(rp: dict, w: Any) -> None:
+    rope_type, factor = rp.get("rope_type"), rp.get("factor")
+    if rope_type == "linear" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(factor)
+    elif rope_type == "yarn" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+    elif rope_type in ("su", "longrope"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+
+
+def hp_llama(cfg: dict, w: Any) -> None:
+    hp_text(cfg, w)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_rope_dimension_count(head_dim(cfg))
+
+
+def hp_gemma(cfg: dict, w: Any) -> None:
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(n_layer(cfg))
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+
+
+def hp_gemma2(cfg: dict, w: Any) -> None:
+    hp_gemma(cfg, w)
+    w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+    w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    w.add_sliding_window(cfg["sliding_window"])
+
+
+def hp_gemma3(cfg: dict, w: Any) -> None:
+    hp_text(cfg, w)
+    # the gemma3 converter re-sets these with its own defaults (a re-set keeps the key's position)
+    w.add_context_length(cfg.get("max_position_embeddings", 131072))
+    w.add_head_count(cfg.get("num_attention_heads", 8))
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    w.add_key_length(cfg.get("head_dim", 256))
+    w.add_value_length(cfg.get("head_dim", 256))
+    w.add_rope_freq_base(_full_rope(cfg).get("rope_theta", 1_000_000.0))
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise BadInput("gemma3 checkpoints must not set attn_logit_softcapping")
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if cfg.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(cfg["sliding_window"])
+    w.add_head_count_kv(cfg.get("num_key_value_heads", 4))
+    swa = [t == "sliding_attention" for t in cfg.get("layer_types") or []]
+    if swa and swa != [i % 6 < 5 for i in range(len(swa))]:
+        # llama.cpp assumes 5 local : 1 global unless told; the converter does not tell (wrong rope base)
+        w.add_sliding_window_pattern(swa)
+
+
+def hp_phi3(cfg: dict, w: Any) -> None:
+    rp = rope_parameters(cfg)
+    n_embd, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
+    w.add_context_length(find(cfg, ["n_positions", "max_position_embeddings"]))
+    w.add_rope_scaling_orig_ctx_len(rp.get("original_max_position_embeddings",
+                                           cfg.get("max_position_embeddings")))
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_block_count(n_layer(cfg))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", 1.0) * n_embd) // n_head)
+    w.add_rope_freq_base(rp.get("full_attention", rp).get("rope_theta", 10000.0))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    w.add_sliding_window(cfg.get("sliding_window") or 0)  # 0 tells Phi-4 apart from other phi3 models
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generated KVs and tensors (rope factors)
+
+def _phi3_long_rope(cfg: dict) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """phi3 long-context rope (su / longrope): attention factor and per-frequency long/short factors."""
+    rp = rope_parameters(cfg)
+    long, short = rp.get("long_factor"), rp.get("short_factor")
+    if not long:
+        return None
+    max_pos = find(cfg, ["n_positions", "max_position_embeddings"])
+    orig = rp.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    if not short or not orig:
+        raise BadInput("phi3 long rope needs rope_scaling.short_factor and original_max_position_embeddings")
+    dims = int(rp.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // cfg["num_attention_heads"]
+    if len(long) != len(short) or len(long) * 2 != dims:
+        raise BadInput(f"phi3 rope long/short factors must have {dims // 2} entries, "
+                       f"got {len(long)} and {len(short)}")
+    kind = str(rp.get("rope_type") or rp.get("type") or "").lower()
+    scale = max_pos / orig
+    if kind in ("su", "longrope"):
+        attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    elif kind == "yarn":
+        attn = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    else:
+        raise BadInput(f"phi3 rope scaling type {kind or '(missing)'!r} is not supported")
+    return attn, np.asarray(long, dtype=np.float32), np.asarray(short, dtype=np.float32)
+
+
+def extra_kv_phi3(cfg: dict, w: Any) -> None:
+    """The long-rope attention factor the phi3 converter adds while generating its rope tensors."""
+    if (lr := _phi3_long_rope(cfg)) is not None:
+        w.add_rope_scaling_attn_factors(lr[0])
+
+
+def extra_tensors_phi3(cfg: dict) -> list[tuple[str, np.ndarray]]:
+    """phi3 long/short rope factors (gguf name, float32 data)."""
+    if (lr := _phi3_long_rope(cfg)) is None:
+        return []
+    names = (gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)
+    return [(gguf.TENSOR_NAMES[n] + ".weight", f) for n, f in zip(names, lr[1:], strict=True)]
+
+
+def extra_tensors_llama(cfg: dict) -> list[tuple[str, np.ndarray]]:
+    """llama3-style rope frequency factors (none for other rope types)."""
+    rp = _full_rope(cfg)
+    if str(rp.get("rope_type", "")).lower() != "llama3":
+        return []
+    factors = llama3_rope_factors(rp, head_dim(cfg))
+    return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)]
+
+
+def llama3_rope_factors(rp: dict, dim: int) -> np.ndarray:
+    """Per-frequency rope scale for llama3-style rope (computed as Llama 3.1 defines it)."""
+    base = rp.get("rope_theta", 10000.0)
+    factor = rp.get("factor", 8.0)
+    low, high = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old_ctx = rp.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)

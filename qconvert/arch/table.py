@@ -1,0 +1,82 @@
+"""The architecture table: how each HF model family becomes a llama.cpp GGUF model, and what its decoder
+block looks like.
+
+One ``ArchSpec`` per family: the gguf architecture, its hyper-parameter writer (hparams.py), the tokenizer
+rules (vocab.py), the tensor transforms convert_hf_to_gguf.py applies (tensors.py reads the flags), the
+tensors and KVs it generates, and the block layout methods use (blocks.py). HF ``architectures[0]`` and
+``model_type`` both lead to it. Adding a family is one spec and its lines in the two maps below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gguf
+import numpy as np
+
+from qconvert.arch import hparams as hp
+from qconvert.arch import vocab
+from qconvert.arch.blocks import GEMMA2_BLOCK, LLAMA_BLOCK, PHI3_BLOCK, BlockLayout
+from qconvert.errors import BadInput
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What differs between families; the defaults are plain llama-like NEOX models."""
+
+    name: str                                   # gguf arch name, e.g. "llama"
+    arch: gguf.MODEL_ARCH
+    hparams: Callable[[dict, Any], None]        # writes the arch KVs into a GGUFWriter-like object
+    vocab: vocab.Vocab = vocab.Vocab()          # tokenizer exporters and quirks
+    permute_qk: bool = False                    # llama/mistral: undo HF's rotary permutation of q/k rows
+    norm_shift: float = 0.0                     # gemma: RMSNorm weights are stored as (w - 1)
+    drop_lm_head: bool = False                  # gemma, gemma2: lm_head is never written
+    trim_vocab: bool = False                    # gemma3: token_embd cut to the real vocabulary size
+    extra_kvs: Callable[[dict, Any], None] | None = None  # KVs written before general.* (phi3 long rope)
+    extra_tensors: Callable[[dict], list[tuple[str, np.ndarray]]] | None = None  # generated (rope factors)
+    block: BlockLayout | None = LLAMA_BLOCK     # decoder-block module names (None: methods cannot walk it)
+
+
+_LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama,
+                  vocab=vocab.Vocab(("spm", "llama_hf", "gpt2"), vocab.llama_before, vocab.llama_after),
+                  permute_qk=True, extra_tensors=hp.extra_tensors_llama)
+_QWEN2 = ArchSpec("qwen2", gguf.MODEL_ARCH.QWEN2, hp.hp_text)
+_QWEN3 = ArchSpec("qwen3", gguf.MODEL_ARCH.QWEN3, hp.hp_text)
+# gemma/gemma2/phi3: the converter knows only SentencePiece there; a byte-level BPE tokenizer.json is
+# exported the gpt2 way instead of failing (llama.cpp's vocabulary loader does not depend on the arch)
+_GEMMA = ArchSpec("gemma", gguf.MODEL_ARCH.GEMMA, hp.hp_gemma, vocab=vocab.Vocab(after=vocab.gemma_after),
+                  norm_shift=1.0, drop_lm_head=True)
+_GEMMA2 = ArchSpec("gemma2", gguf.MODEL_ARCH.GEMMA2, hp.hp_gemma2,
+                   vocab=vocab.Vocab(after=vocab.gemma2_after), norm_shift=1.0, drop_lm_head=True,
+                   block=GEMMA2_BLOCK)
+_GEMMA3 = ArchSpec("gemma3", gguf.MODEL_ARCH.GEMMA3, hp.hp_gemma3,
+                   vocab=vocab.Vocab(after=vocab.gemma3_after), norm_shift=1.0, trim_vocab=True,
+                   block=GEMMA2_BLOCK)
+_PHI3 = ArchSpec("phi3", gguf.MODEL_ARCH.PHI3, hp.hp_phi3, vocab=vocab.Vocab(("phi3", "gpt2")),
+                 extra_kvs=hp.extra_kv_phi3, extra_tensors=hp.extra_tensors_phi3, block=PHI3_BLOCK)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": _LLAMA, "MistralForCausalLM": _LLAMA, "Qwen2ForCausalLM": _QWEN2,
+    "Qwen3ForCausalLM": _QWEN3, "GemmaForCausalLM": _GEMMA, "Gemma2ForCausalLM": _GEMMA2,
+    "Gemma3ForCausalLM": _GEMMA3, "Phi3ForCausalLM": _PHI3,
+}
+MODEL_TYPES: dict[str, ArchSpec] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2, "qwen3": _QWEN3, "gemma": _GEMMA,
+    "gemma2": _GEMMA2, "gemma3_text": _GEMMA3, "gemma3": _GEMMA3, "phi3": _PHI3,
+}
+# families whose decoder blocks methods (AWQ) can walk, in table order
+BLOCK_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in MODEL_TYPES.values() if s.block))
+
+
+def resolve(config: dict, source: object = None) -> ArchSpec:
+    """The ArchSpec of a checkpoint, from config.json's architectures or model_type."""
+    for hf_arch in config.get("architectures") or []:
+        if hf_arch in ARCHITECTURES:
+            return ARCHITECTURES[hf_arch]
+    if config.get("model_type") in MODEL_TYPES:
+        return MODEL_TYPES[config["model_type"]]
+    found = ", ".join(config.get("architectures") or []) or config.get("model_type") or "none"
+    supported = ", ".join(sorted(ARCHITECTURES))
+    raise BadInput(f"unsupported architecture {found} (supported: {supported})", source)

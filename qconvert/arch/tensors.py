@@ -1,0 +1,130 @@
+"""Tensors: HF tensor names -> GGUF names (gguf-py's ``get_tensor_name_map``), the converter's transforms
+(llama Q/K permutation, gemma norm +1, gemma3 vocabulary trim, dropped lm_head) and the tensor plan.
+
+Nothing outside qconvert/arch names HF tensors: the other stages ask here (``gguf_tensor_name``,
+``LM_HEAD``, ``writes_output_tensor``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gguf
+import numpy as np
+
+from qconvert.arch.hparams import n_layer
+from qconvert.arch.table import ArchSpec, resolve
+from qconvert.errors import BadInput
+from qconvert.load.config import text_config
+
+Transform = Callable[[np.ndarray], np.ndarray]
+# HF tensors convert_hf_to_gguf.py never writes
+_SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+LM_HEAD = "lm_head"  # the output projection's module name in every supported family (lm_head.weight)
+_LM_HEAD_WEIGHT = f"{LM_HEAD}.weight"
+
+
+@dataclass
+class PlannedTensor:
+    """One GGUF tensor: where it comes from and how to make it (read() returns float32, numpy order)."""
+
+    name: str                       # gguf name
+    shape: tuple[int, ...]          # numpy order, after the transform
+    source: str | None              # HF tensor name (None for generated tensors)
+    read: Callable[[], np.ndarray] = field(repr=False)
+    dtype: str = "F32"              # source dtype name ("BF16", "F16", "F32", or a GGML type for GGUF input)
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        """ggml order: ne[0] is the row length."""
+        return tuple(reversed(self.shape))
+
+
+@functools.lru_cache(maxsize=8)
+def name_map(arch: gguf.MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
+    """gguf-py's name map (building one takes ~0.1 s, so once per architecture)."""
+    return gguf.get_tensor_name_map(arch, n_blocks)
+
+
+def gguf_tensor_name(config: dict, hf_name: str) -> str | None:
+    """GGUF tensor name that `convert --to gguf` writes for an HF tensor name (None if it has none)."""
+    tmap = name_map(resolve(config).arch, n_layer(text_config(config)))
+    return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
+def writes_output_tensor(config: dict, tensor_names: Iterable[str]) -> bool:
+    """Whether `convert --to gguf` writes output.weight (an untied lm_head the family keeps)."""
+    return _LM_HEAD_WEIGHT in tensor_names and not resolve(config).drop_lm_head
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF stores rotary halves split per head; llama.cpp (normal rope) wants them interleaved."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _transform(spec: ArchSpec, cfg: dict, hf_name: str, n_vocab_real: int | None) -> Transform | None:
+    steps: list[Transform] = []
+    if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        n = int(cfg["num_attention_heads"])
+        steps.append(lambda x, n=n: permute_rows(x, n))
+    if spec.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        n = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+        steps.append(lambda x, n=n: permute_rows(x, n))
+    if spec.trim_vocab and n_vocab_real is not None and hf_name.endswith("embed_tokens.weight"):
+        steps.append(lambda x, n=n_vocab_real: x[:n])
+    if spec.norm_shift and hf_name.endswith("norm.weight"):
+        steps.append(lambda x, s=spec.norm_shift: x + np.float32(s))  # in float32, as the converter does
+    if not steps:
+        return None
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        for step in steps:
+            x = step(x)
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return apply
+
+
+def _hf_name(name: str) -> str:
+    # SmolVLM-style text towers are stored under text_model.
+    return name.replace("text_model.", "") if "text_model." in name else name
+
+
+def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
+                 n_vocab_real: int | None = None) -> list[PlannedTensor]:
+    """Every GGUF tensor of the checkpoint, with its reader. Unknown names → BadInput (like the converter)."""
+    tmap = name_map(spec.arch, n_layer(cfg))
+    planned = [PlannedTensor(name, data.shape, None, lambda f=data: f)
+               for name, data in (spec.extra_tensors(cfg) if spec.extra_tensors else [])]
+    for raw in ckpt.tensors:
+        hf = _hf_name(raw)
+        if hf.endswith(_SKIPPED_SUFFIXES) or (spec.drop_lm_head and hf == _LM_HEAD_WEIGHT):
+            continue
+        name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise BadInput(f"cannot map tensor {raw!r} to a {spec.name} GGUF tensor", ckpt.path)
+        info = ckpt.tensors[raw]
+        shape = tuple(info.shape)
+        fn = _transform(spec, cfg, hf, n_vocab_real)
+        if spec.trim_vocab and n_vocab_real is not None and hf.endswith("embed_tokens.weight"):
+            shape = (min(n_vocab_real, shape[0]), *shape[1:])
+        planned.append(PlannedTensor(name, shape, raw, _reader(ckpt, raw, fn), str(info.dtype).upper()))
+    _check_unique(planned, ckpt)
+    return planned
+
+
+def _reader(ckpt: Any, raw: str, fn: Transform | None) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        x = np.asarray(ckpt.read_numpy(raw), dtype=np.float32)
+        return fn(x) if fn is not None else x
+    return read
+
+
+def _check_unique(planned: list[PlannedTensor], ckpt: Any) -> None:
+    seen: set[str] = set()
+    for t in planned:
+        if t.name in seen:
+            raise BadInput(f"two checkpoint tensors map to {t.name}", ckpt.path)
+        seen.add(t.name)

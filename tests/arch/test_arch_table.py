@@ -1,0 +1,21 @@
+"""The architecture table: HF architectures / model_type -> ArchSpec, and what the table derives."""
+
+from __future__ import annotations
+
+import pytest
+
+from qconvert.arch.table import ARCHITECTURES, BLOCK_FAMILIES, MODEL_TYPES, resolve
+from qconvert.errors import BadInput
+
+
+def test_unsupported_architecture():
+    with pytest.raises(BadInput, match="unsupported architecture GPTNeoXForCausalLM"):
+        resolve({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
+    assert resolve({"model_type": "mistral"}).name == "llama"
+    assert resolve({"architectures": ["Gemma3ForCausalLM"]}).norm_shift == 1.0
+
+
+def test_every_family_has_a_block_layout():
+    # AWQ's supported families are the table's, in table order (the order of its error message)
+    assert BLOCK_FAMILIES == ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+    assert {s.name for s in ARCHITECTURES.values()} == {s.name for s in MODEL_TYPES.values()}
