@@ -8,6 +8,7 @@ Nothing outside qconvert/arch names HF tensors: the other stages ask here (``ggu
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,19 @@ Transform = Callable[[np.ndarray], np.ndarray]
 _SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 LM_HEAD = "lm_head"  # the output projection's module name in every supported family (lm_head.weight)
 _LM_HEAD_WEIGHT = f"{LM_HEAD}.weight"
+# the Linears the packed-format methods quantize: weights inside the decoder layers (every family nests them
+# under ``…layers.<i>.``), minus these module prefixes: MoE routers and other modalities' towers
+_DECODER_WEIGHT = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..+)\.weight$")
+NOT_QUANTIZED = (r"\.mlp\.gate$", r"\.router$", r"(^|\.)(vision|visual|audio|multi_modal)")
+
+
+def linear_module(name: str) -> tuple[str, int | None] | None:
+    """(module prefix, decoder layer) of a weight a quantize method may take: a decoder layer's, or lm_head's
+    (layer None); None for every other tensor."""
+    m = _DECODER_WEIGHT.match(name)
+    if m:
+        return m["prefix"], int(m["layer"])
+    return (LM_HEAD, None) if name == _LM_HEAD_WEIGHT else None
 
 
 @dataclass

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qconvert.arch.tensors import LM_HEAD
 from qconvert.errors import BadInput
 from qconvert.methods.gptq import gptq_quantize
 from qconvert.methods.plan import CalibrationOptions, IntOptions, Job
@@ -236,7 +237,7 @@ class LayerwiseGPTQ:
     def quantize_lm_head(self, weight: torch.Tensor, spec: QuantSpec) -> tuple[QuantizedTensor, float]:
         if self.lm_head_hessian is None:
             raise RuntimeError("lm_head: no Hessian collected (on_final was not called)")
-        qt, _deq, err = gptq_weight(weight, self.lm_head_hessian, spec, self.cfg, "lm_head")
+        qt, _deq, err = gptq_weight(weight, self.lm_head_hessian, spec, self.cfg, LM_HEAD)
         return qt, err
 
 
@@ -267,7 +268,7 @@ def run_layerwise_gptq(ckpt, tokens: torch.Tensor, specs: dict[str, QuantSpec | 
     if lm_head is not None:
         assert lm_head_weight is not None
         qt, err = driver.quantize_lm_head(lm_head_weight, lm_head)
-        on_quantized("lm_head", qt, err)
+        on_quantized(LM_HEAD, qt, err)
 
 
 def run(job: Job) -> None:
@@ -286,7 +287,7 @@ def run(job: Job) -> None:
                 job.progress((p.layer or 0) + 1, job.n_layers, p.label(err))
         return
     tokens = cfg.tokens(job.ckpt)
-    head = quantized.get("lm_head")
+    head = quantized.get(LM_HEAD)
     run_layerwise_gptq(
         job.ckpt, tokens, {k: p.spec for k, p in quantized.items() if p.layer is not None}, cfg,  # type: ignore[misc]
         lambda prefix, qt, err: job.emit(quantized[prefix], qt, err, None), n_layers=job.n_layers,
@@ -306,5 +307,5 @@ def _stats_hessians(ckpt, prefixes: list[str], path: str) -> Callable[[str], tor
         if "hessian" not in kinds:
             what = "no Hessian" if kinds else "no statistics"
             raise BadInput(f"{what} for {prefix}; collect them with 'qconvert calibrate --stats hessian"
-                           f"{' --lm-head' if prefix == 'lm_head' else ''}'", path)
+                           f"{' --lm-head' if prefix == LM_HEAD else ''}'", path)
     return lambda prefix: stats.read(prefix, ("hessian",)).hessian  # type: ignore[return-value]

@@ -25,20 +25,19 @@ from typing import Any
 import torch
 import yaml
 
+from qconvert.arch.tensors import LM_HEAD, NOT_QUANTIZED, linear_module
 from qconvert.errors import BadInput
 from qconvert.formats.packed import packed_format
 from qconvert.formats.packed.base import PackedFormat, PackPlan
 from qconvert.formats.safetensors_out import DEFAULT_SHARD_BYTES, CheckpointWriter
 from qconvert.load.checkpoint import Checkpoint
+from qconvert.load.config import text_config
 from qconvert.load.dtypes import FLOAT_NAMES
 from qconvert.methods import method as find_method
 from qconvert.methods.plan import Job, LayerPlan, Progress, Quantized, Spec
 from qconvert.methods.types import FP8Spec, FP8Tensor, QuantSpec
 
 PRESET_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "quantize"
-LINEAR_RE = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..+)\.weight$")
-# not decoder Linears, or not worth quantizing: MoE routers, other modalities
-DEFAULT_IGNORE = (r"\.mlp\.gate$", r"\.router$", r"(^|\.)(vision|visual|audio|multi_modal)")
 FP8_GROUP = {"tensor": 0, "channel": -1}  # LayerResult.group_size of FP8 strategies: 0 = one scale per tensor
 
 
@@ -173,7 +172,7 @@ def _compile(patterns: list[str], what: str) -> list[re.Pattern]:
 
 
 def _n_layers(config: dict) -> int | None:
-    cfg = config.get("text_config", config)
+    cfg = text_config(config)
     n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     return int(n) if n is not None else None
 
@@ -192,21 +191,15 @@ def find_linears(ckpt: Checkpoint, ignore: list[re.Pattern], lm_head: bool) -> t
     n_layers = _n_layers(ckpt.config)
     plans = []
     for name, info in ckpt.tensors.items():
-        m = LINEAR_RE.match(name)
-        if len(info.shape) != 2 or info.dtype not in FLOAT_NAMES:
+        found = linear_module(name)
+        if found is None or len(info.shape) != 2 or info.dtype not in FLOAT_NAMES:
             continue
-        if m:
-            layer = int(m["layer"])
-            if n_layers is not None and layer >= n_layers:
-                continue
-            prefix = m["prefix"]
-        elif name == "lm_head.weight":
-            layer, prefix = None, "lm_head"
-        else:
-            continue
-        skip = (prefix == "lm_head" and not lm_head) or any(rx.search(prefix) for rx in ignore)
+        prefix, layer = found
+        if layer is not None and n_layers is not None and layer >= n_layers:
+            continue  # e.g. multi-token-prediction layers past the decoder
+        skip = (prefix == LM_HEAD and not lm_head) or any(rx.search(prefix) for rx in ignore)
         plans.append(LayerPlan(prefix, name, layer, tuple(info.shape), None if skip else QuantSpec()))
-    if lm_head and not any(p.prefix == "lm_head" for p in plans):
+    if lm_head and not any(p.prefix == LM_HEAD for p in plans):
         raise BadInput(
             "--quantize-lm-head: this checkpoint has no separate lm_head.weight (tied to the embeddings)",
             ckpt.path,
@@ -227,7 +220,7 @@ def plan_quantization(ckpt: Checkpoint, opts: QuantizeOptions, config: Any) -> P
     lc = load_layer_config(opts.layer_config)
     if lc.get("overrides") and kind == "fp8":
         raise BadInput("layer config overrides (bits, group size) do not apply to fp8; only 'ignore' does")
-    ignore = _compile(list(DEFAULT_IGNORE) + list(opts.ignore) + list(lc.get("ignore") or []), "--ignore")
+    ignore = _compile(list(NOT_QUANTIZED) + list(opts.ignore) + list(lc.get("ignore") or []), "--ignore")
     overrides = lc.get("overrides") or []
     rules = list(zip(_compile([r["match"] for r in overrides], "override"), overrides, strict=True))
     plans, n_layers = find_linears(ckpt, ignore, opts.quantize_lm_head)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from qconvert.arch.tensors import LM_HEAD
 from qconvert.methods.types import FP8Spec, FP8Tensor, PackOptions, QuantizedTensor, QuantSpec
 
 if TYPE_CHECKING:  # torch only where tensors are made: inspect reads layouts without it
@@ -136,4 +137,4 @@ def layer(prefix: str, method: str, bits: int | None, group: int | None, n: int,
 
 def ignore_list(skipped: tuple[str, ...], lm_head: bool) -> list[str]:
     """Modules the engines must load dense: the skipped ones, and lm_head unless it was quantized."""
-    return sorted(set(skipped) | (set() if lm_head else {"lm_head"}))
+    return sorted(set(skipped) | (set() if lm_head else {LM_HEAD}))

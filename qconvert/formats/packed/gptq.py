@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qconvert import __version__
+from qconvert.arch.tensors import LM_HEAD
 from qconvert.errors import BadInput
 from qconvert.formats.packed import base
 from qconvert.kernels import packing
@@ -179,7 +180,7 @@ def gptq_dynamic(default: QuantSpec, overrides: dict[str, QuantSpec], skipped: t
         if diff:
             dyn[f"+:^{re.escape(prefix)}$"] = diff
     for prefix in sorted(skipped):
-        if prefix != "lm_head":  # lm_head is governed by the "lm_head" key
+        if prefix != LM_HEAD:  # lm_head is governed by the "lm_head" key
             dyn[f"-:^{re.escape(prefix)}$"] = {}
     return dyn
 
