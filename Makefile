@@ -42,12 +42,12 @@ dev: $(VENV)/.installed-dev
 	$(MAKE) oracle
 
 # llama-cpp-python==0.3.36: wheel built once into $(CACHE_DIR)/wheels (CMAKE_BUILD_PARALLEL_LEVEL=2), then
-# installed with --no-deps. Idempotent; the logic lives in scripts/fixtures.py (ensure_oracle).
+# installed with --no-deps. Idempotent; the logic lives in tests/fixtures.py (ensure_oracle).
 oracle: venv
-	$(PY) scripts/fixtures.py oracle
+	$(PY) tests/fixtures.py oracle
 
 fixtures: install
-	$(PY) scripts/fixtures.py all
+	$(PY) tests/fixtures.py all
 
 # ruff first: pytest's summary stays the last line CI reads
 test: dev fixtures
@@ -59,7 +59,7 @@ test-fast: dev
 	$(PY) -m pytest -q -m "not oracle and not model and not slow"
 
 demo: install
-	$(PY) scripts/fixtures.py model
+	$(PY) tests/fixtures.py model
 	mkdir -p $(dir $(DEMO_OUT))
 	$(VENV)/bin/qconvert convert $(SMOLLM2) --to gguf --type Q4_K_M -o $(DEMO_OUT)
 	$(VENV)/bin/qconvert inspect $(DEMO_OUT)

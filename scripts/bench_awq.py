@@ -10,7 +10,7 @@ Each quantization runs in its own process (so peak RSS is that job's):
         pieces (calibration runner with Hessians, methods.gptq per Linear, quantized outputs propagated).
 Perplexity: the compressed-tensors outputs dequantized by transformers
 (CompressedTensorsConfig(dequantize=True)), float32, on non-overlapping 512-token chunks of the fixture eval
-text (scripts/fixtures.py eval_text).
+text (tests/fixtures.py eval_text).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fixtures():
-    spec = importlib.util.spec_from_file_location("qconvert_bench_fixtures", ROOT / "scripts" / "fixtures.py")
+    spec = importlib.util.spec_from_file_location("qconvert_bench_fixtures", ROOT / "tests" / "fixtures.py")
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)

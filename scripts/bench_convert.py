@@ -82,7 +82,7 @@ def llama_quantize_bin(given: str | None) -> Path:
 def default_model() -> Path:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("qconvert_bench_fixtures", ROOT / "scripts" / "fixtures.py")
+    spec = importlib.util.spec_from_file_location("qconvert_bench_fixtures", ROOT / "tests" / "fixtures.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

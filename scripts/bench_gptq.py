@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 def _fixtures():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("qconvert_fixtures", ROOT / "scripts" / "fixtures.py")
+    spec = importlib.util.spec_from_file_location("qconvert_fixtures", ROOT / "tests" / "fixtures.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fixtures():
-    spec = importlib.util.spec_from_file_location("qconvert_bench_fixtures", ROOT / "scripts" / "fixtures.py")
+    spec = importlib.util.spec_from_file_location("qconvert_bench_fixtures", ROOT / "tests" / "fixtures.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

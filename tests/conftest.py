@@ -1,5 +1,5 @@
 """Session fixtures: paths to test artefacts, built on demand into the cache (~/.cache/qconvert, or
-QCONVERT_CACHE) by scripts/fixtures.py. A failed build fails the test that asked for it; nothing is
+QCONVERT_CACHE) by tests/fixtures.py. A failed build fails the test that asked for it; nothing is
 skipped.
 
 Tests are marked by cost, so that `make test-fast` (-m "not oracle and not model and not slow") runs the rest
@@ -95,7 +95,7 @@ def _load_fixtures_module() -> ModuleType:
     # scripts/ is not a package: load the file by path, once, under a private name.
     name = "qconvert_test_fixtures"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "fixtures.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "fixtures.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
@@ -105,7 +105,7 @@ def _load_fixtures_module() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def fixtures_lib() -> ModuleType:
-    """scripts/fixtures.py as a module (builders, llama_permute, gguf_fields, ...)."""
+    """tests/fixtures.py as a module (builders, llama_permute, gguf_fields, ...)."""
     return _load_fixtures_module()
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from qconvert.load import open_checkpoint
 from qconvert.load.summary import inspect
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOP_KEYS = {"format", "source", "path", "name", "files", "metadata", "config", "tokenizer_files", "gguf",
             "tensors", "tensor_count", "total_bytes", "parameters", "bits_per_weight", "type_histogram",
             "quantization", "quantized_layers"}

@@ -1,4 +1,4 @@
-"""Fixtures of the calibration tests: llama.cpp's tools (built once into the cache) and a BF16 GGUF of the
+"""Fixtures of the pipeline tests: llama.cpp's tools (built once into the cache) and a BF16 GGUF of the
 real fixture model written by `qconvert convert --type BF16`."""
 
 from __future__ import annotations

@@ -366,7 +366,7 @@ def test_phi3_long_rope_factors_match_transformers(synthetic_dir, tmp_path):
 def test_config_recipe_equals_the_same_flags(synthetic_dir, tmp_path):
     """--config configs/gguf/example-recipe.yaml writes the very file its flags write (the flags themselves
     are held to llama-quantize by test_flags_match_llama_quantize)."""
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "gguf" / "example-recipe.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "gguf" / "example-recipe.yaml"
     model = synthetic_dir("llama", tied=False)
     by_config = _convert(model, tmp_path / "config.gguf", None, config=recipe)
     by_flags = _convert(model, tmp_path / "flags.gguf", "Q4_K_M", output_tensor_type="q8_0",

@@ -1,6 +1,6 @@
 """Test fixtures for qconvert, built on demand into a cache outside the repo.
 
-    python scripts/fixtures.py [all|model|synthetic|text|oracle|bench-1b]
+    python tests/fixtures.py [all|model|synthetic|text|oracle|bench-1b]
 
 Cache root: ~/.cache/qconvert (QCONVERT_CACHE overrides). Every artefact is built in a temp path next to its
 target and renamed when complete, so an interrupted build never leaves a half fixture; a stamp file beside it
