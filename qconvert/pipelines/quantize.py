@@ -240,7 +240,7 @@ def plan_quantization(ckpt: Checkpoint, opts: QuantizeOptions, config: Any) -> P
                 break
     bad = [(p.prefix, p.shape) for p in quantized if not p.spec.fits(*p.shape)]  # type: ignore[union-attr]
     if bad:
-        raise BadInput(default.misfit([(prefix, shape) for prefix, shape in bad]))
+        raise BadInput(default.misfit(bad))
     for p in quantized:
         fmt.check_layer(p.prefix, *p.shape, p.spec)  # type: ignore[arg-type]
     pack = PackPlan(options, default, {p.prefix: p.spec for p in quantized if p.spec != default},  # type: ignore[misc]
