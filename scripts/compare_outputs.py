@@ -1,6 +1,6 @@
 """Byte identity across commits: run the same conversions at two commits and compare every output's sha256.
 
-    python scripts/compare_outputs.py --old 06425ad [--new HEAD] [--only gguf,rtn] [--keep DIR]
+    python scripts/compare_outputs.py --old 06425ad [--new HEAD] [--only gguf,rtn] [--keep DIR [--reuse]]
 
 Each commit is checked out as a detached git worktree under a temp directory and run with this venv's
 interpreter (its own package on sys.path first), on the real fixture model (SmolLM2-135M) and, for FP8
@@ -11,13 +11,16 @@ blocks (whose 128x128 tiles SmolLM2's widths do not divide), the 256-wide synthe
     --stats), awq (awq, gptq, compressed-tensors), fp8 dynamic/static/block in both fp8 formats.
 
 Every file an output holds is hashed (directories file by file). Prints one line per output and exits 1
-if any differs, so a refactor that claims "no output byte changes" can show it.
+if any differs, so a refactor that claims "no output byte changes" can show it. With --keep DIR --reuse, a
+commit's outputs already in DIR (hashes.json records them per commit) are not made again: a baseline is
+run once, and later comparisons against it run the new commit only.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -87,7 +90,14 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def run_commit(commit: str, work: Path, selected: list[tuple[str, str, list[str]]]) -> dict[str, str]:
+def run_commit(commit: str, work: Path, selected: list[tuple[str, str, list[str]]],
+               done: dict[str, str]) -> dict[str, str]:
+    """Hashes of every selected output at `commit`; those in `done` (kept from an earlier run) are not
+    made again."""
+    hashes = dict(done)
+    todo = [job for job in selected if job[1] not in hashes]
+    if not todo:
+        return hashes
     tree = work / "tree"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), commit],
                    check=True, capture_output=True)
@@ -97,9 +107,8 @@ def run_commit(commit: str, work: Path, selected: list[tuple[str, str, list[str]
                            capture_output=True, text=True, check=True).stdout.strip()
     if not check.startswith(str(tree)):
         raise SystemExit(f"{commit}: imported qconvert from {check}, not from the worktree")
-    hashes = {}
     try:
-        for _group, name, args in selected:
+        for _group, name, args in todo:
             target = work / name
             argv = [a.replace("{out}", str(target)).replace("{work}", str(work)) for a in args]
             t0 = time.perf_counter()
@@ -109,6 +118,7 @@ def run_commit(commit: str, work: Path, selected: list[tuple[str, str, list[str]
                 tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
                 raise SystemExit(f"{commit}: {name} failed (exit {proc.returncode}): {tail}")
             hashes[name] = digest(target)
+            (work / "hashes.json").write_text(json.dumps({"commit": commit, "hashes": hashes}, indent=1))
             print(f"  {commit[:10]} {name:28s} {time.perf_counter() - t0:6.1f} s  {hashes[name][:16]}",
                   flush=True)
     finally:
@@ -123,6 +133,7 @@ def main() -> int:
     ap.add_argument("--new", default="HEAD", help="commit to compare (default HEAD)")
     ap.add_argument("--only", default="", help="comma-separated groups: gguf, calib, rtn, gptq, awq, fp8")
     ap.add_argument("--keep", type=Path, help="keep the outputs under this directory")
+    ap.add_argument("--reuse", action="store_true", help="with --keep: reuse a commit's outputs kept there")
     args = ap.parse_args()
     selected = jobs(fixtures.smollm2_dir(), fixtures.synthetic_dir("llama"), fixtures.calib_text())
     if args.only:
@@ -136,10 +147,11 @@ def main() -> int:
                              text=True).stdout.strip()
         print(f"{label}: {commit} = {sha}", flush=True)
         work = base / label
-        if work.exists():
+        done = _kept(work, sha) if args.reuse and args.keep else {}
+        if not done and work.exists():
             shutil.rmtree(work)
-        work.mkdir(parents=True)
-        results[label] = run_commit(sha, work, selected)
+        work.mkdir(parents=True, exist_ok=True)
+        results[label] = run_commit(sha, work, selected, done)
     differ = [n for n in results["old"] if results["old"][n] != results["new"].get(n)]
     for _g, name, _a in selected:
         same = "same" if name not in differ else "DIFFERENT"
@@ -148,6 +160,17 @@ def main() -> int:
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return 1 if differ else 0
+
+
+def _kept(work: Path, sha: str) -> dict[str, str]:
+    """Hashes of the outputs a run of `sha` left in `work`, when they are still there."""
+    try:
+        record = json.loads((work / "hashes.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if record.get("commit") != sha:
+        return {}
+    return {name: h for name, h in record["hashes"].items() if (work / name).exists()}
 
 
 if __name__ == "__main__":
