@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import BadInput
-from .helpers import F32, nearest_int
+from .helpers import F32, macro_max, nearest_int
 
 FLT_MAX = F32(np.finfo(np.float32).max)
 NO_LIST = np.iinfo(np.int32).min  # kmap entry of an off-grid key without a list (unreachable)
@@ -231,8 +231,8 @@ def best_neighbour(
 
 
 def search_failed(what: str) -> BadInput:
-    """No neighbour scored below FLT_MAX: huge (|x| beyond ~1e12, x³ overflows) or NaN weights, on which
-    ggml's GGML_ASSERT kills the process."""
+    """No neighbour scored below FLT_MAX, or a NaN sub-block scale (IQ2_*, IQ1_*: GGML_ASSERT(scale >= 0)):
+    huge (|x| beyond ~1e12, x³ overflows) or NaN weights, on which ggml's GGML_ASSERT kills the process."""
     return BadInput(f"{what}: weights too large (or NaN) for the grid search (llama.cpp aborts on them)")
 
 
@@ -249,6 +249,7 @@ class Search:
     trials: range
     flags_start: bool  # the on-grid flags before any candidate was accepted
     refit: str  # "offgrid": only off-grid groups; "all_if_offgrid": all, if any is off-grid; "all": always
+    parity: bool  # 7 stored sign bits per run, the 8th implied by even parity (signs_parity)
 
 
 def _project(s: Search, id_: np.ndarray, scale: np.ndarray, xval: np.ndarray, waux: np.ndarray,
@@ -323,6 +324,28 @@ def scale_search(
         sumqx, sumq2 = _sums(xval, weight, L)
         scale = np.where(refit & (sumq2 > 0), sumqx / sumq2, scale)
     return scale, L.astype(np.int32)
+
+
+def signed_runs(s: Search, xs: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sub-block's sign handling (signs_parity or signs_free) and C's ``max = xval[0]; MAX(max,
+    xval[i])``, the operand of its zero test: (xval, signs, max [lanes])."""
+    xval, signs = signs_parity(xs, weight) if s.parity else signs_free(xs)
+    return xval, signs, macro_max(xval, from_first=True)
+
+
+def search_subblocks(s: Search, xval: np.ndarray, signs: np.ndarray, weight: np.ndarray, live: np.ndarray,
+                     den: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scale_search on the ``live`` sub-blocks (those C does not skip), then what C does with its result: a
+    negative scale ("should never happen", but can with an imatrix) is negated and the signs complemented.
+    Returns (scale [lanes] >= 0 or NaN, grid indices [groups, lanes], signs); skipped sub-blocks have
+    scale 0, index 0 and no signs."""
+    den = np.where(live, den, F32(1))  # skipped sub-blocks: searched on harmless values, then dropped
+    scale, L = scale_search(s, xval, weight, den, start, live)
+    flip = live & (scale < 0)
+    scale = np.where(flip, -scale, scale)
+    signs = np.where(flip, ~signs & (127 if s.parity else 255), signs)
+    idx = np.where(live, grid_index(s.tables, np.where(live, L, 0), s.group), 0)
+    return np.where(live, scale, F32(0)), idx, np.where(live, signs, 0)
 
 
 def grid_index(tables: GridTables, L: np.ndarray, group: int) -> np.ndarray:

@@ -16,6 +16,7 @@ harmless: a sweep that changes nothing leaves the state as it was, so the next o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -138,10 +139,11 @@ def running_max(x: np.ndarray) -> np.ndarray:
     return m
 
 
-def macro_max(x: np.ndarray) -> np.ndarray:
-    """``float m = 0; m = MAX(m, x)`` with ggml's macro ``(a) > (b) ? (a) : (b)`` over axis 0."""
-    m = np.zeros(x.shape[1:], dtype=F32)
-    for row in x:
+def macro_max(x: np.ndarray, from_first: bool = False) -> np.ndarray:
+    """``float m = 0; m = MAX(m, x)`` with ggml's macro ``(a) > (b) ? (a) : (b)`` over axis 0; with
+    ``from_first``, ``m = x[0]`` and the rest (they differ for negative values and NaN)."""
+    m = x[0].astype(F32, copy=True) if from_first else np.zeros(x.shape[1:], dtype=F32)
+    for row in x[1:] if from_first else x:
         m = np.where(m > row, m, row)
     return m
 
@@ -203,31 +205,52 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     lf = L.astype(F32)
     sumlx = seqsum(wx * lf)
     suml2 = seqsum((w * lf) * lf)
+    sumlx, suml2 = refine_levels(x, w, L, sumlx, suml2, lambda v: np.clip(v, -nmax, nmax - 1), lambda v: v,
+                                 new_sl2_positive=True)
+    scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    zero = amax < GROUP_MAX_EPS
+    return np.where(zero, F32(0), scale), np.where(zero, 0, L + nmax)
+
+
+def refine_levels(
+    x: np.ndarray,
+    w: np.ndarray,
+    L: np.ndarray,
+    sumlx: np.ndarray,
+    suml2: np.ndarray,
+    clamp: Callable[[np.ndarray], np.ndarray],
+    store: Callable[[np.ndarray], np.ndarray],
+    new_sl2_positive: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The coordinate descent that ends make_q3_quants and make_qp_quants: up to five sweeps; in each,
+    element i moves to ``clamp(nearest_int(x*sl2/slx))`` (sums without i) when that raises
+    sumlx²/suml2. L (int32 [n, lanes], as C stores it: ``store``) is updated in place; returns the final
+    (sumlx, suml2). C tests ``slx > 0`` and, make_q3_quants, the new ``sl2 > 0`` (new_sl2_positive), or,
+    make_qp_quants, the old one."""
+    wx = w * x
     for _ in range(5):
         changed = False
         for i in range(x.shape[0]):
             li = L[i].astype(F32)
             slx = sumlx - wx[i] * li
             sl2 = suml2 - (w[i] * li) * li
-            new_l = np.clip(nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1)
+            new_l = clamp(nearest_int((x[i] * sl2) / slx))
             nl = new_l.astype(F32)
             slx_new = slx + wx[i] * nl
             sl2_new = sl2 + (w[i] * nl) * nl
             accept = (
                 (slx > 0)
+                & ((sl2_new if new_sl2_positive else sl2) > 0)
                 & (new_l != L[i])
-                & (sl2_new > 0)
                 & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
             )
-            L[i] = np.where(accept, new_l, L[i])
+            L[i] = np.where(accept, store(new_l), L[i])
             sumlx = np.where(accept, slx_new, sumlx)
             suml2 = np.where(accept, sl2_new, suml2)
             changed = changed or bool(accept.any())
         if not changed:
             break
-    scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    zero = amax < GROUP_MAX_EPS
-    return np.where(zero, F32(0), scale), np.where(zero, 0, L + nmax)
+    return sumlx, suml2
 
 
 def make_qkx_quants(
@@ -314,28 +337,8 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
     sumlx = seqsum(wx * lf)
     suml2 = seqsum((qw * lf) * lf)
     L = wrap_u8(lv)
-    for _ in range(5):
-        changed = False
-        for i in range(x.shape[0]):
-            li = L[i].astype(F32)
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - (qw[i] * li) * li
-            new_l = np.minimum(nmax, nearest_int((x[i] * sl2) / slx))
-            nl = new_l.astype(F32)
-            slx_new = slx + wx[i] * nl
-            sl2_new = sl2 + (qw[i] * nl) * nl
-            accept = (
-                (slx > 0)
-                & (sl2 > 0)
-                & (new_l != L[i])
-                & ((slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new)
-            )
-            L[i] = np.where(accept, wrap_u8(new_l), L[i])
-            sumlx = np.where(accept, slx_new, sumlx)
-            suml2 = np.where(accept, sl2_new, suml2)
-            changed = changed or bool(accept.any())
-        if not changed:
-            break
+    sumlx, suml2 = refine_levels(x, qw, L, sumlx, suml2, lambda v: np.minimum(nmax, v), wrap_u8,
+                                 new_sl2_positive=False)
     scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     zero = mx < GROUP_MAX_EPS
     return np.where(zero, F32(0), scale), np.where(zero, 0, L)
@@ -445,3 +448,27 @@ def row_sigma2(x: np.ndarray) -> np.ndarray:
 def block_sumx2(x: np.ndarray) -> np.ndarray:
     """Σ x*x over each QK_K super-block, left to right: x [nrows, n] -> [nrows*n/256]."""
     return seqsum(lanes(x * x, QK_K))
+
+
+def block_sigma2(x: np.ndarray, twice: bool = False) -> np.ndarray:
+    """sigma2 of each QK_K super-block as the K-quant and lattice ``_impl`` functions compute it:
+    ``sum_x2/QK_K``, or ``2*sum_x2/QK_K`` (twice) [nrows*n/256]."""
+    sumx2 = block_sumx2(x)
+    return (F32(2) * sumx2) / F32(QK_K) if twice else sumx2 / F32(QK_K)
+
+
+def impl_weights(x: np.ndarray, qw: np.ndarray, n: int, sigma2: np.ndarray) -> np.ndarray:
+    """The ``_impl`` functions' weights ``qw[j] * sqrtf(sigma2 + x*x)`` in lanes of n; sigma2 holds one
+    value per equal span of x (a row, a super-block or a block), in order."""
+    xs = lanes(x, n)
+    sig = np.repeat(sigma2, xs.shape[1] // sigma2.size)
+    return lanes(np.broadcast_to(qw, x.shape), n) * np.sqrt(sig + xs * xs)
+
+
+def lattice_weights(x: np.ndarray, qw: np.ndarray | None, n: int) -> np.ndarray:
+    """The weights of the IQ3_* and IQ1_* quantizers in lanes of n: ``x*x`` without an imatrix, else
+    ``qw * sqrtf(sigma2 + x*x)`` with sigma2 = 2*sum_x2/QK_K of the super-block."""
+    if qw is None:
+        xs = lanes(x, n)
+        return xs * xs
+    return impl_weights(x, qw, n, block_sigma2(x, twice=True))

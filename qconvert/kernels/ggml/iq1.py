@@ -24,17 +24,18 @@ from .helpers import (
     F32,
     QK_K,
     BlockKernel,
-    block_sumx2,
     fp16_bits,
     fp16_bytes,
     fp16_to_f32,
     lanes,
+    lattice_weights,
     le_bytes,
+    macro_max,
     nearest_int,
     read_fp16,
     seqsum,
 )
-from .iq2 import KMAP_SIZE, KMAXQ, search_nan
+from .iq2 import KMAP_SIZE, KMAXQ
 
 DELTA = F32(0.125)  # IQ1S_DELTA = IQ1M_DELTA (ggml-common.h:1132)
 X_P = np.array([F32(-1) + DELTA, DELTA, F32(1) + DELTA], dtype=F32)  # levels shifted up
@@ -57,15 +58,6 @@ def tables() -> GridTables:
 
 
 # ---------------------------------------------------------------------------------------------- pieces
-
-
-def absmax(xs: np.ndarray) -> np.ndarray:
-    """``max = fabsf(x[0]); max = MAX(max, fabsf(x[i]))`` over axis 0."""
-    m = np.abs(xs[0])
-    for row in xs[1:]:
-        a = np.abs(row)
-        m = np.where(m > a, m, a)
-    return m
 
 
 def sort_lanes(xs: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,53 +143,91 @@ def level_tables(shift_plus: np.ndarray) -> np.ndarray:
     return np.where(shift_plus[..., None], X_P, X_M)
 
 
+def group_tables(k: np.ndarray, ngroups: int) -> np.ndarray:
+    """The level tables [ngroups, lanes, 3] of a sub-block's groups for its shift code k [lanes]:
+    0 (+,+), 1 (+,-), 2 (-,+), 3 (-,-), the first group's shift first, + meaning X_P (IQ1_M's best_k);
+    IQ1_S shifts all four of its groups alike, k is 0 or 3."""
+    rest = level_tables(k % 2 == 0)
+    return np.stack([level_tables(k < 2)] + [rest] * (ngroups - 1))
+
+
+class _Split:
+    """The split search's running choice per lane, as C keeps it: a candidate (sumqx, sumq2) is accepted
+    ``if (sumq2 > 0 && sumqx*sumqx > best*sumq2)``, then scale = sumqx/sumq2, best = scale*sumqx, and
+    its split (i1, i2) and shift code k are kept. scale starts at max|x|, best at -FLT_MAX."""
+
+    def __init__(self, xs: np.ndarray) -> None:
+        nl = xs.shape[1]
+        self.best = np.full(nl, -FLT_MAX, dtype=F32)
+        self.scale = macro_max(np.abs(xs), from_first=True)
+        self.i1 = np.full(nl, -1)
+        self.i2 = np.full(nl, -1)
+        self.k = np.zeros(nl, dtype=np.int64)
+
+    def offer(self, sumqx: np.ndarray, sumq2: np.ndarray, i1: int, i2: int, k: int) -> None:
+        acc = (sumq2 > 0) & (sumqx * sumqx > self.best * sumq2)
+        new = sumqx / sumq2
+        self.scale = np.where(acc, new, self.scale)
+        self.best = np.where(acc, new * sumqx, self.best)
+        self.i1 = np.where(acc, i1, self.i1)
+        self.i2 = np.where(acc, i2, self.i2)
+        self.k = np.where(acc, k, self.k)
+
+    def settle(self, xs: np.ndarray, weight: np.ndarray, order: np.ndarray, eps: np.float32,
+               what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The accepted split made final (C after the search): levels from the sorted order, mirrored
+        (2 - l, with the scale and the shift code) where the scale is negative, the groups snapped to the
+        grid and the scale refit where one was off it. Sub-blocks with max|x| < eps or no accepted split
+        are dropped. Returns (scale, shift code, grid index [groups, lanes], active)."""
+        active = ~(macro_max(np.abs(xs), from_first=True) < eps) & (self.i1 >= 0)
+        L = assign_levels(order, self.i1, self.i2)
+        neg = self.scale < 0
+        L = np.where(neg, 2 - L, L)
+        scale = np.where(neg, -self.scale, self.scale)
+        k = np.where(neg, 3 - self.k, self.k)
+        xx = group_tables(k, xs.shape[0] // 8)
+        idx, any_off = snap(L, xs, weight, scale, xx, active, what)
+        sumqx, sumq2 = refit(L, xs, weight, xx)
+        scale = np.where(any_off & (sumqx > 0) & (sumq2 > 0), sumqx / sumq2, scale)
+        if np.isnan(scale[active]).any():
+            raise search_failed(what)
+        return np.where(active, scale, F32(0)), np.where(active, k, 0), idx, active
+
+
+def sub_scales(scale: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(max_scale [nb], d = max_scale/15 [nb], 3-bit codes ls [sub-blocks per block, nb]) of the
+    sub-block scales [lanes]."""
+    per = np.ascontiguousarray(scale.reshape(nb, -1).T)
+    max_scale = macro_max(per)
+    d = max_scale / F32(15)
+    inv = F32(1) / d
+    return max_scale, d, np.clip(nearest_int(F32(0.5) * ((inv * per) - F32(1))), 0, 7)
+
+
 # ---------------------------------------------------------------------------------------------- IQ1_S
 
 
 def search_s(xs: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Sub-blocks of 32: (scale, shift ±1, grid index [4, lanes], active) per lane."""
+    """Sub-blocks of 32: (scale, shift code 0 (+) or 3 (-), grid index [4, lanes], active) per lane."""
     n, nl = xs.shape
-    active = ~(absmax(xs) < F32(1e-12))
     order, xsrt, wsrt = sort_lanes(xs, weight)
     sumx = np.zeros((n + 1, nl), dtype=F32)
     sumw = np.zeros((n + 1, nl), dtype=F32)
     for j in range(n):
         sumx[j + 1] = sumx[j] + wsrt[j] * xsrt[j]
         sumw[j + 1] = sumw[j] + wsrt[j]
-    best = np.full(nl, -FLT_MAX, dtype=F32)
-    scale = absmax(xs)
-    bi1 = np.full(nl, -1)
-    bi2 = np.full(nl, -1)
-    shift = np.zeros(nl, dtype=np.int64)
+    split = _Split(xs)
     for i1 in range(n + 1):
         a = sumx[i1] - sumx[0]
         wa = sumw[i1] - sumw[0]
         for i2 in range(i1, n + 1):
             b, c = sumx[i2] - sumx[i1], sumx[n] - sumx[i2]
             wb, wc = sumw[i2] - sumw[i1], sumw[n] - sumw[i2]
-            for xx, sh in ((X_P, 1), (X_M, -1)):
+            for xx, k in ((X_P, 0), (X_M, 3)):
                 sumqx = (a * xx[0] + b * xx[1]) + c * xx[2]
                 sumq2 = ((wa * xx[0]) * xx[0] + (wb * xx[1]) * xx[1]) + (wc * xx[2]) * xx[2]
-                acc = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-                new = sumqx / sumq2
-                scale = np.where(acc, new, scale)
-                best = np.where(acc, new * sumqx, best)
-                bi1 = np.where(acc, i1, bi1)
-                bi2 = np.where(acc, i2, bi2)
-                shift = np.where(acc, sh, shift)
-    active &= bi1 >= 0
-    L = assign_levels(order, bi1, bi2)
-    neg = scale < 0
-    L = np.where(neg, 2 - L, L)
-    scale = np.where(neg, -scale, scale)
-    shift = np.where(neg, -shift, shift)
-    xx = np.broadcast_to(level_tables(shift == 1), (n // 8, nl, 3))
-    idx, any_off = snap(L, xs, weight, scale, xx, active, "IQ1_S")
-    sumqx, sumq2 = refit(L, xs, weight, xx)
-    scale = np.where(any_off & (sumqx > 0) & (sumq2 > 0), sumqx / sumq2, scale)
-    if np.isnan(scale[active]).any():
-        raise search_nan("IQ1_S")
-    return np.where(active, scale, F32(0)), np.where(active, shift, 1), idx, active
+                split.offer(sumqx, sumq2, i1, i2, k)
+    return split.settle(xs, weight, order, F32(1e-12), "IQ1_S")
 
 
 class IQ1_S(BlockKernel):
@@ -207,18 +237,10 @@ class IQ1_S(BlockKernel):
     @classmethod
     def quantize_rows(cls, x, qw):
         nb = x.size // QK_K
-        xs = lanes(x, 32)
-        sigma2 = (F32(2) * block_sumx2(x)) / F32(QK_K)
-        weight = lanes(np.broadcast_to(qw, x.shape), 32) * np.sqrt(np.repeat(sigma2, 8) + xs * xs)
-        scale, shift, idx, _ = search_s(xs, weight)
-        per = np.ascontiguousarray(scale.reshape(nb, 8).T)
-        max_scale = np.zeros(nb, dtype=F32)
-        for row in per:
-            max_scale = np.where(max_scale > row, max_scale, row)
-        d = max_scale / F32(15)
-        inv = F32(1) / d
-        ls = np.clip(nearest_int(F32(0.5) * ((inv * per) - F32(1))), 0, 7).T.reshape(-1)
-        ls = ls | np.where(shift == -1, 8, 0)
+        weight = lattice_weights(x, qw, 32)
+        scale, shift, idx, _ = search_s(lanes(x, 32), weight)
+        max_scale, d, ls = sub_scales(scale, nb)
+        ls = ls.T.reshape(-1) | np.where(shift == 3, 8, 0)
         # all scales zero: C skips the scale pass and keeps the indices it wrote (d = 0, ls bits 0)
         zero = np.repeat(max_scale == 0, 8)
         qh = np.bitwise_or.reduce((idx >> 8) << (3 * np.arange(4)[:, None]), axis=0)
@@ -248,7 +270,6 @@ def search_m(xs: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """Sub-blocks of 16 = two groups, each with its own shift: (scale, best_k 0..3, index [2, lanes],
     active). best_k: 0 (+,+), 1 (+,-), 2 (-,+), 3 (-,-), first group first; + means X_P."""
     n, nl = xs.shape
-    active = ~(absmax(xs) < F32(1e-7))
     order, xsrt, wsrt = sort_lanes(xs, weight)
     half = order >= n // 2  # [n, lanes]: sorted element j belongs to the second group
     px = np.zeros((2, n + 1, nl), dtype=F32)
@@ -263,11 +284,7 @@ def search_m(xs: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray
     p2, m2 = X_P[2], X_M[2]
     cp1, cp2 = X_P[0] * X_P[0] - X_P[1] * X_P[1], X_P[1] * X_P[1] - X_P[2] * X_P[2]
     cm1, cm2 = X_M[0] * X_M[0] - X_M[1] * X_M[1], X_M[1] * X_M[1] - X_M[2] * X_M[2]
-    best = np.full(nl, -FLT_MAX, dtype=F32)
-    scale = absmax(xs)
-    bi1 = np.full(nl, -1)
-    bi2 = np.full(nl, -1)
-    bk = np.full(nl, -1)
+    split = _Split(xs)
     for i1 in range(n + 1):
         for i2 in range(i1, n + 1):
             sx = px[:, i1] + px[:, i2]
@@ -278,31 +295,8 @@ def search_m(xs: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray
             combos = ((qx_p[0] + qx_p[1], q2_p[0] + q2_p[1]), (qx_p[0] + qx_m[1], q2_p[0] + q2_m[1]),
                       (qx_m[0] + qx_p[1], q2_m[0] + q2_p[1]), (qx_m[0] + qx_m[1], q2_m[0] + q2_m[1]))
             for k, (sumqx, sumq2) in enumerate(combos):
-                acc = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-                new = sumqx / sumq2
-                scale = np.where(acc, new, scale)
-                best = np.where(acc, new * sumqx, best)
-                bi1 = np.where(acc, i1, bi1)
-                bi2 = np.where(acc, i2, bi2)
-                bk = np.where(acc, k, bk)
-    active &= bi1 >= 0
-    L = assign_levels(order, bi1, bi2)
-    neg = scale < 0
-    L = np.where(neg, 2 - L, L)
-    scale = np.where(neg, -scale, scale)
-    bk = np.where(neg, 3 - bk, bk)
-    xx = group_tables(bk)
-    idx, any_off = snap(L, xs, weight, scale, xx, active, "IQ1_M")
-    sumqx, sumq2 = refit(L, xs, weight, xx)
-    scale = np.where(any_off & (sumqx > 0) & (sumq2 > 0), sumqx / sumq2, scale)
-    if np.isnan(scale[active]).any():
-        raise search_nan("IQ1_M")
-    return np.where(active, scale, F32(0)), np.where(active, bk, 0), idx, active
-
-
-def group_tables(bk: np.ndarray) -> np.ndarray:
-    """best_k [lanes] -> level tables of the two groups [2, lanes, 3]."""
-    return np.stack([level_tables(bk < 2), level_tables(bk % 2 == 0)])
+                split.offer(sumqx, sumq2, i1, i2, k)
+    return split.settle(xs, weight, order, F32(1e-7), "IQ1_M")
 
 
 class IQ1_M(BlockKernel):
@@ -311,23 +305,12 @@ class IQ1_M(BlockKernel):
     @classmethod
     def quantize_rows(cls, x, qw):
         nb = x.size // QK_K
-        xs = lanes(x, 16)
-        if qw is None:
-            weight = xs * xs
-        else:
-            sigma2 = (F32(2) * block_sumx2(x)) / F32(QK_K)
-            weight = lanes(np.broadcast_to(qw, x.shape), 16) * np.sqrt(np.repeat(sigma2, 16) + xs * xs)
-        scale, bk, idx, _ = search_m(xs, weight)
-        per = np.ascontiguousarray(scale.reshape(nb, 16).T)  # [16, nb]
-        max_scale = np.zeros(nb, dtype=F32)
-        for row in per:
-            max_scale = np.where(max_scale > row, max_scale, row)
-        d = max_scale / F32(15)
-        inv = F32(1) / d
-        ls = np.clip(nearest_int(F32(0.5) * ((inv * per) - F32(1))), 0, 7)  # [16, nb]
+        weight = lattice_weights(x, qw, 16)
+        scale, bk, idx, _ = search_m(lanes(x, 16), weight)
+        max_scale, d, ls = sub_scales(scale, nb)  # ls [16, nb]
         # super-scale refit over all 256 weights, zero sub-blocks included (grid point 0, X_P)
         lv = tables().levels.astype(np.int64)[idx]  # [2, lanes, 8]
-        xx = group_tables(bk)[:, :, None, :].repeat(8, axis=2)  # [2, lanes, 8, 3]
+        xx = group_tables(bk, 2)[:, :, None, :].repeat(8, axis=2)  # [2, lanes, 8, 3]
         q = np.take_along_axis(xx, lv[..., None], axis=3)[..., 0]
         q = q * np.repeat((2 * ls.T.reshape(-1) + 1).astype(F32)[None, :, None], 8, axis=2)
         q_w = np.ascontiguousarray(q.transpose(1, 0, 2)).reshape(nb, QK_K).T  # [256, nb] in weight order

@@ -22,23 +22,14 @@ import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from ...errors import BadInput
-from .grids import (
-    GridTables,
-    Search,
-    gguf_py_grid,
-    grid_index,
-    ksigns,
-    scale_search,
-    signs_free,
-    signs_parity,
-)
+from .grids import GridTables, Search, gguf_py_grid, ksigns, search_failed, search_subblocks, signed_runs
 from .helpers import (
     F32,
     QK_K,
     BlockKernel,
-    block_sumx2,
+    block_sigma2,
     fp16_bytes,
+    impl_weights,
     lanes,
     le_bytes,
     macro_max,
@@ -96,32 +87,26 @@ def search(qtype: T) -> Search:
     trials around max and a refit of the off-grid groups only."""
     if qtype == T.IQ2_XXS:
         return Search("IQ2_XXS", tables(qtype), group=8, kmaxq=KMAXQ, c=5, step=0.1, trials=range(-6, 7),
-                      flags_start=True, refit="all")
+                      flags_start=True, refit="all", parity=True)
     return Search(qtype.name, tables(qtype), group=8, kmaxq=KMAXQ, c=5, step=0.1, trials=range(-9, 10),
-                  flags_start=True, refit="offgrid")
+                  flags_start=True, refit="offgrid", parity=PARAMS[qtype].parity)
 
 
 def weights(x: np.ndarray, qw: np.ndarray | None, sub: int, sigma_twice: bool) -> np.ndarray:
     """Per-weight importance in lanes of ``sub``: ``qw·sqrtf(σ² + x²)``, or IQ2_S's ``0.25f·σ² + x²``."""
-    sumx2 = block_sumx2(x)
-    sigma2 = (F32(2) * sumx2) / F32(QK_K) if sigma_twice else sumx2 / F32(QK_K)
-    sig = np.repeat(sigma2, QK_K // sub)
+    sigma2 = block_sigma2(x, sigma_twice)
+    if qw is not None:
+        return impl_weights(x, qw, sub, sigma2)
     xs = lanes(x, sub)
-    if qw is None:
-        return F32(0.25) * sig + xs * xs
-    return lanes(np.broadcast_to(qw, x.shape), sub) * np.sqrt(sig + xs * xs)
+    return F32(0.25) * np.repeat(sigma2, QK_K // sub) + xs * xs
 
 
 def subblocks(qtype: T, x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Search every sub-block: (scale [lanes] >= 0, grid indices [groups, lanes], signs [groups, lanes]);
     zero sub-blocks (skipped by C) have scale 0, index 0 and no signs."""
     p = PARAMS[qtype]
-    xs = lanes(x, p.sub)
     weight = weights(x, qw, p.sub, p.sigma_twice)
-    xval, signs = signs_parity(xs, weight) if p.parity else signs_free(xs)
-    mx = xval[0].copy()
-    for row in xval[1:]:
-        mx = np.where(mx > row, mx, row)  # max = xval[0]; MAX(max, xval[i])
+    xval, signs, mx = signed_runs(search(qtype), lanes(x, p.sub), weight)
     live = ~(mx < F32(p.eps))
     if qtype == T.IQ2_XXS:
         # the start scale: make_qp_quants(32, 4, xval, L, weight), on xval that may hold a flipped -|x| (§3.1)
@@ -130,20 +115,10 @@ def subblocks(qtype: T, x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarra
         live &= ~(den <= 0)
     else:
         den, start = mx, mx / F32(2 * KMAXQ - 1)
-    den = np.where(live, den, F32(1))  # skipped sub-blocks: searched on harmless values, then dropped
-    scale, L = scale_search(search(qtype), xval, weight, den, start, live)
-    flip = live & (scale < 0)  # "should never happen", but can with an imatrix: the signs are complemented
-    scale = np.where(flip, -scale, scale)
-    signs = np.where(flip, ~signs & (127 if p.parity else 255), signs)
-    if np.isnan(scale[live]).any():
-        raise search_nan(qtype.name)
-    idx = np.where(live, grid_index(tables(qtype), np.where(live, L, 0), 8), 0)
-    return np.where(live, scale, F32(0)), idx, np.where(live, signs, 0)
-
-
-def search_nan(what: str) -> BadInput:
-    """A NaN sub-block scale: ggml's GGML_ASSERT(scale >= 0) kills the process."""
-    return BadInput(f"{what}: weights too large (or NaN) for the grid search (llama.cpp aborts on them)")
+    scale, idx, signs = search_subblocks(search(qtype), xval, signs, weight, live, den, start)
+    if np.isnan(scale).any():  # GGML_ASSERT(scale >= 0)
+        raise search_failed(qtype.name)
+    return scale, idx, signs
 
 
 def superblock_scales(scales: np.ndarray, nb: int, fudge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

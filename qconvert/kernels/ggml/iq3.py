@@ -14,17 +14,18 @@ import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from .grids import (
-    GridTables,
-    Search,
-    gguf_py_grid,
-    grid_index,
-    ksigns,
-    scale_search,
-    signs_free,
-    signs_parity,
+from .grids import GridTables, Search, gguf_py_grid, ksigns, search_subblocks, signed_runs
+from .helpers import (
+    F32,
+    QK_K,
+    BlockKernel,
+    fp16_bytes,
+    lanes,
+    lattice_weights,
+    macro_max,
+    nearest_int,
+    read_fp16,
 )
-from .helpers import F32, QK_K, BlockKernel, block_sumx2, fp16_bytes, lanes, nearest_int, read_fp16
 
 # The quantizer-side grids kgrid_256 (ggml-quants.c:3708, IQ3_XXS) and kgrid_512 (:3726, IQ3_S) of
 # iq3xs_init_impl: entry k packs the level (0..7) of coordinate i at bits 3i..3i+2. They are a chosen subset
@@ -59,61 +60,20 @@ def search(qtype: T) -> Search:
     flags start false and every group is refit when any is off the grid (the skip is commented out, :4283)."""
     if qtype == T.IQ3_XXS:
         return Search("IQ3_XXS", tables(256), group=4, kmaxq=8, c=15, step=0.2, trials=range(-15, 16),
-                      flags_start=True, refit="offgrid")
+                      flags_start=True, refit="offgrid", parity=True)
     return Search("IQ3_S", tables(512), group=4, kmaxq=8, c=15, step=0.2, trials=range(-9, 10),
-                  flags_start=False, refit="all_if_offgrid")
-
-
-def _weights(x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(x, weight) in lanes of 32: x*x without an imatrix, else qw*sqrt(sigma2 + x*x), sigma2 = 2*Σx²/256."""
-    xs = lanes(x, 32)
-    if qw is None:
-        return xs, xs * xs
-    sigma2 = (F32(2) * block_sumx2(x)) / F32(QK_K)
-    sig = np.repeat(sigma2, QK_K // 32)
-    return xs, lanes(np.broadcast_to(qw, x.shape), 32) * np.sqrt(sig + xs * xs)
-
-
-def _first_max(xval: np.ndarray) -> np.ndarray:
-    """``max = xval[0]; max = MAX(max, xval[i])`` with ggml's macro."""
-    m = xval[0].copy()
-    for row in xval[1:]:
-        m = np.where(m > row, m, row)
-    return m
-
-
-def _macro_max(v: np.ndarray) -> np.ndarray:
-    """``m = 0; m = MAX(m, v[i])`` over axis 0."""
-    m = np.zeros(v.shape[1:], dtype=F32)
-    for row in v:
-        m = np.where(m > row, m, row)
-    return m
+                  flags_start=False, refit="all_if_offgrid", parity=False)
 
 
 def _subblocks(qtype: T, x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, ...]:
     """Search every 32-weight sub-block: (scale [8, nb], grid indices [8 groups, 8, nb], signs [4, 8, nb],
     live [8, nb] = the sub-block was not skipped as zero)."""
     nb = x.size // QK_K
-    xs, weight = _weights(x, qw)
-    if qtype == T.IQ3_XXS:
-        xval, signs = signs_parity(xs, weight)
-        mx = _first_max(xval)
-        live = ~(mx < EPS_XXS)
-        mask = 127
-    else:
-        xval, signs = signs_free(xs)
-        mx = _first_max(xval)
-        live = mx != 0
-        mask = 255
-    den = np.where(live, mx, F32(1))  # skipped sub-blocks are searched on harmless values, then dropped
     s = search(qtype)
-    scale, L = scale_search(s, xval, weight, den, den / F32(15))
-    flip = live & (scale < 0)  # "should never happen", but can with an imatrix: the signs are complemented
-    scale = np.where(flip, -scale, scale)
-    signs = np.where(flip, ~signs & mask, signs)
-    scale = np.where(live, scale, F32(0))
-    idx = np.where(live, grid_index(s.tables, np.where(live, L, 0), 4), 0)
-    signs = np.where(live, signs, 0)
+    weight = lattice_weights(x, qw, 32)
+    xval, signs, mx = signed_runs(s, lanes(x, 32), weight)
+    live = ~(mx < EPS_XXS) if qtype == T.IQ3_XXS else mx != 0
+    scale, idx, signs = search_subblocks(s, xval, signs, weight, live, mx, mx / F32(15))
     return (scale.reshape(8, nb, order="F"), idx.reshape(8, 8, nb, order="F"),
             signs.reshape(4, 8, nb, order="F"), live.reshape(8, nb, order="F"))
 
@@ -121,7 +81,7 @@ def _subblocks(qtype: T, x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarr
 def _super_scale(scale: np.ndarray, fudge: np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(max_scale [nb], stored fp16 bytes [nb, 2], 4-bit sub-scales ls [8, nb]); id is 1/d of the
     unfudged d."""
-    max_scale = _macro_max(scale)
+    max_scale = macro_max(scale)
     d = max_scale / F32(31)
     stored = np.where(max_scale != 0, d * fudge, F32(0))
     inv = F32(1) / d

@@ -19,6 +19,7 @@ from .helpers import (
     best_index_iq4nl,
     first_absmax,
     fp16_bytes,
+    impl_weights,
     lanes,
     le_bytes,
     nearest_int,
@@ -36,8 +37,7 @@ def _weights(x: np.ndarray, qw: np.ndarray | None, super_block: int) -> tuple[np
     if qw is None:
         return xs, xs * xs
     sigma2 = seqsum(lanes(x * x, super_block)) * F32(2.0 / super_block)  # a power of two: exact
-    sig = np.repeat(sigma2, super_block // 32)
-    return xs, lanes(np.broadcast_to(qw, x.shape), 32) * np.sqrt(sig + xs * xs)
+    return xs, impl_weights(x, qw, 32, sigma2)
 
 
 def _search_scale(xs: np.ndarray, w: np.ndarray) -> np.ndarray:

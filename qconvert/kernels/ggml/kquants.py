@@ -17,10 +17,11 @@ from .helpers import (
     GROUP_MAX_EPS,
     QK_K,
     BlockKernel,
-    block_sumx2,
+    block_sigma2,
     first_absmax,
     fp16_bytes,
     fp16_round,
+    impl_weights,
     lanes,
     make_q3_quants,
     make_qkx_quants,
@@ -46,13 +47,6 @@ def _per_block(v: np.ndarray, nb: int) -> np.ndarray:
 def _per_lane(v: np.ndarray) -> np.ndarray:
     """[k, nb] -> lane order [nb*k]."""
     return np.ascontiguousarray(v.T).reshape(-1)
-
-
-def _impl_weights(x: np.ndarray, qw: np.ndarray, n: int, sigma2: np.ndarray) -> np.ndarray:
-    """``qw * sqrtf(sigma2 + x*x)`` in lanes of n, sigma2 given per super-block."""
-    xs = lanes(x, n)
-    sig = np.repeat(sigma2, QK_K // n)
-    return lanes(np.broadcast_to(qw, x.shape), n) * np.sqrt(sig + xs * xs)
 
 
 def _requant(L: np.ndarray, dl: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -128,7 +122,7 @@ class Q2_K(BlockKernel):
             d = np.where(has_s, max_scale / F32(15), F32(0))
             dmin = np.where(has_m, max_min / F32(15), F32(0))
         else:
-            w = _impl_weights(x, qw, 16, block_sumx2(x) / F32(QK_K))
+            w = impl_weights(x, qw, 16, block_sigma2(x))
             sw = _per_block(seqsum(w), nb)
             scales, mins, L = make_qkx_quants(xs, w, 3, -0.9, 0.05, 36, False, True)
             d, Ls = make_qp_quants(_per_block(scales, nb), 15, sw)
@@ -166,7 +160,7 @@ class Q3_K(BlockKernel):
             lsc = np.where(nonzero, lsc, 0)  # C memsets the scale bytes and stores d = 0
             d = np.where(nonzero, F32(1) / iscale, F32(0))
         else:
-            w = _impl_weights(x, qw, 16, (F32(2) * block_sumx2(x)) / F32(QK_K))
+            w = impl_weights(x, qw, 16, block_sigma2(x, twice=True))
             sw = _per_block(seqsum(w), nb)
             scales, L = make_qx_quants(xs, 4, w)
             d, lsc = make_qx_quants(_per_block(scales, nb), 32, sw)
@@ -212,7 +206,7 @@ class _Q45K(BlockKernel):
             lm = np.minimum(63, wrap_u8(nearest_int(inv_min * mn)))
             d, dmin = max_scale / F32(63), max_min / F32(63)
         else:
-            w = _impl_weights(x, qw, 32, (F32(2) * block_sumx2(x)) / F32(QK_K))
+            w = impl_weights(x, qw, 32, block_sigma2(x, twice=True))
             sw = _per_block(seqsum(w), nb)
             scales, mins, L = make_qkx_quants(xs, w, cls.nmax, -0.9, 0.05, 36, False, True)
             d, ls = make_qp_quants(_per_block(scales, nb), 63, sw)

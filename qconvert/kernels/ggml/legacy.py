@@ -22,6 +22,7 @@ from .helpers import (
     BlockKernel,
     first_absmax,
     fp16_bytes,
+    impl_weights,
     lanes,
     le_bytes,
     make_qkx_quants,
@@ -60,9 +61,8 @@ def _ref_asymmetric(x: np.ndarray, qtype: T, nmax: int) -> np.ndarray:
 
 
 def _impl_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    """[nrows, n] -> per-element weights of the *_impl paths, in lanes of 32."""
-    sigma2 = row_sigma2(x)[:, None]
-    return lanes(qw[None, :] * np.sqrt(sigma2 + x * x), 32)
+    """[nrows, n] -> per-element weights of the *_impl paths, in lanes of 32 (sigma2 of the whole row)."""
+    return impl_weights(x, qw, 32, row_sigma2(x))
 
 
 def _nibbles(L: np.ndarray) -> np.ndarray:

@@ -17,8 +17,8 @@ import numpy as np
 from numba import njit
 
 from ..ggml import iq1 as _spec
+from ..ggml.grids import search_failed
 from ..ggml.helpers import missing_imatrix
-from ..ggml.iq2 import search_nan
 from ._core import F0, F1, F2, F7, F15, F256, JIT, fp32_to_fp16, odd_level, put_u16
 from ._grids import FLT_MAX, key8, load_group, scan, soa_tables, square_sum
 
@@ -437,11 +437,11 @@ def iq1_s(blocks, qw, nbr, out, use_qw):
     if not use_qw:
         raise missing_imatrix("IQ1_S")
     if kernel_s(blocks, qw, nbr, out, *tables()) >= 0:
-        raise search_nan("IQ1_S")
+        raise search_failed("IQ1_S")
 
 
 def iq1_m(blocks, qw, nbr, out, use_qw):
     """IQ1_M in ggml_fast's calling convention; BadInput where ggml aborts (inf/NaN weights)."""
     if kernel_m(blocks, qw, nbr, out, use_qw, *tables()) >= 0:
-        raise search_nan("IQ1_M")
+        raise search_failed("IQ1_M")
 

@@ -17,8 +17,8 @@ import numpy as np
 from numba import njit
 
 from ..ggml import iq2 as _spec
+from ..ggml.grids import search_failed
 from ..ggml.helpers import missing_imatrix
-from ..ggml.iq2 import search_nan
 from ._core import (
     F0,
     F1,
@@ -268,7 +268,7 @@ def _twin(kind: int):
         if not use_qw and kind != S:
             raise missing_imatrix(name)
         if iq2(blocks, qw, nbr, out, use_qw, kind, *tables(kind)) >= 0:
-            raise search_nan(name)
+            raise search_failed(name)
 
     return twin
 
