@@ -173,9 +173,11 @@ def _open_source(model: str, opts: ConvertOptions) -> _Source:
         src = read_gguf_source(path)
         facts = _facts(src.arch, src.header)
         return _Source(str(path), path.stem, src.arch, facts, src.header, src.tensors, src)
+    from qconvert.formats.packed import refuse_packed
     from qconvert.load import open_checkpoint
 
     ckpt = open_checkpoint(model)
+    refuse_packed(ckpt, "convert --to gguf")
     cfg = text_config(ckpt.config)
     if not cfg:
         raise BadInput("no config.json next to the weights: cannot tell the architecture", ckpt.path)

@@ -27,7 +27,7 @@ import yaml
 
 from qconvert.arch.tensors import LM_HEAD, NOT_QUANTIZED, linear_module
 from qconvert.errors import BadInput
-from qconvert.formats.packed import packed_format
+from qconvert.formats.packed import packed_format, refuse_packed
 from qconvert.formats.packed.base import PackedFormat, PackPlan
 from qconvert.formats.safetensors_out import DEFAULT_SHARD_BYTES, CheckpointWriter
 from qconvert.load.checkpoint import Checkpoint
@@ -268,6 +268,7 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     config = entry.make_config(opts.options)
     config.check()
     ckpt = open_checkpoint(opts.model)
+    refuse_packed(ckpt, "qconvert quantize")
     plan = plan_quantization(ckpt, opts, config)
     results: list[LayerResult] = []
 

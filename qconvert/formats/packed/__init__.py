@@ -86,6 +86,17 @@ def find_quantized_layers(tensors: Mapping[str, TensorInfo], quant_config: dict[
     return layers
 
 
+def refuse_packed(ckpt: Any, job: str) -> None:
+    """Our pipelines read dense weights: a quantized source is refused in one line that says what it is,
+    before any work (instead of a confusing failure on its first packed tensor)."""
+    layers = find_quantized_layers(ckpt.tensors, ckpt.quantization_config, ckpt.read_raw)
+    if layers:
+        first = layers[0]
+        bits = f" {first.bits}-bit" if first.bits else ""
+        raise BadInput(f"already quantized ({len(layers)} {first.method}{bits} Linears, e.g. {first.name}): "
+                       f"{job} reads unquantized checkpoints; give the BF16/F16/F32 model", ckpt.path)
+
+
 def _method(qc: dict[str, Any] | None) -> str:
     return str((qc or {}).get("quant_method", "")).lower()
 
