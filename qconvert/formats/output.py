@@ -42,7 +42,34 @@ def io_failure(e: OSError, what: str, target: Path) -> IOFailure:
     return IOFailure(f"cannot write {what}: {e.strerror or e} (partial output removed)", target)
 
 
-class AtomicFile:
+class _Atomic:
+    """An output made under a temp name: committed when its block ends normally, removed when it raises
+    (an OSError becomes the one io-failure message). Subclasses say how to commit and discard."""
+
+    target: Path
+    what: str
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        elif isinstance(exc, OSError):
+            raise self.fail(exc) from exc
+        else:
+            self.discard()
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+    def fail(self, e: OSError) -> IOFailure:
+        """Remove the partial output and return the error to raise for `e`."""
+        self.discard()
+        return io_failure(e, self.what, self.target)
+
+
+class AtomicFile(_Atomic):
     """One output file written under its temp name (see the module docstring)."""
 
     def __init__(self, target: str | Path, what: str):
@@ -52,14 +79,6 @@ class AtomicFile:
 
     def __enter__(self) -> Path:
         return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        elif isinstance(exc, OSError):
-            raise self.fail(exc) from exc
-        else:
-            self.discard()
 
     def commit(self) -> None:
         """Rename the finished temp file onto the target."""
@@ -74,13 +93,8 @@ class AtomicFile:
         except OSError:
             pass  # nothing more can be done; the error being raised is the one to report
 
-    def fail(self, e: OSError) -> IOFailure:
-        """Remove the partial output and return the error to raise for `e`."""
-        self.discard()
-        return io_failure(e, self.what, self.target)
 
-
-class AtomicDir:
+class AtomicDir(_Atomic):
     """One output directory filled under its temp name and swapped into place (see the module docstring).
 
     A target that exists and is not an empty directory is refused unless `overwrite`; with it, the old
@@ -107,14 +121,6 @@ class AtomicDir:
             raise self.fail(e) from e
         return self.tmp
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        elif isinstance(exc, OSError):
-            raise self.fail(exc) from exc
-        else:
-            self.discard()
-
     def commit(self) -> None:
         """Swap the finished temp directory in for the target."""
         old = temp_path(self.tmp.parent / self.target.name, "old")
@@ -135,11 +141,6 @@ class AtomicDir:
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def fail(self, e: OSError) -> IOFailure:
-        """Remove the partial output and return the error to raise for `e`."""
-        self.discard()
-        return io_failure(e, self.what, self.target)
 
 
 def atomic_file(target: str | Path, what: str) -> AtomicFile:
