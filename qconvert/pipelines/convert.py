@@ -267,9 +267,11 @@ def _check_imatrix(records: list[TensorRecord], choices: list[Any], imx: Any, mi
     for r, c in zip(records, choices, strict=True):
         w = _imatrix_for(imx, r)  # raises on a size mismatch, before anything is written
         if w is None and requires_imatrix(c, mix):
-            where = "no imatrix given (--imatrix FILE)" if imx is None else "the imatrix has no entry for it"
+            # llama-quantize refuses too ("this quantization requires an importance matrix", with the tensor)
+            where = "no imatrix given" if imx is None else "the imatrix has no entry for it"
             raise BadInput(f"{mix.file_type.name}: tensor {r.name} as {r.qtype.name} needs an importance "
-                           f"matrix; {where}")
+                           f"matrix; {where}: make one with `qconvert imatrix MODEL --dataset TEXT -o "
+                           f"imatrix.gguf` and pass --imatrix imatrix.gguf")
 
 
 def _imatrix_kvs(imx: Any, path: Path) -> list[tuple[str, Any, gguf.GGUFValueType]]:

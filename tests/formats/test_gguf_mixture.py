@@ -211,19 +211,24 @@ def _check(models, tmp_path, key: str, opts: MixtureOptions, **llama_kw) -> list
 
 # ---- parity with llama.cpp: every file type on every model -------------------------------------------------
 
-# without an imatrix llama.cpp refuses Q2_K_S (its Q2_K tensors require one)
-_NO_IMATRIX = [ft for ft in FILE_TYPE_NAMES if ft != "Q2_K_S"]
+# without an imatrix llama.cpp refuses these: Q2_K_S (its Q2_K tensors), the IQ1/IQ2 mixes and IQ3_XXS/IQ3_XS
+# (their IQ3_XXS / IQ2_* tensors require one)
+NEED_IMATRIX = ["Q2_K_S", "IQ3_XXS", "IQ3_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M"]
+_NO_IMATRIX = [ft for ft in FILE_TYPE_NAMES if ft not in NEED_IMATRIX]
+# Q1_0 has no fallback: rows of 576 are refused by both (test_q1_0_without_a_fallback_is_refused_by_both)
+_REFUSED = {("Q1_0", "smol576")}
 
 
-@pytest.mark.parametrize("key", list(SPECS))
-@pytest.mark.parametrize("ft", _NO_IMATRIX)
+@pytest.mark.parametrize(
+    "ft,key", [(ft, key) for ft in _NO_IMATRIX for key in SPECS if (ft, key) not in _REFUSED]
+)
 def test_types_match_llama(models, tmp_path, key, ft):
     _check(models, tmp_path, key, MixtureOptions(parse_file_type(ft)))
 
 
-# file types whose rules read has_imatrix (Q4_0/Q5_0/IQ4 ffn_down) or that need one (Q2_K_S)
+# file types whose rules read has_imatrix (Q4_0/Q5_0/IQ4 ffn_down, IQ3_XXS attn_v/ffn_down) or that need one
 @pytest.mark.parametrize("key", list(SPECS))
-@pytest.mark.parametrize("ft", ["Q4_0", "Q5_0", "IQ4_NL", "IQ4_XS", "Q2_K_S"])
+@pytest.mark.parametrize("ft", ["Q4_0", "Q5_0", "IQ4_NL", "IQ4_XS", *NEED_IMATRIX])
 def test_types_match_llama_with_imatrix(models, tmp_path, key, ft):
     imatrix = make_imatrix(read_types(models[key]))
     _check(models, tmp_path, key, MixtureOptions(parse_file_type(ft), has_imatrix=True), imatrix=imatrix)
@@ -238,7 +243,36 @@ def test_q2_k_s_without_imatrix_is_refused_by_both(models, tmp_path):
         llama_quantize(models["dense"], tmp_path / "x.gguf", opts.file_type.ftype)
 
 
-@pytest.mark.parametrize("ft", ["Q3_K_M", "Q4_K_S", "Q2_K", "Q4_K_M"])
+@pytest.mark.parametrize("ft", NEED_IMATRIX[1:])
+def test_lowbit_without_imatrix_is_refused_by_both(models, tmp_path, ft):
+    src_types = read_types(models["dense"])
+    opts = MixtureOptions(parse_file_type(ft))
+    ours = choose_types([(n, ne, t) for n, t, ne in src_types], facts_for(SPECS["dense"]), opts)
+    assert any(requires_imatrix(c, opts) for c in ours)
+    with pytest.raises(RuntimeError, match="failed"):
+        llama_quantize(models["dense"], tmp_path / "x.gguf", opts.file_type.ftype)
+
+
+def test_q1_0_without_a_fallback_is_refused_by_both(models, tmp_path):
+    src_types = read_types(models["smol576"])
+    opts = MixtureOptions(parse_file_type("Q1_0"))
+    with pytest.raises(BadInput, match="no tensor type fallback is defined for type Q1_0"):
+        choose_types([(n, ne, t) for n, t, ne in src_types], facts_for(SPECS["smol576"]), opts)
+    with pytest.raises(RuntimeError, match="failed"):
+        llama_quantize(models["smol576"], tmp_path / "x.gguf", opts.file_type.ftype)
+
+
+def test_nvfp4_is_not_a_file_type_of_llama_quantize(models, tmp_path):
+    # LLAMA_FTYPE_MOSTLY_NVFP4 (39) is in the enum but has no default type: llama_model_quantize throws
+    with pytest.raises(RuntimeError, match="failed"):
+        llama_quantize(models["dense"], tmp_path / "x.gguf", 39)
+    with pytest.raises(BadInput, match="unknown GGUF file type"):
+        parse_file_type("NVFP4")
+    with pytest.raises(BadInput, match="unknown GGUF file type"):
+        parse_file_type("39")
+
+
+@pytest.mark.parametrize("ft", ["Q3_K_M", "Q4_K_S", "Q2_K", "Q4_K_M", "IQ3_M", "IQ3_S"])
 def test_70b_rule_matches_llama(models, tmp_path, ft):
     ours = _check(models, tmp_path, "llama70b", MixtureOptions(parse_file_type(ft)))
     v = [c.qtype for c in ours if c.name.endswith("attn_v.weight")]
@@ -301,7 +335,12 @@ def test_parse_file_type_names_aliases_and_ids():
     assert parse_file_type("15").name == "Q4_K_M"
     assert parse_file_type("Q2_K_S").ftype == 21 and parse_file_type("Q2_K_S").default == T.Q2_K
     assert parse_file_type("bf16").default == T.BF16 and parse_file_type("IQ4_XS").ftype == 30
-    assert len(FILE_TYPE_NAMES) == 20
+    assert len(FILE_TYPE_NAMES) == 35
+    # llama_ftype_get_default_type: IQ2_S writes IQ2_XS, IQ2_M IQ2_S, IQ3_XS/IQ3_M IQ3_S
+    assert parse_file_type("iq2_s").default == T.IQ2_XS and parse_file_type("IQ2_M").default == T.IQ2_S
+    assert parse_file_type("IQ3_XS").default == T.IQ3_S and parse_file_type("IQ3_M").default == T.IQ3_S
+    assert parse_file_type("MXFP4_MOE").default == T.MXFP4 and parse_file_type("38").name == "MXFP4_MOE"
+    assert parse_file_type("Q2_0").ftype == 41 and parse_file_type("Q1_0").default == T.Q1_0
 
 
 def test_unknown_names_list_the_valid_ones():

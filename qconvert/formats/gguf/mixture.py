@@ -55,6 +55,23 @@ _FILE_TYPES: dict[str, FileType] = {
         FileType("Q6_K", FT.MOSTLY_Q6_K, T.Q6_K),
         FileType("IQ4_NL", FT.MOSTLY_IQ4_NL, T.IQ4_NL),
         FileType("IQ4_XS", FT.MOSTLY_IQ4_XS, T.IQ4_XS),
+        FileType("IQ3_XXS", FT.MOSTLY_IQ3_XXS, T.IQ3_XXS),
+        FileType("IQ3_XS", FT.MOSTLY_IQ3_XS, T.IQ3_S),
+        FileType("IQ3_S", FT.MOSTLY_IQ3_S, T.IQ3_S),
+        FileType("IQ3_M", FT.MOSTLY_IQ3_M, T.IQ3_S),
+        FileType("IQ2_XXS", FT.MOSTLY_IQ2_XXS, T.IQ2_XXS),
+        FileType("IQ2_XS", FT.MOSTLY_IQ2_XS, T.IQ2_XS),
+        FileType("IQ2_S", FT.MOSTLY_IQ2_S, T.IQ2_XS),  # sic: llama_ftype_get_default_type
+        FileType("IQ2_M", FT.MOSTLY_IQ2_M, T.IQ2_S),
+        FileType("IQ1_S", FT.MOSTLY_IQ1_S, T.IQ1_S),
+        FileType("IQ1_M", FT.MOSTLY_IQ1_M, T.IQ1_M),
+        FileType("TQ1_0", FT.MOSTLY_TQ1_0, T.TQ1_0),
+        FileType("TQ2_0", FT.MOSTLY_TQ2_0, T.TQ2_0),
+        FileType("MXFP4_MOE", FT.MOSTLY_MXFP4_MOE, T.MXFP4),
+        FileType("Q1_0", FT.MOSTLY_Q1_0, T.Q1_0),
+        FileType("Q2_0", FT.MOSTLY_Q2_0, T.Q2_0),
+        # no NVFP4: llama_ftype_get_default_type has no case for LLAMA_FTYPE_MOSTLY_NVFP4 (39), so
+        # llama_model_quantize throws "invalid output file type 39" and llama-quantize does not list it
     )
 }
 # llama-quantize's QUANT_OPTIONS aliases
@@ -275,14 +292,77 @@ def _layer_for_ffn(name: str, counter: int, facts: ModelFacts) -> int:
     return layer
 
 
-_E8_ATTN_OUTPUT_Q5K = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS")
+_E8_ATTN_OUTPUT_Q5K = (
+    "Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M"
+)
+# file types whose output (and tied token_embd) is Q5_K rather than Q6_K
+_OUTPUT_Q5K = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "IQ3_XXS")
+# untied token_embd by file type (the others keep the default)
+_TOKEN_EMBD_TYPES = {
+    "IQ2_XXS": T.Q2_K, "IQ2_XS": T.Q2_K, "IQ1_S": T.Q2_K, "IQ1_M": T.Q2_K,
+    "IQ2_S": T.IQ3_S, "IQ2_M": T.IQ3_S, "IQ3_XXS": T.IQ3_S,
+    "TQ1_0": T.Q4_K, "TQ2_0": T.Q4_K, "Q2_0": T.Q4_K,  # not Q1_0: it keeps Q1_0
+}
+# the low-bit branch: its own rules instead of the per-category chain (no 70B, no E8 -> Q8_0, no Falcon case)
+_LOWBIT = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
+# attn_output without 8 experts (not Falcon)
+_ATTN_OUTPUT_TYPES = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K, "IQ3_XXS": T.IQ3_S, "IQ3_M": T.Q4_K}
+# attn_q, and attn_k without 8 experts, of the IQ3 mixes
+_ATTN_QK = {"IQ3_XS": T.IQ3_XXS, "IQ3_XXS": T.IQ2_S}
 
 
-def _attn_v_rule(ft: str, t: T, st: _State, facts: ModelFacts) -> T:
+def _output_rule(ft: str, t: T, ne0: int, facts: ModelFacts) -> T:
+    """output.weight, and token_embd when tied (no --output-tensor-type): t is the file type's default."""
+    if ft == "MXFP4_MOE" or facts.falcon or ne0 % block_size(t) != 0:
+        return T.Q8_0
+    if ft in _OUTPUT_Q5K:
+        return T.Q5_K
+    return t if t == T.Q8_0 else T.Q6_K
+
+
+def _mxfp4_moe_rule(cat: str, ne: Sequence[int], facts: ModelFacts) -> T:
+    """MXFP4_MOE: expert stacks (ne2 > 1) are MXFP4, everything else Q8_0; bailingmoe3's MLA projections are
+    3-D too, so there only the ffn tensors count as experts."""
+    stacked = len(ne) > 2 and ne[2] > 1
+    if stacked and (facts.arch != "bailingmoe3" or cat in (FFN_UP, FFN_GATE, FFN_DOWN)):
+        return T.MXFP4
+    return T.Q8_0
+
+
+def _lowbit_rule(ft: str, cat: str, t: T, st: _State, facts: ModelFacts) -> T:
+    """IQ2_XXS/XS/S/M and IQ1_S/M: only attn_v, attn_k (8 experts), ffn_down and attn_output change."""
+    small = T.IQ3_S if ft in ("IQ2_S", "IQ2_M") else T.Q2_K  # what the first ffn_down and attn_v get
+    if cat in _ATTN_V_LIKE:
+        st.i_wv += 1
+        return T.Q4_K if facts.n_gqa >= 4 or facts.n_expert >= 4 else small
+    if cat == ATTN_K and facts.n_expert == 8:
+        return T.Q4_K
+    if cat == FFN_DOWN:
+        # the running counter, never the name's layer, even with experts
+        first = st.i_down < facts.n_layer // 8
+        st.i_down += 1
+        return small if first else t
+    if cat == ATTN_OUTPUT:
+        if facts.n_expert == 8:
+            return T.Q5_K
+        if ft in ("IQ1_S", "IQ1_M"):
+            return T.IQ2_XXS
+        if ft in ("IQ2_S", "IQ2_M"):
+            return T.IQ3_S
+    return t
+
+
+def _attn_v_rule(ft: str, t: T, st: _State, facts: ModelFacts, has_imatrix: bool) -> T:
     gqa = facts.n_gqa
     if ft == "Q2_K":
         t = T.Q4_K if gqa >= 4 else T.Q3_K
     elif ft == "Q2_K_S" and gqa >= 4:
+        t = T.Q4_K
+    elif ft == "IQ3_XXS":
+        t = T.Q4_K if gqa >= 4 else (T.IQ3_XXS if has_imatrix else T.IQ3_S)
+    elif ft in ("IQ3_XS", "IQ3_S") and gqa >= 4:
+        t = T.Q4_K
+    elif ft == "IQ3_M":
         t = T.Q4_K
     elif ft == "Q3_K_M":
         t = T.Q5_K if st.i_wv < 2 else T.Q4_K
@@ -302,11 +382,17 @@ def _attn_v_rule(ft: str, t: T, st: _State, facts: ModelFacts) -> T:
     return t
 
 
-def _ffn_down_rule(ft: str, t: T, i: int, n: int, has_imatrix: bool, falcon: bool) -> T:
+def _ffn_down_rule(ft: str, t: T, i: int, facts: ModelFacts, has_imatrix: bool) -> T:
+    n, falcon = facts.n_layer, facts.falcon
     if ft == "Q2_K":
         return T.Q3_K
     if ft == "Q2_K_S":
         return T.Q4_K if i < n // 8 else t
+    if ft == "IQ3_XXS" and not has_imatrix:
+        return T.Q4_K if i < n // 8 else T.Q3_K
+    if ft == "IQ3_M":
+        more = i < n // 8 or (facts.n_expert == 8 and use_more_bits(i, n))
+        return T.Q4_K if more else t
     if ft == "Q3_K_M":
         if i < n // 16:
             return T.Q5_K
@@ -334,36 +420,49 @@ def _attn_output_rule(ft: str, t: T, facts: ModelFacts) -> T:
         return T.Q4_K if ft == "Q3_K_L" else t
     if facts.n_expert == 8:
         return T.Q5_K if ft in _E8_ATTN_OUTPUT_Q5K else t
-    return {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(ft, t)
+    return _ATTN_OUTPUT_TYPES.get(ft, t)
 
 
-def _rules(name: str, cat: str, t: T, ne0: int, st: _State, facts: ModelFacts, opts: MixtureOptions) -> T:
+def _ffn_gate_up_rule(ft: str, t: T, i: int, n: int) -> T:
+    return T.IQ3_XXS if ft == "IQ3_XS" and n // 8 <= i < 7 * n // 8 else t
+
+
+def _rules(name: str, cat: str, t: T, ne: Sequence[int], st: _State, facts: ModelFacts,
+           opts: MixtureOptions) -> T:
     """llama_tensor_get_type_impl for the supported file types; t is the file type's default."""
     ft = opts.file_type.name
     if cat == OUTPUT or (st.tied and cat == TOKEN_EMBD):
         if opts.output_tensor_type is not None:
             return opts.output_tensor_type  # a tied token_embd lands here: the fallback still follows
-        if facts.falcon or ne0 % block_size(t) != 0:
-            return T.Q8_0
-        return t if t == T.Q8_0 else T.Q6_K
+        return _output_rule(ft, t, ne[0], facts)
+    if ft == "MXFP4_MOE":
+        return _mxfp4_moe_rule(cat, ne, facts)
     if cat == TOKEN_EMBD:
-        return t if opts.token_embedding_type is None else opts.token_embedding_type
+        if opts.token_embedding_type is not None:
+            return opts.token_embedding_type
+        return _TOKEN_EMBD_TYPES.get(ft, t)
+    if ft in _LOWBIT:
+        return _lowbit_rule(ft, cat, t, st, facts)
     if cat in _ATTN_V_LIKE:
-        return _attn_v_rule(ft, t, st, facts)
+        return _attn_v_rule(ft, t, st, facts, opts.has_imatrix)
     if cat == ATTN_K:
-        return T.Q8_0 if facts.n_expert == 8 else t
+        return T.Q8_0 if facts.n_expert == 8 else _ATTN_QK.get(ft, t)
+    if cat == ATTN_Q:
+        return _ATTN_QK.get(ft, t)
     if cat == FFN_DOWN:
         i = _layer_for_ffn(name, st.i_down, facts)
         st.i_down += 1
-        return _ffn_down_rule(ft, t, i, facts.n_layer, opts.has_imatrix, facts.falcon)
+        return _ffn_down_rule(ft, t, i, facts, opts.has_imatrix)
     if cat == ATTN_OUTPUT:
         return _attn_output_rule(ft, t, facts)
     if cat == FFN_GATE:
-        _layer_for_ffn(name, st.i_gate, facts)  # only IQ3_XS changes gate/up; the name check still applies
+        i = _layer_for_ffn(name, st.i_gate, facts)
         st.i_gate += 1
-    elif cat == FFN_UP:
-        _layer_for_ffn(name, st.i_up, facts)
+        return _ffn_gate_up_rule(ft, t, i, facts.n_layer)
+    if cat == FFN_UP:
+        i = _layer_for_ffn(name, st.i_up, facts)
         st.i_up += 1
+        return _ffn_gate_up_rule(ft, t, i, facts.n_layer)
     return t
 
 
@@ -437,7 +536,7 @@ def _choose(
     elif opts.pure:
         reason = "--pure"
     else:
-        t = _rules(name, cat, t, ne0, st, facts, opts)
+        t = _rules(name, cat, t, ne, st, facts, opts)
         reason = f"{opts.file_type.name} rule ({cat.lower()})"
     t2, fell = fallback_type(t, ne0)
     if fell:
