@@ -134,11 +134,15 @@ def _types(path: Path) -> list[tuple[str, T]]:
     return [(t.name, T(t.tensor_type)) for t in gguf.GGUFReader(path).tensors]
 
 
+# both refuse these without an imatrix (their Q2_K / IQ1 / IQ2 / IQ3_XXS tensors need one)
+NEED_IMATRIX = ("Q2_K_S", "IQ3_XXS", "IQ3_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
+
+
 def _check(model: str | Path, llama_input: Path, ft: str, tmp_path: Path) -> list[tuple[str, T]]:
     """Our plan (dry run) for MODEL against llama_model_quantize of LLAMA_INPUT, same file type."""
     imx = None
     opts = ConvertOptions(file_type=ft, dry_run=True)
-    if ft == "Q2_K_S":  # both refuse Q2_K_S without an imatrix
+    if ft in NEED_IMATRIX:
         imx = _imatrix(llama_input)
         opts.imatrix = tmp_path / "imatrix.gguf"
         write_imatrix_gguf(opts.imatrix, imx)

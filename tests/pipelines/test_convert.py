@@ -207,7 +207,24 @@ def test_flags_match_llama_quantize(case, synthetic_dir, tmp_path):
     _assert_same_file(ours, ref)
 
 
-@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q2_K_S", "IQ4_XS"])
+# llama-quantize's low-bit file types (reference/gguf-lowbit.md §8; NVFP4 is none: it has no default type)
+LOWBIT_FILE_TYPES = ["IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S",
+                     "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4_MOE", "Q1_0", "Q2_0"]
+# the ones llama-quantize writes without an imatrix (the others have IQ1/IQ2/IQ3_XXS tensors)
+NO_IMATRIX_FILE_TYPES = ["IQ3_S", "IQ3_M", "TQ1_0", "TQ2_0", "MXFP4_MOE", "Q1_0", "Q2_0"]
+
+
+@pytest.mark.parametrize("file_type", NO_IMATRIX_FILE_TYPES)
+def test_lowbit_file_types_match_llama_quantize(file_type, synthetic_dir, tmp_path):
+    model = synthetic_dir("llama", tied=False)
+    bf16 = _convert(model, tmp_path / "bf16.gguf", "BF16")
+    ours = _convert(model, tmp_path / "ours.gguf", file_type, threads=2)
+    ref = tmp_path / "ref.gguf"
+    model_quantize(bf16, ref, int(getattr(FT, f"MOSTLY_{file_type}")))
+    _assert_same_file(ours, ref)
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q2_K_S", "IQ4_XS", *LOWBIT_FILE_TYPES])
 def test_imatrix_matches_llama_quantize(file_type, synthetic_dir, tmp_path):
     model = synthetic_dir("llama")
     bf16 = _convert(model, tmp_path / "bf16.gguf", "BF16")
@@ -227,6 +244,14 @@ def test_imatrix_matches_llama_quantize(file_type, synthetic_dir, tmp_path):
 def test_q2_k_s_without_imatrix(synthetic_dir, tmp_path):
     with pytest.raises(BadInput, match="needs an importance matrix"):
         _convert(synthetic_dir("llama"), tmp_path / "o.gguf", "Q2_K_S")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("file_type", ["IQ2_XXS", "IQ1_M", "IQ3_XXS"])
+def test_lowbit_without_imatrix_names_the_tensor_and_the_fix(file_type, synthetic_dir, tmp_path):
+    with pytest.raises(BadInput, match=r"tensor blk\.0\.\S+ as IQ\S+ needs an importance matrix") as e:
+        _convert(synthetic_dir("llama"), tmp_path / "o.gguf", file_type)
+    assert "qconvert imatrix" in str(e.value) and "--imatrix" in str(e.value) and "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
 
