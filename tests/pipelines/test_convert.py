@@ -224,6 +224,19 @@ def test_lowbit_file_types_match_llama_quantize(file_type, synthetic_dir, tmp_pa
     _assert_same_file(ours, ref)
 
 
+def test_mxfp4_moe_experts_match_llama_quantize(tmp_path):
+    """The synthetic HF llama has no experts: MXFP4_MOE's MXFP4 stacks come from an 8-expert GGUF input."""
+    from tests.formats.test_gguf_mixture import SPECS, build_model
+
+    src = build_model(SPECS["moe8"], tmp_path / "moe8.gguf")
+    ours = _convert(src, tmp_path / "ours.gguf", "MXFP4_MOE")
+    ref = tmp_path / "ref.gguf"
+    model_quantize(src, ref, FT.MOSTLY_MXFP4_MOE)
+    _assert_same_file(ours, ref)
+    types = {name: t for name, (t, _) in _tensor_bytes(ours).items()}
+    assert types["blk.0.ffn_down_exps.weight"] == Q.MXFP4 and types["blk.0.attn_q.weight"] == Q.Q8_0
+
+
 @pytest.mark.parametrize("file_type", ["Q4_K_M", "Q2_K_S", "IQ4_XS", *LOWBIT_FILE_TYPES])
 def test_imatrix_matches_llama_quantize(file_type, synthetic_dir, tmp_path):
     model = synthetic_dir("llama")
