@@ -153,6 +153,39 @@ def roundf(v):
     return t
 
 
+@njit(inline="always", **JIT)
+def live_lanes(out, b0):
+    """How many of the NL lanes from block b0 on hold a block (the last batch may be short)."""
+    return min(NL, out.shape[0] - b0)
+
+
+@njit(inline="always", **JIT)
+def lane_sumsq(S, xr, n, row):
+    """S[row] = Σ x*x over the rows S[xr:xr+n] of every lane, left to right from 0."""
+    for k in range(NL):
+        S[row, k] = F0
+    for i in range(n):
+        for k in range(NL):
+            x = S[xr + i, k]
+            S[row, k] = S[row, k] + x * x
+
+
+@njit(inline="always", **JIT)
+def lane_absmax(S, xr, n, amax_row, max_row):
+    """``if (fabsf(x) > amax) {amax = fabsf(x); max = x;}`` from amax = max = 0 over the rows S[xr:xr+n]
+    of every lane: S[amax_row] = the largest |x|, S[max_row] = the first x that has it."""
+    for k in range(NL):
+        S[amax_row, k] = F0
+        S[max_row, k] = F0
+    for i in range(n):
+        for k in range(NL):
+            x = S[xr + i, k]
+            ax = np.abs(x)
+            if ax > S[amax_row, k]:
+                S[amax_row, k] = ax
+                S[max_row, k] = x
+
+
 @njit(**JIT)
 def load_lanes(blocks, b0, S, row0):
     """Transpose blocks[b0:b0+NL] into S[row0 + e, lane]; missing lanes (past the end) are zero."""

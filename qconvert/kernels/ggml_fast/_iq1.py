@@ -158,6 +158,15 @@ def _accept(qx, q2, best, scl, code, cand, hit, nl):
 
 
 @njit(inline="always", **JIT)
+def _offer(sumqx, sumq2, best, qx, q2, ul):
+    """Keep lane ul's candidate sums for _accept; 1 if C would accept it, else 0 (counted, so that a step no
+    lane takes costs no division)."""
+    qx[ul] = sumqx
+    q2[ul] = sumq2
+    return np.int32((sumq2 > F0) & (sumqx * sumqx > best[ul] * sumq2))
+
+
+@njit(inline="always", **JIT)
 def _try_s(sx, sw, i1, i2, c0, c1, c2, best, qx, q2, nl):
     """sumqx / sumq2 of the IQ1_S split (i1, i2) with the level table (c0, c1, c2), in C's order, for every
     lane; returns how many lanes would accept it. (The lane count is a run-time value: a constant one
@@ -173,9 +182,7 @@ def _try_s(sx, sw, i1, i2, c0, c1, c2, best, qx, q2, nl):
         wc = sw[32, ul] - sw[i2, ul]
         sumqx = (a * c0 + bb * c1) + c * c2
         sumq2 = ((wa * c0) * c0 + (wb * c1) * c1) + (wc * c2) * c2
-        qx[ul] = sumqx
-        q2[ul] = sumq2
-        hit += np.int32((sumq2 > F0) & (sumqx * sumqx > best[ul] * sumq2))
+        hit += _offer(sumqx, sumq2, best, qx, q2, ul)
     return hit
 
 
@@ -201,11 +208,7 @@ def _pair(ax, a2, bx, b2, best, qx, q2, nl):
     hit = np.int32(0)
     for lane in range(nl):
         ul = np.uint64(lane)
-        sumqx = ax[0, ul] + bx[1, ul]
-        sumq2 = a2[0, ul] + b2[1, ul]
-        qx[ul] = sumqx
-        q2[ul] = sumq2
-        hit += np.int32((sumq2 > F0) & (sumqx * sumqx > best[ul] * sumq2))
+        hit += _offer(ax[0, ul] + bx[1, ul], a2[0, ul] + b2[1, ul], best, qx, q2, ul)
     return hit
 
 

@@ -9,7 +9,21 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._core import F0, F1, F_EPS, JIT, NL, clampf, fp32_to_fp16, load_lanes, nearest_int, put_u16
+from ._core import (
+    F0,
+    F1,
+    F_EPS,
+    JIT,
+    NL,
+    clampf,
+    fp32_to_fp16,
+    lane_absmax,
+    lane_sumsq,
+    live_lanes,
+    load_lanes,
+    nearest_int,
+    put_u16,
+)
 
 KV = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 NTRY = 7
@@ -61,7 +75,6 @@ def iq4(blocks, qw, nbr, out, xs, use_qw):
     nsub = sbs // 32
     S = np.empty((NROWS, NL), np.float32)
     lsc = np.zeros((NL, 8), np.int32)
-    nb = out.shape[0]
     two_over = np.float32(2.0) / np.float32(sbs)
     for b0 in range(0, blocks.shape[0], NL):
         load_lanes(blocks, b0, S, X)
@@ -70,14 +83,7 @@ def iq4(blocks, qw, nbr, out, xs, use_qw):
                 off = ((b0 + k) % nbr) * sbs
                 for e in range(sbs):
                     S[QW + e, k] = qw[off + e]
-        for k in range(NL):
-            S[SIG, k] = F0
-            S[AMS, k] = F0
-            S[MXS, k] = F0
-        for e in range(sbs):
-            for k in range(NL):
-                x = S[X + e, k]
-                S[SIG, k] = S[SIG, k] + x * x
+        lane_sumsq(S, X, sbs, SIG)
         for k in range(NL):
             S[SIG, k] = S[SIG, k] * two_over
         for ib in range(nsub):
@@ -89,16 +95,7 @@ def iq4(blocks, qw, nbr, out, xs, use_qw):
                         S[W + j, k] = S[QW + 32 * ib + j, k] * np.sqrt(S[SIG, k] + x * x)
                     else:
                         S[W + j, k] = x * x
-            for k in range(NL):
-                S[AMAX, k] = F0
-                S[MAXV, k] = F0
-            for j in range(32):
-                for k in range(NL):
-                    x = S[xr + j, k]
-                    ax = np.abs(x)
-                    if ax > S[AMAX, k]:
-                        S[AMAX, k] = ax
-                        S[MAXV, k] = x
+            lane_absmax(S, xr, 32, AMAX, MAXV)
             for k in range(NL):
                 d = -S[MAXV, k] / KV[0]
                 S[ID, k] = F1 / d
@@ -120,11 +117,8 @@ def iq4(blocks, qw, nbr, out, xs, use_qw):
                         S[DD, k] = d
                         S[BEST, k] = d * sumqx
             for k in range(NL):
-                d = F0 if S[AMAX, k] < F_EPS else S[DD, k]
-                S[SC + ib, k] = d
-                if np.abs(d) > S[AMS, k]:
-                    S[AMS, k] = np.abs(d)
-                    S[MXS, k] = d
+                S[SC + ib, k] = F0 if S[AMAX, k] < F_EPS else S[DD, k]
+        lane_absmax(S, SC, nsub, AMS, MXS)
         if xs:
             for k in range(NL):
                 d = -S[MXS, k] / np.float32(32.0)
@@ -147,10 +141,8 @@ def iq4(blocks, qw, nbr, out, xs, use_qw):
             for j in range(32):
                 for k in range(NL):
                     S[L + j, k] = np.float32(best_index(S[ID, k] * S[X + j, k]))
-        for k in range(NL):
+        for k in range(live_lanes(out, b0)):
             b = b0 + k
-            if b >= nb:
-                break
             put_u16(out, b, 0, fp32_to_fp16(S[DBLK, k]))
             qs = 2
             if xs:

@@ -15,12 +15,21 @@ from ._core import (
     F0,
     F1,
     F2,
+    F15,
+    F32,
+    F63,
+    F127,
+    F128,
+    F256,
     F_EPS,
     JIT,
     NL,
     clampf,
     fp16_to_fp32,
     fp32_to_fp16,
+    lane_absmax,
+    lane_sumsq,
+    live_lanes,
     load_lanes,
     nearest_int,
     put_u16,
@@ -45,19 +54,15 @@ MAXS, MAXM, T0, DBITS, MBITS, DF, MF, DBLK, MBLK, SIG, ZERO = range(912, 923)
 TMP = 928
 NROWS = TMP + NSTATE + 32
 
-F15 = np.float32(15.0)
-F63 = np.float32(63.0)
-F32 = np.float32(32.0)
-F128 = np.float32(128.0)
-F256 = np.float32(256.0)
-F127 = np.float32(127.0)
 F_NEG09 = np.float32(-0.9)
 F_005 = np.float32(0.05)
 
 
 @njit(**JIT)
 def _load_qw(qw, nbr, b0, S):
-    """Imatrix slice of each lane's super-block into S[QW:QW+256] (C: quant_weights + QK_K*i)."""
+    """Imatrix slice of each lane's super-block into S[QW:QW+256] (C: quant_weights + QK_K*i). Its own
+    function with constant rows: a shared loader taking them as arguments made Q6_K's imatrix path ~5%
+    slower."""
     for k in range(NL):
         off = ((b0 + k) % nbr) * QK
         for e in range(QK):
@@ -65,14 +70,10 @@ def _load_qw(qw, nbr, b0, S):
 
 
 @njit(**JIT)
-def _sigma2(S, factor):
-    """S[SIG] = factor*sum(x*x)/256 over the super-block, summed left to right."""
-    for k in range(NL):
-        S[SIG, k] = F0
-    for e in range(QK):
-        for k in range(NL):
-            x = S[X + e, k]
-            S[SIG, k] = S[SIG, k] + x * x
+def _load_imatrix(qw, nbr, b0, S, factor):
+    """The imatrix slice of each lane and S[SIG] = factor*sum(x*x)/256 over its super-block."""
+    _load_qw(qw, nbr, b0, S)
+    lane_sumsq(S, X, QK, SIG)
     for k in range(NL):
         S[SIG, k] = factor * S[SIG, k] / F256
 
@@ -96,6 +97,15 @@ def _track_max(S, row, maxrow):
         v = S[row, k]
         if v > S[maxrow, k]:
             S[maxrow, k] = v
+
+
+@njit(inline="always", **JIT)
+def _set_d_dmin(S, k, dbits, mbits):
+    """Lane k's fp16 d / dmin: their bits (DBITS, MBITS) and the float32 values ggml reads back (DF, MF)."""
+    S[DBITS, k] = np.float32(dbits)
+    S[MBITS, k] = np.float32(mbits)
+    S[DF, k] = fp16_to_fp32(dbits)
+    S[MF, k] = fp16_to_fp32(mbits)
 
 
 # ---------------------------------------------------------------- Q4_K / Q5_K
@@ -144,12 +154,13 @@ def _requant_asym(S, nsub, sub, nmax):
 
 
 @njit(**JIT)
-def _write_q45k(S, sb, out, b0, five):
-    nb = out.shape[0]
-    for k in range(NL):
+def _finish_q45k(S, sb, out, b0, five, nmax):
+    """The packed scales and mins (and what they decode to), the levels re-quantized with the stored d and
+    dmin, and each lane's block written."""
+    _pack_scale_min_k4(S, sb)
+    _requant_asym(S, 8, 32, nmax)
+    for k in range(live_lanes(out, b0)):
         b = b0 + k
-        if b >= nb:
-            break
         put_u16(out, b, 0, np.int32(S[DBITS, k]))
         put_u16(out, b, 2, np.int32(S[MBITS, k]))
         for t in range(12):
@@ -191,12 +202,7 @@ def q45k_ref(blocks, qw, nbr, out, five):
             S[MAXM, k] = F0
         for j in range(8):
             xr = X + 32 * j
-            for k in range(NL):
-                S[T0, k] = F0
-            for i in range(32):
-                for k in range(NL):
-                    x = S[xr + i, k]
-                    S[T0, k] = S[T0, k] + x * x
+            lane_sumsq(S, xr, 32, T0)
             for k in range(NL):
                 S[T0, k] = np.sqrt(S[T0, k] / F32)
             for i in range(32):
@@ -215,15 +221,8 @@ def q45k_ref(blocks, qw, nbr, out, five):
                 lm = wrap_u8(nearest_int(inv_min * S[MINS + j, k]))
                 S[LS + j, k] = F63 if F63 < ls else ls
                 S[LM + j, k] = F63 if F63 < lm else lm
-            dbits = fp32_to_fp16(mxs / F63)
-            mbits = fp32_to_fp16(mxm / F63)
-            S[DBITS, k] = np.float32(dbits)
-            S[MBITS, k] = np.float32(mbits)
-            S[DF, k] = fp16_to_fp32(dbits)
-            S[MF, k] = fp16_to_fp32(mbits)
-        _pack_scale_min_k4(S, sb)
-        _requant_asym(S, 8, 32, nmax)
-        _write_q45k(S, sb, out, b0, five)
+            _set_d_dmin(S, k, fp32_to_fp16(mxs / F63), fp32_to_fp16(mxm / F63))
+        _finish_q45k(S, sb, out, b0, five, nmax)
 
 
 @njit(**JIT)
@@ -234,8 +233,7 @@ def q45k_impl(blocks, qw, nbr, out, five):
     sb = np.zeros((NL, 16), np.int32)
     for b0 in range(0, blocks.shape[0], NL):
         load_lanes(blocks, b0, S, X)
-        _load_qw(qw, nbr, b0, S)
-        _sigma2(S, F2)
+        _load_imatrix(qw, nbr, b0, S, F2)
         for j in range(8):
             xr = X + 32 * j
             _imatrix_weights(S, xr, QW + 32 * j, 32, SWR + j)
@@ -247,15 +245,8 @@ def q45k_impl(blocks, qw, nbr, out, five):
                 for j in range(8):
                     S[LS + j, k] = F63 if F63 < S[LS + j, k] else S[LS + j, k]
                     S[LM + j, k] = F63 if F63 < S[LM + j, k] else S[LM + j, k]
-            dbits = fp32_to_fp16(S[DBLK, k])
-            mbits = fp32_to_fp16(S[MBLK, k])
-            S[DBITS, k] = np.float32(dbits)
-            S[MBITS, k] = np.float32(mbits)
-            S[DF, k] = fp16_to_fp32(dbits)
-            S[MF, k] = fp16_to_fp32(mbits)
-        _pack_scale_min_k4(S, sb)
-        _requant_asym(S, 8, 32, nmax)
-        _write_q45k(S, sb, out, b0, five)
+            _set_d_dmin(S, k, fp32_to_fp16(S[DBLK, k]), fp32_to_fp16(S[MBLK, k]))
+        _finish_q45k(S, sb, out, b0, five, nmax)
 
 
 
@@ -280,14 +271,10 @@ def q6k(blocks, qw, nbr, out, use_qw):
     """quantize_row_q6_K_ref (use_qw False: weights x*x) / quantize_row_q6_K_impl (raw imatrix weights)."""
     S = np.empty((NROWS, NL), np.float32)
     sc8 = np.zeros((NL, 16), np.int32)
-    nb = out.shape[0]
     for b0 in range(0, blocks.shape[0], NL):
         load_lanes(blocks, b0, S, X)
         if use_qw:
             _load_qw(qw, nbr, b0, S)
-        for k in range(NL):
-            S[MAXS, k] = F0  # max_scale
-            S[MAXM, k] = F0  # max_abs_scale
         for j in range(16):
             xr = X + 16 * j
             if use_qw:
@@ -299,12 +286,7 @@ def q6k(blocks, qw, nbr, out, use_qw):
                         x = S[xr + i, k]
                         S[W + i, k] = x * x
             make_qx(S, 16, 32, xr, wr, L + 16 * j, TMP, SC + j)
-            for k in range(NL):
-                s = S[SC + j, k]
-                a = np.abs(s)
-                if a > S[MAXM, k]:
-                    S[MAXM, k] = a
-                    S[MAXS, k] = s
+        lane_absmax(S, SC, 16, MAXM, MAXS)  # max_abs_scale, max_scale
         for k in range(NL):
             S[ZERO, k] = F1 if S[MAXM, k] < F_EPS else F0
             iscale = -F128 / S[MAXS, k]
@@ -326,10 +308,8 @@ def q6k(blocks, qw, nbr, out, use_qw):
                     d = S[T0, k]
                     lv = clampf(nearest_int(S[X + 16 * j + i, k] / d), np.float32(-32.0), np.float32(31.0))
                     S[r, k] = S[r, k] if d == F0 else lv + F32
-        for k in range(NL):
+        for k in range(live_lanes(out, b0)):
             b = b0 + k
-            if b >= nb:
-                break
             if S[ZERO, k] != F0:
                 for t in range(210):
                     out[b, t] = 0
@@ -368,7 +348,6 @@ def q2k(blocks, qw, nbr, out, use_qw):
     """quantize_row_q2_K_ref / quantize_row_q2_K_impl."""
     S = np.empty((NROWS, NL), np.float32)
     sb = np.zeros((NL, 16), np.int32)
-    nb = out.shape[0]
     nmax = np.float32(3.0)
     for b0 in range(0, blocks.shape[0], NL):
         load_lanes(blocks, b0, S, X)
@@ -376,8 +355,7 @@ def q2k(blocks, qw, nbr, out, use_qw):
             S[MAXS, k] = F0
             S[MAXM, k] = F0
         if use_qw:
-            _load_qw(qw, nbr, b0, S)
-            _sigma2(S, F1)
+            _load_imatrix(qw, nbr, b0, S, F1)
         for j in range(16):
             xr = X + 16 * j
             if use_qw:
@@ -430,10 +408,8 @@ def q2k(blocks, qw, nbr, out, use_qw):
                 S[SCQ + j, k] = np.float32(sb[k, j] & 0xF)
                 S[MQ + j, k] = np.float32(sb[k, j] >> 4)
         _requant_asym(S, 16, 16, nmax)
-        for k in range(NL):
+        for k in range(live_lanes(out, b0)):
             b = b0 + k
-            if b >= nb:
-                break
             for j in range(16):
                 out[b, j] = np.uint8(sb[k, j])
             _write_low2(S, out, b, k, 16)
@@ -449,15 +425,10 @@ def q3k(blocks, qw, nbr, out, use_qw):
     """quantize_row_q3_K_ref / quantize_row_q3_K_impl."""
     S = np.empty((NROWS, NL), np.float32)
     sb = np.zeros((NL, 16), np.int32)
-    nb = out.shape[0]
     for b0 in range(0, blocks.shape[0], NL):
         load_lanes(blocks, b0, S, X)
-        for k in range(NL):
-            S[MAXS, k] = F0  # max_scale (signed)
-            S[MAXM, k] = F0  # amax
         if use_qw:
-            _load_qw(qw, nbr, b0, S)
-            _sigma2(S, F2)
+            _load_imatrix(qw, nbr, b0, S, F2)
         for j in range(16):
             xr = X + 16 * j
             if use_qw:
@@ -465,17 +436,12 @@ def q3k(blocks, qw, nbr, out, use_qw):
                 make_qx(S, 16, 4, xr, W, L + 16 * j, TMP, SC + j)
             else:
                 make_q3(S, 16, 4, xr, L + 16 * j, TMP, SC + j)
-                for k in range(NL):
-                    s = S[SC + j, k]
-                    a = np.abs(s)
-                    if a > S[MAXM, k]:
-                        S[MAXM, k] = a
-                        S[MAXS, k] = s
         if use_qw:
             make_qx(S, 16, 32, SC, SWR, LS, TMP, DBLK)
             for k in range(NL):
                 S[DBITS, k] = np.float32(fp32_to_fp16(S[DBLK, k]))
         else:
+            lane_absmax(S, SC, 16, MAXM, MAXS)  # amax, max_scale (signed)
             for k in range(NL):
                 mxs = S[MAXS, k]
                 if mxs != F0:
@@ -517,10 +483,8 @@ def q3k(blocks, qw, nbr, out, use_qw):
                     d = S[SCQ + j, k]
                     lv = clampf(nearest_int(S[X + 16 * j + i, k] / d), np.float32(-4.0), np.float32(3.0))
                     S[r, k] = S[r, k] if d == F0 else lv + np.float32(4.0)
-        for k in range(NL):
+        for k in range(live_lanes(out, b0)):
             b = b0 + k
-            if b >= nb:
-                break
             for t in range(32):
                 out[b, t] = 0
             for e in range(QK):

@@ -66,33 +66,51 @@ def _trits(xi, base, stride, count, extra):
     return np.uint8(((q * 256 + 242) // 243) & 0xFF)
 
 
-@njit(**JIT)
-def tq1_0(blocks, qw, nbr, out, use_qw):
-    """quantize_row_tq1_0_ref (the imatrix is ignored)."""
+@njit(inline="always", **JIT)
+def _pack_tq1(out, b, xi):
+    """TQ1_0's qs (five trits a byte: 32 + 16 bytes) and qh (four a byte, 4 bytes)."""
+    for m in range(32):
+        out[b, m] = _trits(xi, m, 32, 5, False)
+    for m in range(16):
+        out[b, 32 + m] = _trits(xi, 160 + m, 16, 5, False)
+    for j in range(4):
+        out[b, 48 + j] = _trits(xi, 240 + j, 4, 4, True)
+
+
+@njit(inline="always", **JIT)
+def _pack_tq2(out, b, xi):
+    """TQ2_0's qs: qs[32h + m] holds xi[128h + m + 32s] at bits 2s."""
+    for h in range(2):
+        for m in range(32):
+            o = 128 * h + m
+            q = (xi[o] & 3) | ((xi[o + 32] & 3) << 2) | ((xi[o + 64] & 3) << 4) | ((xi[o + 96] & 3) << 6)
+            out[b, 32 * h + m] = np.uint8(q)
+
+
+@njit(inline="always", **JIT)
+def _ternary(blocks, out, two_bit):
+    """quantize_row_tq1_0_ref / quantize_row_tq2_0_ref: each block's levels xi = lroundf(x/d) + 1, packed
+    (TQ1_0, or TQ2_0 when two_bit), then d = amax."""
     xi = np.empty(QK, np.int32)
     for b in range(blocks.shape[0]):
         d = _ternary_levels(blocks, b, xi)
-        for m in range(32):
-            out[b, m] = _trits(xi, m, 32, 5, False)
-        for m in range(16):
-            out[b, 32 + m] = _trits(xi, 160 + m, 16, 5, False)
-        for j in range(4):
-            out[b, 48 + j] = _trits(xi, 240 + j, 4, 4, True)
-        put_u16(out, b, 52, fp32_to_fp16(d))
+        if two_bit:
+            _pack_tq2(out, b, xi)
+        else:
+            _pack_tq1(out, b, xi)
+        put_u16(out, b, 64 if two_bit else 52, fp32_to_fp16(d))
+
+
+@njit(**JIT)
+def tq1_0(blocks, qw, nbr, out, use_qw):
+    """quantize_row_tq1_0_ref (the imatrix is ignored)."""
+    _ternary(blocks, out, False)
 
 
 @njit(**JIT)
 def tq2_0(blocks, qw, nbr, out, use_qw):
     """quantize_row_tq2_0_ref (the imatrix is ignored)."""
-    xi = np.empty(QK, np.int32)
-    for b in range(blocks.shape[0]):
-        d = _ternary_levels(blocks, b, xi)
-        for h in range(2):
-            for m in range(32):
-                o = 128 * h + m
-                q = (xi[o] & 3) | ((xi[o + 32] & 3) << 2) | ((xi[o + 64] & 3) << 4) | ((xi[o + 96] & 3) << 6)
-                out[b, 32 * h + m] = np.uint8(q)
-        put_u16(out, b, 64, fp32_to_fp16(d))
+    _ternary(blocks, out, True)
 
 
 @njit(**JIT)

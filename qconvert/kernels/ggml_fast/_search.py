@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._core import F0, F1, F_EPS, F_TENTH, JIT, NL, clampf, nearest_int, wrap_u8
+from ._core import F0, F1, F_EPS, F_TENTH, JIT, NL, clampf, lane_absmax, nearest_int, wrap_u8
 
 # state rows relative to `tr`
 MN, MX, SW, SX, SCALE, BEST, BI, BM, DEG, ISC, SL, SL2, SXL, D, CHG, AUX = range(16)
@@ -117,29 +117,11 @@ def make_qkx(S, n, nmax, rmin, rdelta, nstep, use_mad, xr, wr, lr, tr, scale_row
         S[min_row, k] = -S[tr + MN, k]
 
 
-@njit(**JIT)
-def make_qx(S, n, nmax, xr, wr, lr, tr, scale_row):
-    """make_qx_quants with rmse_type 1 and explicit weights (x*x is passed as weights when qw is NULL).
-
-    Levels (l + nmax, or 0 for an all-zero group) go to S[lr:lr+n], the scale to S[scale_row]."""
-    fn = np.float32(nmax)
-    lo = -fn
-    hi = fn - F1
+@njit(inline="always", **JIT)
+def _sym_sums(S, n, xr, wr, tr, lo, hi):
+    """sumlx = Σ w*x*l and suml2 = Σ w*l*l (rows SL, SL2) with l = clamp(nearest_int(iscale*x), lo, hi),
+    iscale from row ISC: make_qx_quants' sums for one candidate scale."""
     for k in range(NL):
-        S[tr + MX, k] = F0  # max (signed)
-        S[tr + MN, k] = F0  # amax
-    for i in range(n):
-        for k in range(NL):
-            x = S[xr + i, k]
-            ax = np.abs(x)
-            if ax > S[tr + MN, k]:
-                S[tr + MN, k] = ax
-                S[tr + MX, k] = x
-    for k in range(NL):
-        S[tr + DEG, k] = F1 if S[tr + MN, k] < F_EPS else F0
-        iscale = -fn / S[tr + MX, k]
-        S[tr + ISC, k] = iscale
-        S[tr + BI, k] = iscale
         S[tr + SL, k] = F0
         S[tr + SL2, k] = F0
     for i in range(n):
@@ -149,6 +131,33 @@ def make_qx(S, n, nmax, xr, wr, lr, tr, scale_row):
             w = S[wr + i, k]
             S[tr + SL, k] = S[tr + SL, k] + w * x * lv
             S[tr + SL2, k] = S[tr + SL2, k] + w * lv * lv
+
+
+@njit(inline="always", **JIT)
+def _any_changed(S, tr):
+    """Whether a coordinate-descent sweep changed a level in some lane (row CHG). A lane whose sweep changed
+    nothing would change nothing again: stopping it (C) == running it, so the sweeps end when none did."""
+    changed = F0
+    for k in range(NL):
+        changed += S[tr + CHG, k]
+    return changed != F0
+
+
+@njit(**JIT)
+def make_qx(S, n, nmax, xr, wr, lr, tr, scale_row):
+    """make_qx_quants with rmse_type 1 and explicit weights (x*x is passed as weights when qw is NULL).
+
+    Levels (l + nmax, or 0 for an all-zero group) go to S[lr:lr+n], the scale to S[scale_row]."""
+    fn = np.float32(nmax)
+    lo = -fn
+    hi = fn - F1
+    lane_absmax(S, xr, n, tr + MN, tr + MX)  # amax, max (signed)
+    for k in range(NL):
+        S[tr + DEG, k] = F1 if S[tr + MN, k] < F_EPS else F0
+        iscale = -fn / S[tr + MX, k]
+        S[tr + ISC, k] = iscale
+        S[tr + BI, k] = iscale
+    _sym_sums(S, n, xr, wr, tr, lo, hi)
     for k in range(NL):
         sumlx = S[tr + SL, k]
         suml2 = S[tr + SL2, k]
@@ -161,15 +170,7 @@ def make_qx(S, n, nmax, xr, wr, lr, tr, scale_row):
         fstep = np.float32(step)
         for k in range(NL):
             S[tr + ISC, k] = -(fn + F_TENTH * fstep) / S[tr + MX, k]
-            S[tr + SL, k] = F0
-            S[tr + SL2, k] = F0
-        for i in range(n):
-            for k in range(NL):
-                x = S[xr + i, k]
-                lv = clampf(nearest_int(S[tr + ISC, k] * x), lo, hi)
-                w = S[wr + i, k]
-                S[tr + SL, k] = S[tr + SL, k] + w * x * lv
-                S[tr + SL2, k] = S[tr + SL2, k] + w * lv * lv
+        _sym_sums(S, n, xr, wr, tr, lo, hi)
         for k in range(NL):
             sumlx = S[tr + SL, k]
             suml2 = S[tr + SL2, k]
@@ -265,11 +266,7 @@ def make_qp(S, n, nmax, xr, wr, lr, tr, scale_row):
                 S[tr + SL, k] = slx if take else sumlx
                 S[tr + SL2, k] = sl2 if take else suml2
                 S[tr + CHG, k] = F1 if take else S[tr + CHG, k]
-        # a lane whose sweep changed nothing would change nothing again: stopping it (C) == running it
-        changed = F0
-        for k in range(NL):
-            changed += S[tr + CHG, k]
-        if changed == F0:
+        if not _any_changed(S, tr):
             break
     for k in range(NL):
         deg = S[tr + DEG, k] != F0
@@ -288,16 +285,7 @@ def make_q3(S, n, nmax, xr, lr, tr, scale_row):
     fn = np.float32(nmax)
     lo = -fn
     hi = fn - F1
-    for k in range(NL):
-        S[tr + MX, k] = F0
-        S[tr + MN, k] = F0
-    for i in range(n):
-        for k in range(NL):
-            x = S[xr + i, k]
-            ax = np.abs(x)
-            if ax > S[tr + MN, k]:
-                S[tr + MN, k] = ax
-                S[tr + MX, k] = x
+    lane_absmax(S, xr, n, tr + MN, tr + MX)
     for k in range(NL):
         S[tr + DEG, k] = F1 if S[tr + MN, k] < F_EPS else F0
         S[tr + ISC, k] = -fn / S[tr + MX, k]
@@ -333,10 +321,7 @@ def make_q3(S, n, nmax, xr, lr, tr, scale_row):
                             S[tr + SL, k] = slx
                             S[tr + SL2, k] = sl2
                             S[tr + CHG, k] = F1
-        changed = F0
-        for k in range(NL):
-            changed += S[tr + CHG, k]
-        if changed == F0:
+        if not _any_changed(S, tr):
             break
     for i in range(n):
         for k in range(NL):
