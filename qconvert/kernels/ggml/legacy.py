@@ -12,6 +12,8 @@ Q8_0 ignores the imatrix.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -87,72 +89,67 @@ def _unqh(qh: np.ndarray) -> np.ndarray:
     return (((h[:, None] >> _SHIFTS32[:, 0]) & 1) << 4).astype(np.int32)
 
 
-class Q4_0(BlockKernel):
+def _packed(L: np.ndarray, five: bool) -> list[np.ndarray]:
+    """The level bytes after the header: qh (Q5_0 / Q5_1 only), then qs."""
+    return [_qh(L), _nibbles(L)] if five else [_nibbles(L)]
+
+
+def _unpacked(b: np.ndarray, five: bool) -> np.ndarray:
+    """Levels [nb, 32] from the level bytes after the header (inverse of _packed)."""
+    return _unnibble(b[:, 4:]) | _unqh(b[:, :4]) if five else _unnibble(b)
+
+
+class _Legacy(BlockKernel):
+    """Q4_0, Q5_0 (symmetric: d, levels l + nmax) and Q4_1, Q5_1 (asym: d and the min m) share everything
+    but their constants: nmax = 2^(bits-1) symmetric, 2^bits - 1 asym; Q5's fifth bits go to qh."""
+
+    bits: ClassVar[int]
+    asym: ClassVar[bool] = False
+
+    @classmethod
+    def _nmax(cls) -> int:
+        return (1 << cls.bits) - 1 if cls.asym else 1 << (cls.bits - 1)
+
+    @classmethod
+    def quantize_rows(cls, x, qw):
+        nmax, five = cls._nmax(), cls.bits == 5
+        if qw is None:
+            return (_ref_asymmetric if cls.asym else _ref_symmetric)(x, cls.qtype, nmax)
+        xs, w = lanes(x, 32), _impl_weights(x, qw)
+        if cls.asym:
+            d, the_min, L = make_qkx_quants(xs, w, nmax, -0.9, 0.05, 36, False, True)
+            return np.concatenate([fp16_bytes(d), fp16_bytes(-the_min), *_packed(L, five)], axis=1)
+        d, L = make_qx_quants(xs, nmax, w)
+        return np.concatenate([fp16_bytes(d), *_packed(L, five)], axis=1)
+
+    @classmethod
+    def dequantize_blocks(cls, b):
+        d = read_fp16(b[:, 0:2])[:, None]
+        if cls.asym:
+            return _unpacked(b[:, 4:], cls.bits == 5).astype(F32) * d + read_fp16(b[:, 2:4])[:, None]
+        return (_unpacked(b[:, 2:], cls.bits == 5) - cls._nmax()).astype(F32) * d
+
+
+class Q4_0(_Legacy):
     qtype = T.Q4_0
-
-    @classmethod
-    def quantize_rows(cls, x, qw):
-        if qw is None:
-            return _ref_symmetric(x, cls.qtype, 8)
-        d, L = make_qx_quants(lanes(x, 32), 8, _impl_weights(x, qw))
-        return np.concatenate([fp16_bytes(d), _nibbles(L)], axis=1)
-
-    @classmethod
-    def dequantize_blocks(cls, b):
-        d = read_fp16(b[:, 0:2])[:, None]
-        return (_unnibble(b[:, 2:]) - 8).astype(F32) * d
+    bits = 4
 
 
-class Q4_1(BlockKernel):
-    qtype = T.Q4_1
-
-    @classmethod
-    def quantize_rows(cls, x, qw):
-        if qw is None:
-            return _ref_asymmetric(x, cls.qtype, 15)
-        d, the_min, L = make_qkx_quants(lanes(x, 32), _impl_weights(x, qw), 15, -0.9, 0.05, 36, False, True)
-        return np.concatenate([fp16_bytes(d), fp16_bytes(-the_min), _nibbles(L)], axis=1)
-
-    @classmethod
-    def dequantize_blocks(cls, b):
-        d = read_fp16(b[:, 0:2])[:, None]
-        m = read_fp16(b[:, 2:4])[:, None]
-        return _unnibble(b[:, 4:]).astype(F32) * d + m
-
-
-class Q5_0(BlockKernel):
+class Q5_0(_Legacy):
     qtype = T.Q5_0
-
-    @classmethod
-    def quantize_rows(cls, x, qw):
-        if qw is None:
-            return _ref_symmetric(x, cls.qtype, 16)
-        d, L = make_qx_quants(lanes(x, 32), 16, _impl_weights(x, qw))
-        return np.concatenate([fp16_bytes(d), _qh(L), _nibbles(L)], axis=1)
-
-    @classmethod
-    def dequantize_blocks(cls, b):
-        d = read_fp16(b[:, 0:2])[:, None]
-        q = _unnibble(b[:, 6:]) | _unqh(b[:, 2:6])
-        return (q - 16).astype(F32) * d
+    bits = 5
 
 
-class Q5_1(BlockKernel):
+class Q4_1(_Legacy):
+    qtype = T.Q4_1
+    bits = 4
+    asym = True
+
+
+class Q5_1(_Legacy):
     qtype = T.Q5_1
-
-    @classmethod
-    def quantize_rows(cls, x, qw):
-        if qw is None:
-            return _ref_asymmetric(x, cls.qtype, 31)
-        d, the_min, L = make_qkx_quants(lanes(x, 32), _impl_weights(x, qw), 31, -0.9, 0.05, 36, False, True)
-        return np.concatenate([fp16_bytes(d), fp16_bytes(-the_min), _qh(L), _nibbles(L)], axis=1)
-
-    @classmethod
-    def dequantize_blocks(cls, b):
-        d = read_fp16(b[:, 0:2])[:, None]
-        m = read_fp16(b[:, 2:4])[:, None]
-        q = _unnibble(b[:, 8:]) | _unqh(b[:, 4:8])
-        return q.astype(F32) * d + m
+    bits = 5
+    asym = True
 
 
 class Q8_0(BlockKernel):

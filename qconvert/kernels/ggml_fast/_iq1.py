@@ -292,147 +292,174 @@ def _batch_start(blocks, qw, nbr, use_qw, b0, nbat, n, eps, weight, live, scl, b
             _lane_start(x, n * ib, n, eps, nsub * h + ib, live, scl, best, code, order, rank)
 
 
-@njit(**JIT)
-def kernel_s(blocks, qw, nbr, out, kmap, start, count, lev, idx, levels):
-    """quantize_iq1_s: blocks [nblocks, 256] -> out [nblocks, 50], BATCH super-blocks per split search.
-    Returns -1, or the first block on which ggml aborts (inf/NaN weights)."""
-    weight, order, rank, live, best, scl, code, L, bk, g = _scratch(32)
-    sx = np.empty((33, NLANES), np.float32)  # prefix sums [position, lane = 8*block + sub-block]
+@njit(inline="always", **JIT)
+def _prefix_s(blocks, weight, b0, nbat, order, sx, sw):
+    """IQ1_S: the prefix sums of w*x and w over each sub-block's sorted order [position, lane]."""
+    for lane in range(8 * nbat):
+        x = blocks[b0 + lane // 8]
+        wt = weight[lane // 8]
+        base = 32 * (lane % 8)
+        sx[0, lane] = F0
+        sw[0, lane] = F0
+        for j in range(32):
+            i = base + order[lane, j]
+            sx[j + 1, lane] = sx[j, lane] + wt[i] * x[i]
+            sw[j + 1, lane] = sw[j, lane] + wt[i]
+
+
+@njit(inline="always", **JIT)
+def _prefix_m(blocks, weight, b0, nbat, order, px, pw):
+    """IQ1_M: the same per half (group) of the sub-block [half, position, lane]: a position adds to its
+    own half's sums and carries the other's."""
+    for lane in range(16 * nbat):
+        x = blocks[b0 + lane // 16]
+        wt = weight[lane // 16]
+        base = 16 * (lane % 16)
+        for hh in range(2):
+            px[hh, 0, lane] = F0
+            pw[hh, 0, lane] = F0
+        for j in range(16):
+            e = order[lane, j]
+            i = base + e
+            hh = 0 if e < 8 else 1
+            px[hh, j + 1, lane] = px[hh, j, lane] + wt[i] * x[i]
+            px[1 - hh, j + 1, lane] = px[1 - hh, j, lane]
+            pw[hh, j + 1, lane] = pw[hh, j, lane] + wt[i]
+            pw[1 - hh, j + 1, lane] = pw[1 - hh, j, lane]
+
+
+@njit(inline="always", **JIT)
+def _put_s(o, ib, gi):
+    """IQ1_S sub-block ib's four grid indices: low bytes in qs, the high 3 bits in its qh word."""
+    hq = 0
+    for k in range(4):
+        o[2 + 4 * ib + k] = np.uint8(gi[k] & 255)
+        hq |= (gi[k] >> 8) << (3 * k)
+    o[34 + 2 * ib] = np.uint8(hq & 255)
+    o[35 + 2 * ib] = np.uint8(hq >> 8)
+
+
+@njit(inline="always", **JIT)
+def _put_m(o, ib, gi):
+    """IQ1_M sub-block ib's two grid indices: low bytes in qs, the high 3 bits in the qh nibbles."""
+    o[2 * ib] = np.uint8(gi[0] & 255)
+    o[2 * ib + 1] = np.uint8(gi[1] & 255)
+    o[32 + ib] = np.uint8((gi[0] >> 8) | ((gi[1] >> 8) << 4))
+
+
+@njit(inline="always", **JIT)
+def _scales_s(out, b, scl, lane0, bk, max_scale):
+    """IQ1_S's fp16 d (max_scale/15, fudged) and the sub-blocks' 3-bit scales with their shift bit."""
+    o = out[b]
+    d = max_scale / F15
+    put_u16(out, b, 0, fp32_to_fp16(d * FUDGE_S))
+    inv = F1 / d
+    for ib in range(8):
+        ls = np.int32(odd_level(inv * scl[lane0 + ib], F7))
+        if bk[ib] == 3:  # shifted down
+            ls |= 8
+        o[35 + 2 * ib] = np.uint8(o[35 + 2 * ib] | (ls << 4))
+
+
+@njit(inline="always", **JIT)
+def _scales_m(o, x, wt, scl, lane0, bk, gidx, levels, max_scale):
+    """IQ1_M's 3-bit sub-block scales and shift bits, and its super-scale refit over all 256 weights (zero
+    sub-blocks included: grid point 0, X_P) whose fp16 is spread over the top nibbles of the scale words."""
+    d = max_scale / F15
+    inv = F1 / d
+    sumqx = F0
+    sumq2 = F0
+    sc = 0
+    for ib in range(16):
+        ls = np.int32(odd_level(inv * scl[lane0 + ib], F7))
+        sc |= np.int64(ls) << (16 * (ib // 4) + 3 * (ib % 4))
+        o[32 + ib] = np.uint8(o[32 + ib] | MASKS[bk[ib]])
+        fl = np.float32(2 * ls + 1)
+        for k in range(2):
+            xx0 = _xx0(bk[ib], k)
+            gi = gidx[ib, k]
+            for j in range(8):
+                e = 16 * ib + 8 * k + j
+                w = wt[e]
+                q = (xx0 + levels[gi, j]) * fl
+                sumqx = sumqx + (w * q) * x[e]
+                sumq2 = sumq2 + (w * q) * q
+    if sumq2 > F0:
+        d = sumqx / sumq2
+    hd = np.int64(fp32_to_fp16(d * FUDGE_M))
+    for j in range(4):  # nibble j of the fp16 in the top nibble of scale word j
+        sc |= ((hd >> (4 * j)) & 15) << (16 * j + 12)
+    for j in range(8):
+        o[48 + j] = np.uint8((sc >> (8 * j)) & 255)
+
+
+@njit(inline="always", **JIT)
+def _kernel(blocks, qw, nbr, out, use_qw, m, kmap, start, count, lev, idx, levels):
+    """quantize_iq1_s (m False: sub-blocks of 32, out [nblocks, 50]) / quantize_iq1_m (m True: of 16, out
+    [nblocks, 56]), BATCH super-blocks per split search. Returns -1, or the first block on which ggml aborts
+    (inf/NaN weights). Inlined into kernel_s and kernel_m, so that m and the sub-block size are constants
+    there (IQ1_M's sort and settling loops ran ~8% slower over a run-time size)."""
+    n = 16 if m else 32
+    nsub = 256 // n
+    weight, order, rank, live, best, scl, code, L, bk, g = _scratch(n)
+    sx = np.empty((33, NLANES), np.float32)  # IQ1_S prefix sums [position, lane = 8*block + sub-block]
     sw = np.empty((33, NLANES), np.float32)
-    gidx = np.empty(4, np.int32)
+    px = np.empty((2, 17, NLANES), np.float32)  # IQ1_M per-half prefix sums [half, position, lane]
+    pw = np.empty((2, 17, NLANES), np.float32)
+    gidx = np.empty((16, 4), np.int32)  # grid index of each group [sub-block, group]
     nb = blocks.shape[0]
     for b0 in range(0, nb, BATCH):
         nbat = min(BATCH, nb - b0)
-        _batch_start(blocks, qw, nbr, True, b0, nbat, 32, EPS_S, weight, live, scl, best, code, order, rank)
-        for lane in range(8 * nbat):
-            x = blocks[b0 + lane // 8]
-            wt = weight[lane // 8]
-            base = 32 * (lane % 8)
-            sx[0, lane] = F0
-            sw[0, lane] = F0
-            for j in range(32):
-                i = base + order[lane, j]
-                sx[j + 1, lane] = sx[j, lane] + wt[i] * x[i]
-                sw[j + 1, lane] = sw[j, lane] + wt[i]
-        _splits_s(sx, sw, best, scl, code, 8 * nbat)
+        eps = EPS_M if m else EPS_S
+        _batch_start(blocks, qw, nbr, use_qw, b0, nbat, n, eps, weight, live, scl, best, code, order, rank)
+        if m:
+            _prefix_m(blocks, weight, b0, nbat, order, px, pw)
+            _splits_m(px, pw, best, scl, code, 16 * nbat)
+        else:
+            _prefix_s(blocks, weight, b0, nbat, order, sx, sw)
+            _splits_s(sx, sw, best, scl, code, 8 * nbat)
         for h in range(nbat):
             b = b0 + h
             x = blocks[b]
             o = out[b]
             o[:] = 0
             max_scale = F0
-            for ib in range(8):
-                lane = 8 * h + ib
+            for ib in range(nsub):
+                lane = nsub * h + ib
+                gidx[ib, :] = 0
                 bk[ib] = 0
                 if not live[lane] or code[lane] < 0:
                     scl[lane] = F0
                     continue
-                scale, bk[ib], ok = _settle(lane, code, scl, order, 32, x, weight[h], 32 * ib, L, gidx, kmap,
-                                            start, count, lev, idx, levels, g)
+                scale, bk[ib], ok = _settle(lane, code, scl, order, n, x, weight[h], n * ib, L, gidx[ib],
+                                            kmap, start, count, lev, idx, levels, g)
                 if not ok:
                     return b
-                hq = 0
-                for k in range(4):
-                    o[2 + 4 * ib + k] = np.uint8(gidx[k] & 255)
-                    hq |= (gidx[k] >> 8) << (3 * k)
-                o[34 + 2 * ib] = np.uint8(hq & 255)
-                o[35 + 2 * ib] = np.uint8(hq >> 8)
+                if m:
+                    _put_m(o, ib, gidx[ib])
+                else:
+                    _put_s(o, ib, gidx[ib])
                 scl[lane] = scale
                 max_scale = max_scale if max_scale > scale else scale
-            if max_scale == F0:  # d stays 0 and the ls bits too; the indices written stay
+            if max_scale == F0:  # d and the scale bits stay 0 (IQ1_M: no shift bits); the indices stay
                 continue
-            d = max_scale / F15
-            put_u16(out, b, 0, fp32_to_fp16(d * FUDGE_S))
-            inv = F1 / d
-            for ib in range(8):
-                ls = np.int32(odd_level(inv * scl[8 * h + ib], F7))
-                if bk[ib] == 3:  # shifted down
-                    ls |= 8
-                o[35 + 2 * ib] = np.uint8(o[35 + 2 * ib] | (ls << 4))
+            if m:
+                _scales_m(o, x, weight[h], scl, nsub * h, bk, gidx, levels, max_scale)
+            else:
+                _scales_s(out, b, scl, nsub * h, bk, max_scale)
     return -1
+
+
+@njit(**JIT)
+def kernel_s(blocks, qw, nbr, out, kmap, start, count, lev, idx, levels):
+    """quantize_iq1_s (always with an imatrix), see _kernel."""
+    return _kernel(blocks, qw, nbr, out, True, False, kmap, start, count, lev, idx, levels)
 
 
 @njit(**JIT)
 def kernel_m(blocks, qw, nbr, out, use_qw, kmap, start, count, lev, idx, levels):
-    """quantize_iq1_m: blocks [nblocks, 256] -> out [nblocks, 56], BATCH super-blocks per split search.
-    Returns -1, or the first block on which ggml aborts (inf/NaN weights)."""
-    weight, order, rank, live, best, scl, code, L, bk, g = _scratch(16)
-    px = np.empty((2, 17, NLANES), np.float32)  # per-half prefix sums [half, position, lane]
-    pw = np.empty((2, 17, NLANES), np.float32)
-    gidx = np.empty((16, 2), np.int32)
-    nb = blocks.shape[0]
-    for b0 in range(0, nb, BATCH):
-        nbat = min(BATCH, nb - b0)
-        _batch_start(blocks, qw, nbr, use_qw, b0, nbat, 16, EPS_M, weight, live, scl, best, code, order, rank)
-        for lane in range(16 * nbat):
-            x = blocks[b0 + lane // 16]
-            wt = weight[lane // 16]
-            base = 16 * (lane % 16)
-            for hh in range(2):
-                px[hh, 0, lane] = F0
-                pw[hh, 0, lane] = F0
-            for j in range(16):
-                e = order[lane, j]
-                i = base + e
-                hh = 0 if e < 8 else 1
-                px[hh, j + 1, lane] = px[hh, j, lane] + wt[i] * x[i]
-                px[1 - hh, j + 1, lane] = px[1 - hh, j, lane]
-                pw[hh, j + 1, lane] = pw[hh, j, lane] + wt[i]
-                pw[1 - hh, j + 1, lane] = pw[1 - hh, j, lane]
-        _splits_m(px, pw, best, scl, code, 16 * nbat)
-        for h in range(nbat):
-            b = b0 + h
-            x = blocks[b]
-            wt = weight[h]
-            o = out[b]
-            o[:] = 0
-            max_scale = F0
-            for ib in range(16):
-                lane = 16 * h + ib
-                gidx[ib, 0] = 0
-                gidx[ib, 1] = 0
-                bk[ib] = 0
-                if not live[lane] or code[lane] < 0:
-                    scl[lane] = F0
-                    continue
-                scale, bk[ib], ok = _settle(lane, code, scl, order, 16, x, wt, 16 * ib, L, gidx[ib], kmap,
-                                            start, count, lev, idx, levels, g)
-                if not ok:
-                    return b
-                o[2 * ib] = np.uint8(gidx[ib, 0] & 255)
-                o[2 * ib + 1] = np.uint8(gidx[ib, 1] & 255)
-                o[32 + ib] = np.uint8((gidx[ib, 0] >> 8) | ((gidx[ib, 1] >> 8) << 4))
-                scl[lane] = scale
-                max_scale = max_scale if max_scale > scale else scale
-            if max_scale == F0:  # no scales, no shift bits, no super-scale; the indices written stay
-                continue
-            d = max_scale / F15
-            inv = F1 / d
-            sumqx = F0
-            sumq2 = F0
-            sc = 0
-            for ib in range(16):
-                ls = np.int32(odd_level(inv * scl[16 * h + ib], F7))
-                sc |= np.int64(ls) << (16 * (ib // 4) + 3 * (ib % 4))
-                o[32 + ib] = np.uint8(o[32 + ib] | MASKS[bk[ib]])
-                fl = np.float32(2 * ls + 1)
-                for k in range(2):  # the super-scale refit, zero sub-blocks included (grid point 0, X_P)
-                    xx0 = _xx0(bk[ib], k)
-                    gi = gidx[ib, k]
-                    for j in range(8):
-                        e = 16 * ib + 8 * k + j
-                        w = wt[e]
-                        q = (xx0 + levels[gi, j]) * fl
-                        sumqx = sumqx + (w * q) * x[e]
-                        sumq2 = sumq2 + (w * q) * q
-            if sumq2 > F0:
-                d = sumqx / sumq2
-            hd = np.int64(fp32_to_fp16(d * FUDGE_M))
-            for j in range(4):  # nibble j of the fp16 in the top nibble of scale word j
-                sc |= ((hd >> (4 * j)) & 15) << (16 * j + 12)
-            for j in range(8):
-                o[48 + j] = np.uint8((sc >> (8 * j)) & 255)
-    return -1
+    """quantize_iq1_m, see _kernel."""
+    return _kernel(blocks, qw, nbr, out, use_qw, True, kmap, start, count, lev, idx, levels)
 
 
 def iq1_s(blocks, qw, nbr, out, use_qw):
