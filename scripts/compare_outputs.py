@@ -99,6 +99,9 @@ def run_commit(commit: str, work: Path, selected: list[tuple[str, str, list[str]
     if not todo:
         return hashes
     tree = work / "tree"
+    if tree.exists():  # left by a killed run
+        shutil.rmtree(tree)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=True, capture_output=True)
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), commit],
                    check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "QCONVERT_DEBUG": "1"}
