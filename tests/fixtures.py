@@ -50,9 +50,26 @@ RECIPES = {
     "smollm2": "smollm2-2",
     "text": f"text-2-py{sys.version_info.major}.{sys.version_info.minor}",
 }
+
+
+def _versions(*libs: str) -> str:
+    """The installed versions of libs, for recipes: save_pretrained writes transformers_version into
+    config.json, torch draws the random weights, tokenizers trains the BPE — a cache built under other
+    versions is stale, not another answer to the same recipe. ("none" before the package is installed:
+    `make oracle` imports this file with torch alone.)"""
+
+    def one(lib: str) -> str:
+        try:
+            return importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            return "none"
+
+    return "+".join(f"{lib}-{one(lib)}" for lib in libs)
+
+
 # A trained tokenizer depends on calib.txt, and checkpoints carry a tokenizer: chain the recipes.
-RECIPES["tokenizer"] = f"tokenizer-1+{RECIPES['text']}"
-RECIPES["synthetic"] = f"synthetic-1+{RECIPES['tokenizer']}"
+RECIPES["tokenizer"] = f"tokenizer-1+{RECIPES['text']}+{_versions('tokenizers')}"
+RECIPES["synthetic"] = f"synthetic-1+{RECIPES['tokenizer']}+{_versions('transformers', 'torch')}"
 RECIPES["bench"] = f"bench-1+{RECIPES['tokenizer']}"
 
 # Two disjoint, fixed module lists: calib.txt (~480k chars) and eval.txt (~110k chars) on Python 3.11.

@@ -133,3 +133,16 @@ def test_every_method_is_a_config_and_a_run():
         assert entry.default_format in FORMAT_NAMES
         # no **kwargs pass-through: run takes the job and nothing else
         assert list(module.run.__code__.co_varnames[: module.run.__code__.co_argcount]) == ["job"]
+
+
+def test_the_readme_lists_come_from_the_registries():
+    # file types, architectures, methods and formats in README.md are generated (scripts/readme_lists.py)
+    script = PACKAGE.parent / "scripts" / "readme_lists.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    readme = (PACKAGE.parent / "README.md").read_text()
+    from qconvert.arch.table import ARCHITECTURES
+    from qconvert.formats.gguf.mixture import FILE_TYPE_NAMES
+
+    assert all(f"`{name}`" in readme for name in FILE_TYPE_NAMES)
+    assert all(hf_name in readme for hf_name in ARCHITECTURES)
