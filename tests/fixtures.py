@@ -615,7 +615,9 @@ def synthetic_dir(arch: str, *, sharded: bool = False, tied: bool = True) -> Pat
     if arch not in ARCHS:
         raise ValueError(f"unknown synthetic arch {arch!r}; choose from {', '.join(ARCHS)}")
     name = arch + ("-sharded" if sharded else "") + ("" if tied else "-untied")
-    recipe = RECIPES["synthetic"]
+    # the config's own digest too: editing synthetic_config (or the library's defaults) rebuilds the cache
+    config = json.dumps(synthetic_config(arch, tied=tied).to_dict(), sort_keys=True, default=str)
+    recipe = f"{RECIPES['synthetic']}+config-{zlib.crc32(config.encode()):08x}"
     build = _build_synthetic(arch, sharded, tied, synthetic_seed(arch))
     return ensure(fixtures_root() / "synthetic" / name, recipe, build)
 
