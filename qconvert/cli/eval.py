@@ -58,14 +58,14 @@ def eval_command(
         None, "--save-logits", help="Save the reference's distributions (MODEL's own without --reference) "
         "for later --logits."),
     ctx_size: int = typer.Option(512, "--ctx-size", "-c", help="Tokens per chunk (second half scored)."),
-    chunks: int = typer.Option(None, "--chunks", help="Evaluate at most N chunks (default: all)."),
+    chunks: int = typer.Option(None, "--chunks", min=1, help="Evaluate at most N chunks (default: all)."),
     top_k: int = typer.Option(
         DEFAULT_TOP_K, "--kl-top-k", help="Keep only the reference's top-k tokens per position (smaller "
         "logits file; KL then slightly underestimated); 0 = the full distribution."),
     loader: str = typer.Option(
         "auto", "--loader", help="HF checkpoints: auto, transformers, unpack (our kernels dequantize "
         "GPTQ/AWQ/compressed-tensors/FP8), or emulate (compressed-tensors with activation quantization)."),
-    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: all available)."),
+    threads: int = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all available)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Perplexity and KL divergence of MODEL against its source, computed as llama-perplexity does."""

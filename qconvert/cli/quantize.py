@@ -129,8 +129,12 @@ def quantize_command(
     dataset: str = typer.Option(
         None, "--dataset", help="Calibration text (gptq, awq, fp8 static): .txt, .jsonl, .parquet, hf:NAME."
     ),
-    num_samples: int = typer.Option(None, "--num-samples", help="Calibration sequences (default 128)."),
-    seq_len: int = typer.Option(None, "--seq-len", help="Tokens per calibration sequence (default 512)."),
+    num_samples: int = typer.Option(
+        None, "--num-samples", min=1, help="Calibration sequences (default 128)."
+    ),
+    seq_len: int = typer.Option(
+        None, "--seq-len", min=1, help="Tokens per calibration sequence (default 512)."
+    ),
     stats: str = typer.Option(
         None, "--stats", help="A 'qconvert calibrate' file instead of --dataset: GPTQ Hessians (not "
         "sequential: every layer sees the original model's activations), fp8 static max |x|."
