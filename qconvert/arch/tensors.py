@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 
 from qconvert.arch.hparams import n_layer
+from qconvert.arch.shapes import expected_shape
 from qconvert.arch.table import ArchSpec, resolve
 from qconvert.errors import BadInput
 from qconvert.load.config import text_config
@@ -74,6 +75,32 @@ def writes_output_tensor(config: dict, tensor_names: Iterable[str]) -> bool:
     return _LM_HEAD_WEIGHT in tensor_names and not resolve(config).drop_lm_head
 
 
+def check_shapes(ckpt: Any, spec: ArchSpec, cfg: dict) -> None:
+    """Refuse the first checkpoint tensor whose shape disagrees with what config.json implies (naming both
+    shapes and its file): every command reads weights through here or calib.model.materialise."""
+    tmap = name_map(spec.arch, n_layer(cfg))
+    for raw, info in ckpt.tensors.items():
+        name = tmap.get_name(_hf_name(raw), try_suffixes=(".weight", ".bias"))
+        want = expected_shape(spec, cfg, name) if name else None
+        if want is not None and tuple(info.shape) != want:
+            raise BadInput(f"tensor {raw} has shape {tuple(info.shape)}, config.json implies {want}",
+                           getattr(info, "file", None) or ckpt.path)
+
+
+def check_checkpoint_shapes(ckpt: Any) -> str | None:
+    """check_shapes for a checkpoint whose family may be unknown (data-free quantize works on any): None
+    when checked, else the one-line note of why the shapes could not be checked."""
+    if not ckpt.config:
+        return "no config.json: tensor shapes were not checked"
+    try:
+        spec = resolve(ckpt.config, ckpt.path)
+    except BadInput:
+        found = ", ".join(ckpt.config.get("architectures") or []) or ckpt.config.get("model_type") or "none"
+        return f"architecture {found} is not in the table: tensor shapes were not checked"
+    check_shapes(ckpt, spec, text_config(ckpt.config))
+    return None
+
+
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF stores rotary halves split per head; llama.cpp (normal rope) wants them interleaved."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -109,6 +136,7 @@ def _hf_name(name: str) -> str:
 def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
                  n_vocab_real: int | None = None) -> list[PlannedTensor]:
     """Every GGUF tensor of the checkpoint, with its reader. Unknown names → BadInput (like the converter)."""
+    check_shapes(ckpt, spec, cfg)
     tmap = name_map(spec.arch, n_layer(cfg))
     planned = [PlannedTensor(name, data.shape, None, lambda f=data: f)
                for name, data in (spec.extra_tensors(cfg) if spec.extra_tensors else [])]

@@ -60,6 +60,8 @@ def _render(summary: QuantizeSummary) -> None:
         f"kept unquantized: {len(summary.skipped)} Linear(s); output {_size(summary.output_bytes)} "
         f"(source {_size(summary.source_bytes)}) in {summary.seconds:.1f} s"
     )
+    for note in summary.notes:
+        console.print(f"note: {note}")
 
 
 def resolve_sym(sym: bool | None, zero_point: bool | None) -> bool | None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from qconvert.arch.tensors import LM_HEAD, NOT_QUANTIZED, linear_module
+from qconvert.arch.tensors import LM_HEAD, NOT_QUANTIZED, check_checkpoint_shapes, linear_module
 from qconvert.errors import BadInput
 from qconvert.formats.packed import packed_format, refuse_packed
 from qconvert.formats.packed.base import PackedFormat, PackPlan
@@ -95,6 +95,7 @@ class QuantizeSummary:
     output_bytes: int
     seconds: float
     scheme: str = ""  # fp8 only
+    notes: tuple[str, ...] = ()  # checks that could not be made (no config.json, unknown family)
 
     def table(self) -> list[dict]:
         """One row per scheme: layers, bits, group, size, bits per weight (packed tensors incl.
@@ -122,6 +123,7 @@ class QuantizeSummary:
             **({"scheme": self.scheme} if self.scheme else {}),
             "schemes": self.table(),
             "skipped": self.skipped,
+            "notes": list(self.notes),
             "source_bytes": self.source_bytes,
             "output_bytes": self.output_bytes,
             "seconds": round(self.seconds, 2),
@@ -269,6 +271,7 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     config.check()
     ckpt = open_checkpoint(opts.model)
     refuse_packed(ckpt, "qconvert quantize")
+    shape_note = check_checkpoint_shapes(ckpt)
     plan = plan_quantization(ckpt, opts, config)
     results: list[LayerResult] = []
 
@@ -293,7 +296,8 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
     fmt_name = plan.fmt.name
     return QuantizeSummary(str(opts.output), opts.method, fmt_name, results, plan.skipped, source_bytes,
-                           output_bytes, time.monotonic() - t0, scheme=getattr(config, "scheme", ""))
+                           output_bytes, time.monotonic() - t0, scheme=getattr(config, "scheme", ""),
+                           notes=(shape_note,) if shape_note else ())
 
 
 def _nothing_left(p: LayerPlan, w: torch.Tensor) -> tuple[Quantized, float]:
