@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import BadInput, IOFailure
+from qconvert.load.quiet import one_line, quiet_transformers
 
 CHAT_FIELDS = ("messages", "conversations")
 
@@ -50,13 +51,19 @@ def load_tokenizer(ckpt):
     if not ckpt.tokenizer_files:
         raise BadInput("checkpoint has no tokenizer files (tokenizer.json or tokenizer.model)", ckpt.path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
+        with quiet_transformers():  # "You are using a model of type ..." for families transformers lacks
+            tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
     except OSError as e:
-        raise IOFailure(f"cannot read the tokenizer: {e}", ckpt.path) from e
+        raise IOFailure(f"cannot read the tokenizer: {one_line(e)}", ckpt.path) from e
     except Exception as e:  # transformers raises ValueError/KeyError/... for unusable tokenizer files
-        raise BadInput(f"cannot load the tokenizer: {e}", ckpt.path) from e
+        raise BadInput(f"cannot load the tokenizer: {one_line(e)}", ckpt.path) from e
     # texts are tokenized whole and cut into chunks by us: no "longer than the model maximum" warning
     tokenizer.model_max_length = 1 << 62
+    # transformers builds an empty tokenizer from tokenizer_config.json alone (no tokenizer.json, or one
+    # without a vocabulary); the text would then "tokenize to 0 tokens" and the dataset would get the blame
+    if not encode(tokenizer, "The quick brown fox jumps over the lazy dog."):
+        raise BadInput(f"the tokenizer turns text into no tokens ({len(tokenizer)} in its vocabulary): "
+                       "tokenizer.json is missing or has no vocabulary", ckpt.path)
     return tokenizer
 
 

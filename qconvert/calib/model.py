@@ -17,6 +17,7 @@ from torch import nn
 from qconvert.arch.table import resolve
 from qconvert.errors import BadInput
 from qconvert.load.config import text_config
+from qconvert.load.quiet import one_line, quiet_transformers
 
 
 @contextmanager
@@ -56,11 +57,12 @@ def build_skeleton(ckpt, dtype: torch.dtype) -> Skeleton:
 
     resolve(ckpt.config, ckpt.path)  # BadInput naming the supported families for anything else
     try:
-        cfg = AutoConfig.from_pretrained(str(ckpt.path))
+        with quiet_transformers():
+            cfg = AutoConfig.from_pretrained(str(ckpt.path))
     except Exception as e:  # transformers raises ValueError/OSError/KeyError for bad configs
-        raise BadInput(f"cannot read config.json: {e}", ckpt.path) from e
+        raise BadInput(f"cannot read config.json: {one_line(e)}", ckpt.path) from e
     cfg.use_cache = False
-    with params_on_meta():
+    with params_on_meta(), quiet_transformers():
         model = AutoModelForCausalLM.from_config(
             cfg, dtype=dtype, attn_implementation=attn_implementation(ckpt.config)
         )

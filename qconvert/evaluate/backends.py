@@ -23,11 +23,8 @@ HF checkpoints are made dense by one of two loaders (``open_backend(..., loader=
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +34,7 @@ import torch
 from qconvert.errors import BadInput, IOFailure
 from qconvert.load.config import text_config
 from qconvert.load.gguf_file import is_gguf, open_gguf
+from qconvert.load.quiet import one_line, quiet_transformers
 
 LLAMA_N_BATCH = 2048  # llama-perplexity's default -b: it packs n_batch // ctx chunks into one decode
 LOADERS = ("auto", "transformers", "unpack", "emulate")
@@ -258,7 +256,7 @@ class HFBackend:
     def tokenize(self, text: str) -> list[int]:
         from qconvert.calib.datasets import encode
 
-        with _quiet_transformers():  # "sequence longer than the model maximum": we chunk it ourselves
+        with quiet_transformers():  # "sequence longer than the model maximum": we chunk it ourselves
             ids = encode(self.tokenizer, text)
         return [self.bos_id, *ids] if self.add_bos else ids
 
@@ -299,11 +297,10 @@ def _load_transformers(ckpt, method: str | None, emulate: bool = False):
         raise BadInput(f"transformers cannot load {method} checkpoints on CPU here; use --loader unpack",
                        ckpt.path)
     try:
-        with _quiet_transformers(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "quantization_config passed twice": intended, dequantize wins
+        with quiet_transformers():  # also mutes "quantization_config passed twice": intended, dequantize wins
             return AutoModelForCausalLM.from_pretrained(str(ckpt.path), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
-        raise BadInput(f"transformers cannot load this checkpoint: {_one_line(e)}", ckpt.path) from e
+        raise BadInput(f"transformers cannot load this checkpoint: {one_line(e)}", ckpt.path) from e
 
 
 def _load_unpacked(ckpt):
@@ -316,11 +313,11 @@ def _load_unpacked(ckpt):
     try:
         cfg = AutoConfig.from_pretrained(str(ckpt.path))
     except Exception as e:  # transformers raises ValueError/OSError/KeyError for bad configs
-        raise BadInput(f"cannot read config.json: {_one_line(e)}", ckpt.path) from e
+        raise BadInput(f"cannot read config.json: {one_line(e)}", ckpt.path) from e
     for c in (cfg, getattr(cfg, "text_config", None)):
         if c is not None and hasattr(c, "quantization_config"):
             delattr(c, "quantization_config")
-    with params_on_meta(), _quiet_transformers():
+    with params_on_meta(), quiet_transformers():
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
                                                  attn_implementation=_attn(ckpt.config))
     params = dict(model.named_parameters())
@@ -344,27 +341,6 @@ def _set_param(model: torch.nn.Module, dotted: str, value: torch.Tensor) -> None
     owner_name, _, leaf = dotted.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # our own bar is the only one on stderr
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # ------------------------------------------------------------------------------------------------------------
