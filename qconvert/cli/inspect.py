@@ -153,11 +153,11 @@ def inspect_command(
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Show the layout of a checkpoint: metadata, tensors, types, bits per weight, quantization config."""
-    from qconvert.load.summary import inspect
+    from qconvert.load.summary import inspect, strict_json
 
     summary = inspect(path)
     if json_:
-        json.dump(summary, sys.stdout, ensure_ascii=False)
+        json.dump(strict_json(summary), sys.stdout, ensure_ascii=False, allow_nan=False)
         sys.stdout.write("\n")
     else:
         render(summary)

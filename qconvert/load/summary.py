@@ -69,11 +69,29 @@ ARRAY_HEAD = 8
 
 
 def _scalar(v: Any) -> Any:
-    if isinstance(v, (np.generic,)):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # NaN/inf are not JSON
-    return v
+    # NaN/inf stay floats here (the tables print them); strict_json makes them null for --json
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def strict_json(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary as strict JSON values: every NaN/inf becomes null, and `non_finite` maps each such
+    field's path (e.g. "metadata.llama.rope.freq_base") to the value it held ("nan", "inf", "-inf")."""
+    found: dict[str, str] = {}
+
+    def walk(v: Any, path: str) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            found[path] = str(v)
+            return None
+        if isinstance(v, dict):
+            return {k: walk(x, f"{path}.{k}" if path else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    out = walk(summary, "")
+    if found:
+        out["non_finite"] = found
+    return out
 
 
 def _f32(v: float) -> float:

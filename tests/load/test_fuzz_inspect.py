@@ -51,3 +51,25 @@ def test_the_mutations_reach_every_kind():
     gguf = {"kv-float", "kv-string", "key-bytes", "nested", "array-len", "counts", "tensor", "version",
             "bytes", "trunc", "none"}
     assert kinds == {f"st-{k}" for k in st} | {f"gguf-{k}" for k in gguf}
+
+
+def test_a_non_finite_value_is_null_and_named(tmp_path, capsys):
+    import random
+
+    from qconvert.cli import main
+
+    sys.path.insert(0, str(HARNESS.parent))
+    try:
+        import fuzz
+    finally:
+        sys.path.remove(str(HARNESS.parent))
+    path = tmp_path / "nan.gguf"
+    for seed in range(40):  # the kv-float mutation draws nan, inf or -inf
+        path.write_bytes(fuzz._gguf(random.Random(seed), "kv-float"))
+        with pytest.raises(SystemExit) as e:
+            main(["inspect", str(path), "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert e.value.code == 0
+        assert out["metadata"]["llama.rope.freq_base"] is None
+        assert list(out["non_finite"]) == ["metadata.llama.rope.freq_base"]
+        assert out["non_finite"]["metadata.llama.rope.freq_base"] in ("nan", "inf", "-inf")
