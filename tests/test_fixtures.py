@@ -297,6 +297,41 @@ def test_synthetic_loads_and_gives_finite_logits(synthetic_dir, arch):
     assert torch.isfinite(logits).all() and logits.float().std() > 0.1
 
 
+MOE_ARCHS = {"qwen3_moe": ("Qwen3MoeForCausalLM", "mlp.experts.{x}.{p}.weight", ("gate_proj", "up_proj",
+                                                                               "down_proj"))}
+
+
+def test_moe_arch_list_matches_builder(fixtures_lib):
+    assert list(fixtures_lib.MOE_ARCHS) == list(MOE_ARCHS)
+    assert ("qwen3_moe", False, True) in fixtures_lib.synthetic_variants()  # make fixtures builds them
+
+
+@pytest.mark.parametrize("arch", list(MOE_ARCHS))
+def test_moe_synthetic_has_hub_layout_and_runs(synthetic_dir, arch):
+    """One Linear per expert under its hub name (what save_pretrained writes), widths that fit K-quants,
+    enough experts for llama-quantize's n_expert rules; transformers loads it and routes tokens around."""
+    cls, pattern, projs = MOE_ARCHS[arch]
+    d = synthetic_dir(arch)
+    cfg = json.loads((d / "config.json").read_text())
+    n = cfg.get("num_local_experts") or cfg["num_experts"]
+    assert cfg["architectures"] == [cls] and n >= 4 and cfg["num_experts_per_tok"] < n
+    expert_ff = cfg.get("moe_intermediate_size", cfg["intermediate_size"])
+    assert cfg["hidden_size"] % 256 == 0 and expert_ff % 256 == 0
+    tensors = _tensors(d)
+    for layer in range(cfg["num_hidden_layers"]):
+        for x in range(n):
+            for proj in projs:
+                assert f"model.layers.{layer}." + pattern.format(x=x, p=proj) in tensors
+    assert not [k for k in tensors if k.endswith(("gate_up_proj", "experts.down_proj"))]  # nothing fused
+    model = AutoModelForCausalLM.from_pretrained(d)
+    ids = torch.tensor([list(range(5, 69))])
+    with torch.no_grad():
+        out = model(ids, output_router_logits=True)
+    assert torch.isfinite(out.logits).all() and out.logits.float().std() > 0.1
+    chosen = out.router_logits[0].float().topk(cfg["num_experts_per_tok"], dim=-1).indices.unique()
+    assert len(chosen) >= n // 2  # the seeded router spreads tokens over the experts
+
+
 def test_synthetic_weights_are_shaped_not_default_init(synthetic_dir):
     d = synthetic_dir("llama")
     norm = _read(d, "model.layers.0.input_layernorm.weight").float()

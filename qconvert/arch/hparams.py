@@ -80,10 +80,39 @@ def hp_text(cfg: dict, w: Any) -> None:
         w.add_rope_freq_base_swa(swa_theta)
     if (eps := find(cfg, ["rms_norm_eps", "norm_eps"])) is not None:
         w.add_layer_norm_rms_eps(eps)
+    _moe_kvs(cfg, w)
     if (hd := cfg.get("head_dim")) is not None:
         w.add_key_length(hd)
         w.add_value_length(hd)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)  # placeholder; re-set at the end like llama-quantize
+
+
+# expert_gating_func values (llama-hparams.h LLAMA_EXPERT_GATING_FUNC_TYPE; gguf 0.19 lacks SQRT_SOFTPLUS)
+_GATING = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
+_SCORE_KEYS = ["score_function", "scoring_func", "score_func", "moe_router_activation",
+               "moe_router_activation_func", "expert_selection_fn"]
+
+
+def n_expert(cfg: dict) -> int | None:
+    """The routed expert count (the converter's expert_count lookup); None for a dense model."""
+    n = find(cfg, ["num_local_experts", "num_experts", "n_routed_experts"])
+    return None if n is None else int(n)
+
+
+def _moe_kvs(cfg: dict, w: Any) -> None:
+    """TextModel's generic MoE KVs, each only when its hyper-parameter is set."""
+    if (n := n_expert(cfg)) is not None:
+        w.add_expert_count(n)
+    if (k := find(cfg, ["num_experts_per_tok", "num_experts_per_token", "top_k_experts"])) is not None:
+        w.add_expert_used_count(k)
+    if cfg.get("n_group") is not None:
+        w.add_expert_group_count(cfg["n_group"])
+    if cfg.get("topk_group") is not None:
+        w.add_expert_group_used_count(cfg["topk_group"])
+    if (score := find(cfg, _SCORE_KEYS)) is not None:
+        if score not in _GATING:
+            raise BadInput(f"unsupported expert scoring function {score!r} (supported: {', '.join(_GATING)})")
+        w.add_uint32(gguf.Keys.LLM.EXPERT_GATING_FUNC.format(arch=w.arch), _GATING[score])
 
 
 def _rope_scaling(rp: dict, w: Any) -> None:
@@ -103,6 +132,20 @@ def hp_llama(cfg: dict, w: Any) -> None:
     hp_text(cfg, w)
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(head_dim(cfg))
+
+
+def hp_qwen2moe(cfg: dict, w: Any) -> None:
+    """Qwen2MoeModel (qwen2moe, qwen3moe): the expert FFN sizes after the generic block."""
+    hp_text(cfg, w)
+    if cfg.get("moe_intermediate_size") is not None:
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg.get("shared_expert_intermediate_size") is not None:
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+
+
+def hp_olmoe(cfg: dict, w: Any) -> None:
+    hp_text(cfg, w)
+    w.add_layer_norm_rms_eps(1e-5)  # OlmoeModel forces it (re-set: the key keeps its first position)
 
 
 def hp_gemma(cfg: dict, w: Any) -> None:

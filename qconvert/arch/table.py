@@ -23,6 +23,20 @@ from qconvert.errors import BadInput
 
 
 @dataclass(frozen=True)
+class Experts:
+    """Where a MoE family keeps its routed experts: ``<prefix>.layers.N.<module>.X.<proj>.weight``, one
+    Linear per expert and projection (the hub layout), stacked into ``ffn_{gate,up,down}_exps``."""
+
+    module: str = "mlp.experts"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    # transformers 5's own parameters, ``<module>.gate_up_proj`` [E, 2I, H] (gate rows first) and
+    # ``<module>.down_proj`` [E, H, I], accepted as Qwen2MoeModel accepts them
+    fused: bool = True
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """What differs between families; the defaults are plain llama-like NEOX models."""
 
@@ -37,6 +51,7 @@ class ArchSpec:
     extra_kvs: Callable[[dict, Any], None] | None = None  # KVs written before general.* (phi3 long rope)
     extra_tensors: Callable[[dict], list[tuple[str, np.ndarray]]] | None = None  # generated (rope factors)
     block: BlockLayout | None = LLAMA_BLOCK     # decoder-block module names (None: methods cannot walk it)
+    experts: Experts | None = None              # MoE families: the routed experts' layout
 
 
 _LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama,
@@ -57,14 +72,17 @@ _GEMMA3 = ArchSpec("gemma3", gguf.MODEL_ARCH.GEMMA3, hp.hp_gemma3,
 _PHI3 = ArchSpec("phi3", gguf.MODEL_ARCH.PHI3, hp.hp_phi3, vocab=vocab.Vocab(("phi3", "gpt2")),
                  extra_kvs=hp.extra_kv_phi3, extra_tensors=hp.extra_tensors_phi3, block=PHI3_BLOCK)
 
+# MoE families: the calibrated methods cannot walk their expert blocks yet (block=None)
+_QWEN3MOE = ArchSpec("qwen3moe", gguf.MODEL_ARCH.QWEN3MOE, hp.hp_qwen2moe, block=None, experts=Experts())
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA, "MistralForCausalLM": _LLAMA, "Qwen2ForCausalLM": _QWEN2,
     "Qwen3ForCausalLM": _QWEN3, "GemmaForCausalLM": _GEMMA, "Gemma2ForCausalLM": _GEMMA2,
-    "Gemma3ForCausalLM": _GEMMA3, "Phi3ForCausalLM": _PHI3,
+    "Gemma3ForCausalLM": _GEMMA3, "Phi3ForCausalLM": _PHI3, "Qwen3MoeForCausalLM": _QWEN3MOE,
 }
 MODEL_TYPES: dict[str, ArchSpec] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2, "qwen3": _QWEN3, "gemma": _GEMMA,
-    "gemma2": _GEMMA2, "gemma3_text": _GEMMA3, "gemma3": _GEMMA3, "phi3": _PHI3,
+    "gemma2": _GEMMA2, "gemma3_text": _GEMMA3, "gemma3": _GEMMA3, "phi3": _PHI3, "qwen3_moe": _QWEN3MOE,
 }
 # families whose decoder blocks methods (AWQ) can walk, in table order
 BLOCK_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in MODEL_TYPES.values() if s.block))

@@ -16,9 +16,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from qconvert.arch.hparams import n_layer
+from qconvert.arch.hparams import n_expert, n_layer
 from qconvert.arch.shapes import expected_shape
-from qconvert.arch.table import ArchSpec, resolve
+from qconvert.arch.table import ArchSpec, Experts, resolve
 from qconvert.errors import BadInput
 from qconvert.load.config import text_config
 
@@ -68,6 +68,19 @@ def gguf_tensor_name(config: dict, hf_name: str) -> str | None:
     """GGUF tensor name that `convert --to gguf` writes for an HF tensor name (None if it has none)."""
     tmap = name_map(resolve(config).arch, n_layer(text_config(config)))
     return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
+# besides 1-D tensors and norms, the converter writes these as F32 whatever --outtype says: the MoE routers
+_F32_STEMS = tuple(gguf.TENSOR_NAMES[t].replace("{bid}", "") for t in
+                   (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP))
+_BLOCK_PREFIX = re.compile(r"^blk\.\d+\.")
+
+
+def written_as_f32(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether convert_hf_to_gguf.py writes this GGUF tensor as F32 (its forced-type rules, base.py)."""
+    if len(shape) < 2 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return True
+    return _BLOCK_PREFIX.sub("blk..", name.removesuffix(".weight")) in _F32_STEMS
 
 
 def writes_output_tensor(config: dict, tensor_names: Iterable[str]) -> bool:
@@ -140,7 +153,11 @@ def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
     tmap = name_map(spec.arch, n_layer(cfg))
     planned = [PlannedTensor(name, data.shape, None, lambda f=data: f)
                for name, data in (spec.extra_tensors(cfg) if spec.extra_tensors else [])]
+    stacked, consumed = plan_experts(ckpt, spec, cfg, tmap) if spec.experts else ([], set())
+    planned += stacked
     for raw in ckpt.tensors:
+        if raw in consumed:
+            continue
         hf = _hf_name(raw)
         if hf.endswith(_SKIPPED_SUFFIXES) or (spec.drop_lm_head and hf == _LM_HEAD_WEIGHT):
             continue
@@ -170,3 +187,124 @@ def _check_unique(planned: list[PlannedTensor], ckpt: Any) -> None:
         if t.name in seen:
             raise BadInput(f"two checkpoint tensors map to {t.name}", ckpt.path)
         seen.add(t.name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MoE: per-expert Linears (or transformers 5's fused parameters) -> one 3-D stack per layer and projection
+
+def _expert_patterns(ex: Experts) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    layer = r"^(?P<pre>(?:.*\.)?layers\.(?P<bid>\d+)\." + re.escape(ex.module) + ")"
+    per_expert = re.compile(layer + r"\.(?P<x>\d+)\.(?P<proj>[^.]+)\.weight$")
+    fused = re.compile(layer + r"\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
+    return per_expert, fused
+
+
+def plan_experts(ckpt: Any, spec: ArchSpec, cfg: dict,
+                 tmap: gguf.TensorNameMap) -> tuple[list[PlannedTensor], set[str]]:
+    """The stacked expert tensors [E, rows, cols] (expert e = slice e, as the converter stacks them) and the
+    checkpoint names they consume. A missing expert, experts of different shapes or a fused tensor of the
+    wrong shape is a BadInput before anything is read."""
+    ex = spec.experts
+    assert ex is not None
+    n = n_expert(cfg)
+    if not n:
+        raise BadInput(f"{spec.name}: config.json names no expert count (num_experts / num_local_experts)",
+                       ckpt.path)
+    per_expert, fused = _expert_patterns(ex)
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    planned: list[PlannedTensor] = []
+    consumed: set[str] = set()
+    for raw in ckpt.tensors:
+        hf = _hf_name(raw)
+        if (m := per_expert.match(hf)) is not None:
+            groups.setdefault((m["pre"], m["proj"]), {})[int(m["x"])] = raw
+            consumed.add(raw)
+        elif ex.fused and (m := fused.match(hf)) is not None:
+            planned += _fused(ckpt, spec, cfg, tmap, raw, m["pre"], m["proj"], n)
+            consumed.add(raw)
+    for (pre, proj), members in sorted(groups.items()):
+        planned.append(_stack(ckpt, spec, tmap, pre, proj, members, n))
+    _check_expert_shapes(planned, ckpt)
+    return planned, consumed
+
+
+def _merged_name(spec: ArchSpec, tmap: gguf.TensorNameMap, hf_merged: str, ckpt: Any) -> str:
+    name = tmap.get_name(hf_merged, try_suffixes=(".weight",))
+    if name is None:
+        raise BadInput(f"cannot map expert tensor {hf_merged!r} to a {spec.name} GGUF tensor", ckpt.path)
+    return name
+
+
+def _stack(ckpt: Any, spec: ArchSpec, tmap: gguf.TensorNameMap, pre: str, proj: str,
+           members: dict[int, str], n: int) -> PlannedTensor:
+    ex = spec.experts
+    assert ex is not None
+    if proj not in (ex.gate, ex.up, ex.down):
+        raise BadInput(f"cannot map expert tensor {members[min(members)]!r} to a {spec.name} GGUF tensor "
+                       f"(expected {ex.gate}, {ex.up} or {ex.down})", ckpt.path)
+    if (extra := sorted(x for x in members if x >= n)):
+        raise BadInput(f"{pre}.{extra[0]}.{proj}.weight: expert {extra[0]} is outside the {n} experts "
+                       "config.json names", ckpt.path)
+    if (missing := [x for x in range(n) if x not in members]):
+        raise BadInput(f"{pre}.{missing[0]}.{proj}.weight is missing ({len(missing)} of the {n} experts' "
+                       f"{proj} are absent from the checkpoint)", ckpt.path)
+    raws = [members[x] for x in range(n)]
+    info0 = ckpt.tensors[raws[0]]
+    for raw in raws[1:]:
+        info = ckpt.tensors[raw]
+        if tuple(info.shape) != tuple(info0.shape) or info.dtype != info0.dtype:
+            raise BadInput(f"{raw} is {info.dtype} {list(info.shape)} but {raws[0]} is {info0.dtype} "
+                           f"{list(info0.shape)}: the experts of a layer must agree", ckpt.path)
+    if len(info0.shape) != 2:
+        raise BadInput(f"{raws[0]} has shape {list(info0.shape)}, expected a 2-D Linear weight", ckpt.path)
+
+    def read() -> np.ndarray:
+        # one projection of one layer at a time: E slices read into one float32 stack
+        out = np.empty((n, *info0.shape), dtype=np.float32)
+        for x, raw in enumerate(raws):
+            out[x] = ckpt.read_numpy(raw)
+        return out
+
+    name = _merged_name(spec, tmap, f"{pre}.{proj}.weight", ckpt)
+    return PlannedTensor(name, (n, *info0.shape), raws[-1], read, str(info0.dtype).upper())
+
+
+def _fused(ckpt: Any, spec: ArchSpec, cfg: dict, tmap: gguf.TensorNameMap, raw: str, pre: str, proj: str,
+           n: int) -> list[PlannedTensor]:
+    ex = spec.experts
+    assert ex is not None
+    info = ckpt.tensors[raw]
+    shape = tuple(info.shape)
+    hidden = cfg.get("hidden_size")
+    rows_ok = len(shape) == 3 and shape[0] == n and (hidden is None or shape[1 if proj == "down_proj" else 2]
+                                                        == hidden)
+    if not rows_ok or (proj == "gate_up_proj" and shape[1] % 2):
+        want = "[E, H, I]" if proj == "down_proj" else "[E, 2*I, H]"
+        raise BadInput(f"fused expert tensor {raw} has shape {list(shape)}, expected {want} with E={n}"
+                       + (f", H={hidden}" if hidden is not None else ""), ckpt.path)
+    dtype = str(info.dtype).upper()
+
+    def part(lo: int, hi: int) -> Callable[[], np.ndarray]:
+        return lambda: np.ascontiguousarray(np.asarray(ckpt.read_numpy(raw), dtype=np.float32)[:, lo:hi])
+
+    if proj == "down_proj":
+        name = _merged_name(spec, tmap, f"{pre}.{ex.down}.weight", ckpt)
+        return [PlannedTensor(name, shape, raw, part(0, shape[1]), dtype)]
+    i = shape[1] // 2  # gate = the first I rows, up = the last I (Qwen2MoeModel's split)
+    return [PlannedTensor(_merged_name(spec, tmap, f"{pre}.{ex.gate}.weight", ckpt), (n, i, shape[2]), raw,
+                          part(0, i), dtype),
+            PlannedTensor(_merged_name(spec, tmap, f"{pre}.{ex.up}.weight", ckpt), (n, i, shape[2]), raw,
+                          part(i, 2 * i), dtype)]
+
+
+def _check_expert_shapes(planned: list[PlannedTensor], ckpt: Any) -> None:
+    """gate and up [E, I, H] and down [E, H, I] of a layer must fit together (llama.cpp's loader needs it)."""
+    by_name = {t.name: t for t in planned}
+    for t in planned:
+        if not t.name.endswith("ffn_down_exps.weight"):
+            continue
+        for other in ("ffn_gate_exps", "ffn_up_exps"):
+            o = by_name.get(t.name.replace("ffn_down_exps", other))
+            if o is not None and o.shape != (t.shape[0], t.shape[2], t.shape[1]):
+                raise BadInput(f"{o.source} gives {other} {list(o.shape)} but {t.source} gives ffn_down_exps "
+                               f"{list(t.shape)}: expected [E, I, H] against [E, H, I]", ckpt.path)

@@ -55,7 +55,11 @@ def build_skeleton(ckpt, dtype: torch.dtype) -> Skeleton:
     """The checkpoint's transformers model with parameters on meta (nothing read yet)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    resolve(ckpt.config, ckpt.path)  # BadInput naming the supported families for anything else
+    spec = resolve(ckpt.config, ckpt.path)  # BadInput naming the supported families for anything else
+    if spec.experts is not None:
+        # transformers keeps the experts as 3-D parameters, not Linears: the runner would miss them
+        raise BadInput(f"calibration does not handle Mixture-of-Experts checkpoints ({spec.name}) yet; "
+                       "`qconvert convert --to gguf` and the data-free methods (rtn, fp8) do", ckpt.path)
     try:
         with quiet_transformers():
             cfg = AutoConfig.from_pretrained(str(ckpt.path))

@@ -21,9 +21,9 @@ import numpy as np
 
 from qconvert.arch.facts import ModelFacts, facts_from_kv
 from qconvert.arch.table import resolve
-from qconvert.arch.tensors import PlannedTensor, plan_tensors
+from qconvert.arch.tensors import PlannedTensor, plan_tensors, written_as_f32
 from qconvert.errors import BadInput
-from qconvert.formats.gguf.metadata import build_header, tokenizer_kvs
+from qconvert.formats.gguf.metadata import build_header, parameter_counts, tokenizer_kvs
 from qconvert.formats.gguf.reader import GGUFSource, read_gguf_source
 from qconvert.formats.gguf.tokenizer import llama_load_problem
 from qconvert.formats.gguf.writer import GGUFOutput, tensor_nbytes, write_gguf
@@ -184,8 +184,8 @@ def _open_source(model: str, opts: ConvertOptions) -> _Source:
     spec = resolve(cfg, ckpt.path)
     tok, info = tokenizer_kvs(spec, cfg, ckpt.path, opts.pre_tokenizer)
     planned = plan_tensors(ckpt, spec, cfg, info.n_vocab_real)
-    total = sum(int(np.prod(t.shape, dtype=np.int64)) for t in planned)
-    header = build_header(spec, cfg, ckpt.path, ckpt.name, total, tok)
+    params = parameter_counts((t.name, t.shape) for t in planned)
+    header = build_header(spec, cfg, ckpt.path, ckpt.name, params, tok)
     return _Source(str(ckpt.path), ckpt.name, spec.name, _facts(spec.name, header), header, planned)
 
 
@@ -241,7 +241,7 @@ def _kept_type(t: PlannedTensor, src: _Source) -> Q:
     """Type of a tensor that is not quantized: what our BF16 file (or the input GGUF) holds for it."""
     if src.gguf is not None:
         return src.gguf.raw[t.name][0]
-    if len(t.shape) < 2 or t.name.endswith("_norm.weight"):
+    if written_as_f32(t.name, t.shape):
         return Q.F32
     return Q.F16 if t.dtype == "F16" else (Q.F32 if t.dtype == "F32" else Q.BF16)
 

@@ -1,5 +1,5 @@
-"""Fixtures of the pipeline tests: llama.cpp's tools (built once into the cache) and a BF16 GGUF of the
-real fixture model written by `qconvert convert --type BF16`."""
+"""Fixtures of the pipeline tests: llama.cpp's tools (built once into the cache), its converter (the sdist's
+vendor/llama.cpp) and a BF16 GGUF of the real fixture model written by `qconvert convert --type BF16`."""
 
 from __future__ import annotations
 
@@ -43,3 +43,9 @@ def smollm2_bf16_gguf(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("gguf") / "smollm2-bf16.gguf"
     convert(str(smollm2_dir), ConvertOptions(file_type="BF16", output=out))
     return out
+
+
+@pytest.fixture(scope="session")
+def llamacpp_converter(fixtures_lib) -> Path:
+    """vendor/llama.cpp of the llama-cpp-python 0.3.36 sdist: convert_hf_to_gguf.py, conversion/, gguf-py/."""
+    return fixtures_lib.llamacpp_source()

@@ -253,6 +253,25 @@ def _spm_type(sp: Any, i: int) -> int:
     return gguf.TokenType.NORMAL
 
 
+def special_vocab(model_dir: Path, **kw: Any) -> gguf.SpecialVocab:
+    """gguf-py's SpecialVocab as the vendored (newer than PyPI 0.19) gguf-py builds it: a ByteLevel
+    post-processor in tokenizer.json sets add_bos/add_eos to False first (TemplateProcessing's verdict, if it
+    gives one, still wins; tokenizer_config's add_*_token then only fills what is unset)."""
+    special = gguf.SpecialVocab(model_dir, **kw)
+    tj = model_dir / "tokenizer.json"
+    post = (_load_json(tj).get("post_processor") or {}) if tj.is_file() else {}
+    processors = post.get("processors", [post])
+    if not any(p.get("type") == "ByteLevel" for p in processors):
+        return special
+    single = next((p.get("single", []) for p in processors if p.get("type") == "TemplateProcessing"), [])
+    by_template = {"bos": single[:1], "eos": single[-1:]} if len(single) > 1 else {"bos": [], "eos": []}
+    old = special.add_special_token
+    first = {t: old.get(t, False) if part and part[0].get("SpecialToken", {}).get("id") else False
+             for t, part in by_template.items()}
+    special.add_special_token = {**first, **{t: v for t, v in old.items() if t not in first}}
+    return special
+
+
 def _export_spm(w: Any, model_dir: Path, cfg: dict, phi3: bool = False) -> TokenizerInfo:
     tokens, scores, types = _spm_vocab(model_dir, cfg, with_tokenizer_json=phi3)
     w.add_tokenizer_model("llama")
@@ -260,7 +279,7 @@ def _export_spm(w: Any, model_dir: Path, cfg: dict, phi3: bool = False) -> Token
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    special_vocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
     return TokenizerInfo("llama", "default", len(tokens), len(tokens))
 
 
@@ -287,7 +306,7 @@ def _export_llama_hf(w: Any, model_dir: Path, cfg: dict) -> TokenizerInfo:
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    special_vocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
     return TokenizerInfo("llama", "default", len(tokens), len(tokens))
 
 
@@ -297,7 +316,7 @@ def _export_gpt2(w: Any, model_dir: Path, cfg: dict, pre_override: str | None) -
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True)
+    special = special_vocab(model_dir, load_merges=True)
     if not special.merges:
         raise BadInput("tokenizer.json has no BPE merges", model_dir / "tokenizer.json")
     special.add_to_gguf(w, quiet=True)

@@ -1,0 +1,265 @@
+"""`qconvert convert --to gguf` on Mixture-of-Experts checkpoints, against llama.cpp's own two steps:
+the vendored convert_hf_to_gguf.py --outtype bf16, then llama_model_quantize (libllama) to each file type.
+Tensor for tensor byte-identical, KVs equal apart from general.* provenance; llama.cpp loads our file and
+its logits match transformers'."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from qconvert.errors import BadInput
+from qconvert.formats.gguf.imatrix import Imatrix, write_imatrix_gguf
+from qconvert.pipelines.convert import ConvertOptions, convert
+from tests.oracle.convert_hf import convert_hf_to_gguf
+from tests.oracle.llamacpp import model_quantize
+from tests.pipelines.test_convert import TOKENS, _hf_logits, _llama_logits
+
+FT = gguf.LlamaFileType
+Q = gguf.GGMLQuantizationType
+# arch -> the pre-tokenizer name the converter's hash gives the real tokenizer the fixture's imitates
+MOE = {"qwen3_moe": "qwen2"}
+# a representative set; the imatrix ones also exercise the per-expert slices (one expert without tokens)
+FILE_TYPES = ["Q8_0", "Q4_K_M", "Q6_K", "Q2_K", "MXFP4_MOE"]
+IMATRIX_FILE_TYPES = ["IQ4_XS", "IQ2_XS"]
+
+
+@pytest.fixture(scope="module")
+def reference_bf16(llamacpp_converter, synthetic_dir, tmp_path_factory):
+    """arch -> (HF dir, the converter's BF16 GGUF of it), converted once per module."""
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(arch: str) -> tuple[Path, Path]:
+        if arch not in made:
+            model = synthetic_dir(arch)
+            out = tmp_path_factory.mktemp(f"ref-{arch}") / f"{arch}-bf16.gguf"
+            made[arch] = (model, convert_hf_to_gguf(llamacpp_converter, model, out, MOE[arch]))
+        return made[arch]
+
+    return get
+
+
+def _convert(model: Path, out: Path, file_type: str, **kw) -> Path:
+    convert(str(model), ConvertOptions(file_type=file_type, output=out, threads=2, **kw))
+    return out
+
+
+def _kvs(r: gguf.GGUFReader) -> list[tuple[str, list, object]]:
+    skip = ("GGUF.", "general.")
+    return [(k, f.types, f.contents()) for k, f in r.fields.items() if not k.startswith(skip)]
+
+
+def _assert_same(ours: Path, ref: Path, *, order: bool = True) -> None:
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
+    ta = {t.name: (t.tensor_type, np.asarray(t.data).tobytes()) for t in a.tensors}
+    tb = {t.name: (t.tensor_type, np.asarray(t.data).tobytes()) for t in b.tensors}
+    assert sorted(ta) == sorted(tb), "tensor names differ"
+    if order:
+        assert list(ta) == list(tb), "tensor order differs"
+    bad = [(n, ta[n][0].name, tb[n][0].name) for n in ta if ta[n] != tb[n]]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:5]}"
+    ka, kb = _kvs(a), _kvs(b)
+    assert [k for k, _, _ in ka] == [k for k, _, _ in kb], "KV keys or their order differ"
+    assert ka == kb, [k for (k, *va), (_, *vb) in zip(ka, kb, strict=True) if va != vb]
+    assert a.fields["general.file_type"].contents() == b.fields["general.file_type"].contents()
+
+
+def _expert_imatrix(bf16: Path) -> Imatrix:
+    """Random Σx² for every 2-D and expert tensor; expert 3 of every layer's gate stack saw no token, so its
+    slice takes llama-quantize's all-ones weights."""
+    rng = np.random.default_rng(7)
+    entries = {}
+    for t in gguf.GGUFReader(bf16).tensors:
+        if not t.name.startswith("blk.") or len(t.shape) < 2:
+            continue
+        n_mat = int(t.shape[2]) if len(t.shape) > 2 else 1
+        counts = rng.integers(20, 200, n_mat).astype(np.float32)
+        if n_mat > 1 and "ffn_gate_exps" in t.name:
+            counts[3] = 0
+        sums = rng.gamma(2.0, 1.0, (n_mat, int(t.shape[0]))).astype(np.float32) * counts[:, None]
+        entries[t.name] = (sums, counts)
+    return Imatrix(entries, datasets=["calib.txt"], chunk_count=10, chunk_size=512)
+
+
+# ---------------------------------------------------------------- the converter's BF16 file
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_bf16_equals_convert_hf_to_gguf(arch, reference_bf16, tmp_path):
+    model, ref = reference_bf16(arch)
+    ours = _convert(model, tmp_path / "ours.gguf", "BF16")
+    # the converter writes tensors in its own emit order; llama-quantize (and we) write llama.cpp's
+    _assert_same(ours, ref, order=False)
+    r = gguf.GGUFReader(ours)
+    cfg = json.loads((model / "config.json").read_text())
+    n_exp = cfg.get("num_local_experts") or cfg["num_experts"]
+    down = next(t for t in r.tensors if t.name == "blk.0.ffn_down_exps.weight")
+    assert down.tensor_type == Q.BF16 and tuple(down.shape) == (cfg["moe_intermediate_size"],
+                                                                 cfg["hidden_size"], n_exp)
+    router = next(t for t in r.tensors if t.name == "blk.0.ffn_gate_inp.weight")
+    assert router.tensor_type == Q.F32
+    assert r.fields["general.size_label"].contents() == gguf.GGUFReader(ref).fields[
+        "general.size_label"].contents()
+
+
+# ---------------------------------------------------------------- llama-quantize of it
+
+@pytest.mark.parametrize("file_type", FILE_TYPES)
+@pytest.mark.parametrize("arch", list(MOE))
+def test_file_types_equal_llama_quantize(arch, file_type, reference_bf16, tmp_path):
+    model, bf16 = reference_bf16(arch)
+    ours = _convert(model, tmp_path / "ours.gguf", file_type)
+    ref = tmp_path / "ref.gguf"
+    model_quantize(bf16, ref, int(getattr(FT, f"MOSTLY_{file_type}")))
+    _assert_same(ours, ref)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(ours).tensors}
+    if file_type == "Q4_K_M":  # 8 experts: llama-quantize's n_expert == 8 rules
+        assert types["blk.0.attn_k.weight"] == types["blk.0.attn_v.weight"] == Q.Q8_0
+        assert types["blk.0.attn_output.weight"] == Q.Q5_K
+    if file_type == "MXFP4_MOE":
+        assert types["blk.0.ffn_down_exps.weight"] == Q.MXFP4 and types["blk.0.attn_q.weight"] == Q.Q8_0
+
+
+@pytest.mark.parametrize("file_type", IMATRIX_FILE_TYPES)
+@pytest.mark.parametrize("arch", list(MOE))
+def test_imatrix_file_types_equal_llama_quantize(arch, file_type, reference_bf16, tmp_path):
+    model, bf16 = reference_bf16(arch)
+    imx = _expert_imatrix(bf16)
+    write_imatrix_gguf(tmp_path / "imatrix.gguf", imx)
+    ours = _convert(model, tmp_path / "ours.gguf", file_type, imatrix=tmp_path / "imatrix.gguf")
+    ref = tmp_path / "ref.gguf"
+    kvs = {"quantize.imatrix.file": str(tmp_path / "imatrix.gguf"), "quantize.imatrix.dataset": "calib.txt",
+           "quantize.imatrix.entries_count": len(imx.entries), "quantize.imatrix.chunks_count": 10}
+    weights = {n: imx.weights(n) for n in imx.entries}
+    model_quantize(bf16, ref, int(getattr(FT, f"MOSTLY_{file_type}")), imatrix=weights, kv_overrides=kvs)
+    _assert_same(ours, ref)
+
+
+# ---------------------------------------------------------------- llama.cpp runs it like transformers
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_llama_cpp_logits_match_transformers(arch, synthetic_dir, tmp_path):
+    model = synthetic_dir(arch)
+    out = _convert(model, tmp_path / "m.gguf", "BF16")
+    ref, got = _hf_logits(model, TOKENS), _llama_logits(out, TOKENS)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max(), f"max |Δlogit| {np.abs(got - ref).max():.4f}"
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+
+
+# ---------------------------------------------------------------- transformers 5's fused layout
+
+def _fuse(model: Path, out: Path) -> Path:
+    """The checkpoint as transformers 5 holds it in memory: per layer one gate_up_proj [E, 2I, H] (gate rows
+    first) and one down_proj [E, H, I] instead of a Linear per expert."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    n = cfg.get("num_local_experts") or cfg["num_experts"]
+    fused = {k: v for k, v in tensors.items() if ".experts." not in k}
+    layers = sorted({int(m[1]) for k in tensors if (m := re.search(r"layers\.(\d+)\.mlp\.experts\.", k))})
+    import torch
+
+    for i in layers:
+        p = f"model.layers.{i}.mlp.experts"
+        gate = [tensors[f"{p}.{x}.gate_proj.weight"] for x in range(n)]
+        up = [tensors[f"{p}.{x}.up_proj.weight"] for x in range(n)]
+        fused[f"{p}.gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1).contiguous()
+        fused[f"{p}.down_proj"] = torch.stack([tensors[f"{p}.{x}.down_proj.weight"] for x in range(n)])
+    save_file(fused, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_fused_experts_equal_the_per_expert_layout(synthetic_dir, reference_bf16, tmp_path):
+    model, bf16 = reference_bf16("qwen3_moe")
+    fused = _fuse(model, tmp_path / "fused")
+    ours = _convert(fused, tmp_path / "fused.gguf", "Q4_K_M")
+    ref = tmp_path / "ref.gguf"
+    model_quantize(bf16, ref, FT.MOSTLY_Q4_K_M)
+    _assert_same(ours, ref)
+
+
+# ---------------------------------------------------------------- bad input: one line, no output
+
+def _edit(model: Path, out: Path, change) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _refused(model: Path, tmp_path: Path, match: str) -> None:
+    target = tmp_path / "out" / "o.gguf"
+    target.parent.mkdir()
+    with pytest.raises(BadInput, match=match) as e:
+        _convert(model, target, "Q4_K_M")
+    assert "\n" not in str(e.value)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_missing_expert_is_refused(synthetic_dir, tmp_path):
+    model = _edit(synthetic_dir("qwen3_moe"), tmp_path / "m",
+                  lambda t: t.pop("model.layers.2.mlp.experts.5.up_proj.weight"))
+    _refused(model, tmp_path, r"model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight is missing")
+
+
+def test_expert_shapes_that_disagree_are_refused(synthetic_dir, tmp_path):
+    def shrink(t):
+        name = "model.layers.1.mlp.experts.3.gate_proj.weight"
+        t[name] = t[name][:128].clone()
+
+    model = _edit(synthetic_dir("qwen3_moe"), tmp_path / "m", shrink)
+    _refused(model, tmp_path, r"experts\.3\.gate_proj\.weight is BF16 \[128, 256\] but .* \[256, 256\]")
+
+
+def test_fused_tensor_of_the_wrong_shape_is_refused(synthetic_dir, tmp_path):
+    fused = _fuse(synthetic_dir("qwen3_moe"), tmp_path / "fused")
+
+    def drop_expert(t):
+        name = "model.layers.0.mlp.experts.gate_up_proj"
+        t[name] = t[name][:7].clone()
+
+    shutil.rmtree(tmp_path / "fused-bad", ignore_errors=True)
+    model = _edit(fused, tmp_path / "fused-bad", drop_expert)
+    _refused(model, tmp_path, r"fused expert tensor model\.layers\.0\.mlp\.experts\.gate_up_proj has shape "
+                              r"\[7, 512, 256\], expected \[E, 2\*I, H\] with E=8")
+
+
+def test_imatrix_with_another_expert_count_is_refused(synthetic_dir, tmp_path):
+    bad = Imatrix({"blk.0.ffn_down_exps.weight": (np.ones((4, 256), np.float32), np.ones(4, np.float32))},
+                  datasets=["x"], chunk_count=1, chunk_size=512)
+    write_imatrix_gguf(tmp_path / "bad.gguf", bad)
+    with pytest.raises(BadInput, match=r"blk\.0\.ffn_down_exps\.weight has 1024 values but the tensor needs "
+                                       r"2048"):
+        _convert(synthetic_dir("qwen3_moe"), tmp_path / "o.gguf", "Q4_K_M", imatrix=tmp_path / "bad.gguf")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("args", [["--method", "gptq"], ["--method", "awq"]])
+def test_calibrated_methods_refuse_moe_in_one_line(args, synthetic_dir, calib_text, quantize_cli, tmp_path):
+    code, out, err = quantize_cli(synthetic_dir("qwen3_moe"), *args, "--dataset", calib_text,
+                                  "-o", tmp_path / "q")
+    assert code == 2 and "qwen3moe" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_refuses_moe_in_one_line(synthetic_dir, calib_text, capsys, tmp_path):
+    from qconvert import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["calibrate", str(synthetic_dir("qwen3_moe")), "--dataset", str(calib_text),
+                  "-o", str(tmp_path / "stats")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Mixture-of-Experts" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
