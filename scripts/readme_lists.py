@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+# the qconvert beside this README, not whichever one the environment installed (a worktree's own tree)
+sys.path.insert(0, str(README.parent))
 
 
 def file_types() -> str:
