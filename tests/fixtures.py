@@ -45,7 +45,7 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 ORACLE_VERSION = "0.3.36"
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
 # Mixture-of-Experts families (HF model_type), built like the dense ones: experts under their hub names
-MOE_ARCHS = ("qwen3_moe",)
+MOE_ARCHS = ("qwen3_moe", "olmoe", "qwen2_moe", "mixtral")
 SEED = 1234
 
 # Bump a recipe when the way an artefact is built changes: the stale cached copy is then rebuilt.
@@ -550,6 +550,15 @@ def synthetic_tokenizer_dir(style: str = "smollm") -> Path:
 MOE_EXTRA: dict[str, dict] = {
     "qwen3_moe": {"moe_intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2,
                   "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    # untied as on the hub: llama.cpp's olmoe and qwen2moe loaders require output.weight; olmoe without GQA
+    # as on the hub: its loader wants attn_k_norm of n_embd, not n_head_kv * head_dim
+    "olmoe": {"intermediate_size": 256, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False,
+              "tie_word_embeddings": False, "num_key_value_heads": 4},
+    "qwen2_moe": {"moe_intermediate_size": 256, "shared_expert_intermediate_size": 512, "num_experts": 4,
+                  "num_experts_per_tok": 2, "norm_topk_prob": False, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "tie_word_embeddings": False},
+    "mixtral": {"intermediate_size": 256, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "sliding_window": None},
 }
 
 

@@ -297,8 +297,12 @@ def test_synthetic_loads_and_gives_finite_logits(synthetic_dir, arch):
     assert torch.isfinite(logits).all() and logits.float().std() > 0.1
 
 
-MOE_ARCHS = {"qwen3_moe": ("Qwen3MoeForCausalLM", "mlp.experts.{x}.{p}.weight", ("gate_proj", "up_proj",
-                                                                               "down_proj"))}
+_QWEN_EXPERTS = ("mlp.experts.{x}.{p}.weight", ("gate_proj", "up_proj", "down_proj"))
+MOE_ARCHS = {
+    "qwen3_moe": ("Qwen3MoeForCausalLM", *_QWEN_EXPERTS), "olmoe": ("OlmoeForCausalLM", *_QWEN_EXPERTS),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", *_QWEN_EXPERTS),
+    "mixtral": ("MixtralForCausalLM", "block_sparse_moe.experts.{x}.{p}.weight", ("w1", "w2", "w3")),
+}
 
 
 def test_moe_arch_list_matches_builder(fixtures_lib):

@@ -116,6 +116,14 @@ def _print_types(console, summary: dict[str, Any]) -> None:
     _print_rows(console, "Types", ("type", "tensors", "params", "bytes", "share"), rows, {1, 2, 3, 4})
 
 
+def _print_experts(console, experts: dict[str, Any]) -> None:
+    count = "?" if experts["count"] is None else str(experts["count"])
+    used = "" if experts["used"] is None else f", {experts['used']} per token"
+    rows = [(s["name"], s["type"], str(s["experts"]), str(s["nbytes_per_expert"])) for s in experts["stacks"]]
+    head = ("stack", "type (every expert)", "experts", "bytes per expert")
+    _print_rows(console, f"Experts ({count}{used})", head, rows, {2, 3})
+
+
 def render(summary: dict[str, Any]) -> None:
     from rich.text import Text
 
@@ -139,6 +147,8 @@ def render(summary: dict[str, Any]) -> None:
     _print_tensors(console, summary)
     if summary["quantized_layers"]:
         _print_layers(console, summary["quantized_layers"])
+    if summary.get("experts"):
+        _print_experts(console, summary["experts"])
     _print_types(console, summary)
     console.print(_kv_table("Totals", [
         ("tensors", str(summary["tensor_count"])),

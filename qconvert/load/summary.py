@@ -45,11 +45,18 @@ Schema of `qconvert inspect --json` (one JSON object):
                       quantization tensors), "bits_per_weight" (nbytes*8/parameters), "shape" ([N, K]),
                       "granularity" (tensor | channel | group | block), "tensors" ([names])}];
                       [] for GGUF (its per-tensor types are in `tensors`)
+    experts           null for a dense model, else {"count" (routed experts: GGUF {arch}.expert_count, or
+                      config.json num_experts / num_local_experts / n_routed_experts), "used" (experts per
+                      token, or null), "stacks": [{"name", "type", "experts", "nbytes_per_expert"}]}: one
+                      entry per expert stack, every expert of which has that type. GGUF: each 3-D `*_exps.*`
+                      tensor; safetensors: each per-expert Linear, its expert index written `*`
+                      (model.layers.0.mlp.experts.*.gate_proj.weight)
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -196,10 +203,50 @@ def inspect_checkpoint(ckpt: Checkpoint, source: str) -> dict[str, Any]:
         "files": [str(f) for f in ckpt.files], "metadata": dict(ckpt.metadata), "config": ckpt.config,
         "tokenizer_files": sorted(ckpt.tokenizer_files), "gguf": None, "tensors": tensors,
         "quantization": _safetensors_quantization(ckpt, layers),
-        "quantized_layers": [q.as_dict() for q in layers],
+        "quantized_layers": [q.as_dict() for q in layers], "experts": _checkpoint_experts(ckpt),
     }
     rows = [(t.dtype, params[t.name], t.nbytes) for t in ckpt.tensors.values()]
     return _totals(summary, rows)
+
+
+_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _int_or_none(v: Any) -> int | None:
+    v = _scalar(v)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _experts(count: Any, used: Any, stacks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    n = _int_or_none(count)
+    if n is None and not stacks:
+        return None
+    return {"count": n, "used": _int_or_none(used), "stacks": stacks}
+
+
+def _gguf_experts(g: GGUFFile) -> dict[str, Any] | None:
+    arch = g.value("general.architecture")
+    prefix = arch if isinstance(arch, str) else ""
+    stacks = [{"name": t.name, "type": t.type_name, "experts": int(t.shape[0]),
+               "nbytes_per_expert": t.nbytes // int(t.shape[0])}
+              for t in g.tensors.values() if "_exps." in t.name and len(t.shape) == 3 and t.shape[0] > 0]
+    return _experts(g.value(f"{prefix}.expert_count"), g.value(f"{prefix}.expert_used_count"), stacks)
+
+
+def _checkpoint_experts(ckpt: Checkpoint) -> dict[str, Any] | None:
+    from qconvert.arch.hparams import find
+    from qconvert.load.config import text_config
+
+    groups: dict[str, list[Any]] = {}
+    for name, t in ckpt.tensors.items():
+        if _EXPERT_INDEX.search(name):
+            groups.setdefault(_EXPERT_INDEX.sub(".experts.*.", name, count=1), []).append(t)
+    stacks = [{"name": key, "type": "/".join(sorted({t.dtype for t in ts})), "experts": len(ts),
+               "nbytes_per_expert": max(t.nbytes for t in ts)} for key, ts in groups.items()]
+    cfg = text_config(ckpt.config) if isinstance(ckpt.config, dict) else {}
+    count = find(cfg, ["num_local_experts", "num_experts", "n_routed_experts"])
+    used = find(cfg, ["num_experts_per_tok", "num_experts_per_token", "top_k_experts"])
+    return _experts(count, used, stacks)
 
 
 def _gguf_quantization(g: GGUFFile) -> dict[str, Any] | None:
@@ -230,6 +277,7 @@ def inspect_gguf(path: str | Path, source: str | None = None) -> dict[str, Any]:
             "gguf": {"version": g.version, "alignment": g.alignment, "tensor_data_offset": g.data_offset,
                      "kv_count": len(g.fields)},
             "tensors": tensors, "quantization": _gguf_quantization(g), "quantized_layers": [],
+            "experts": _gguf_experts(g),
         }
         rows = [(t.type_name, t.numel, t.nbytes) for t in g.tensors.values()]
     return _totals(summary, rows)

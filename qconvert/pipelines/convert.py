@@ -184,6 +184,10 @@ def _open_source(model: str, opts: ConvertOptions) -> _Source:
     spec = resolve(cfg, ckpt.path)
     tok, info = tokenizer_kvs(spec, cfg, ckpt.path, opts.pre_tokenizer)
     planned = plan_tensors(ckpt, spec, cfg, info.n_vocab_real)
+    if spec.needs_output and not any(t.name == "output.weight" for t in planned):
+        # convert_hf_to_gguf.py writes such a file anyway; llama.cpp then fails to load it
+        raise BadInput(f"llama.cpp's {spec.name} loader needs an lm_head (output.weight), and this "
+                       "checkpoint ties it to the embedding (tie_word_embeddings)", ckpt.path)
     params = parameter_counts((t.name, t.shape) for t in planned)
     header = build_header(spec, cfg, ckpt.path, ckpt.name, params, tok)
     return _Source(str(ckpt.path), ckpt.name, spec.name, _facts(spec.name, header), header, planned)
