@@ -50,8 +50,8 @@ _RULES: dict[str, Callable[[dict[str, int]], Shape]] = {
     "attn_k": lambda d: (d["kv"], d["hidden"]),
     "attn_v": lambda d: (d["kv"], d["hidden"]),
     "attn_output": lambda d: (d["hidden"], d["q"]),
-    "attn_q_norm": lambda d: (d["head_dim"],),
-    "attn_k_norm": lambda d: (d["head_dim"],),
+    "attn_q_norm": lambda d: (d["q"] if d.get("full_qk_norm") else d["head_dim"],),
+    "attn_k_norm": lambda d: (d["kv"] if d.get("full_qk_norm") else d["head_dim"],),
     "attn_qkv": lambda d: (d["q"] + 2 * d["kv"], d["hidden"]),
     "ffn_gate": lambda d: (d["inter"], d["hidden"]),
     "ffn_up": lambda d: (d["inter"] * d.get("up_factor", 1), d["hidden"]),
@@ -59,6 +59,8 @@ _RULES: dict[str, Callable[[dict[str, int]], Shape]] = {
 }
 # families whose ffn_up holds gate and up stacked (phi3's gate_up_proj, kept fused by the converter)
 _FUSED_GATE_UP = (gguf.MODEL_ARCH.PHI3,)
+# families whose q/k norms span all heads (OLMoE's q_norm [n_head * head_dim], k_norm [n_kv * head_dim])
+_FULL_QK_NORM = (gguf.MODEL_ARCH.OLMOE,)
 
 
 def expected_shape(spec: ArchSpec, cfg: dict, gguf_name: str) -> Shape | None:
@@ -69,6 +71,8 @@ def expected_shape(spec: ArchSpec, cfg: dict, gguf_name: str) -> Shape | None:
         return None
     if spec.arch in _FUSED_GATE_UP:
         dims["up_factor"] = 2
+    if spec.arch in _FULL_QK_NORM:
+        dims["full_qk_norm"] = 1
     try:
         shape = _RULES[m["kind"]](dims)
     except KeyError:  # a size this config does not have (no intermediate_size: MoE-only layers)

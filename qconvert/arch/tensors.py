@@ -30,7 +30,8 @@ _LM_HEAD_WEIGHT = f"{LM_HEAD}.weight"
 # the Linears the packed-format methods quantize: weights inside the decoder layers (every family nests them
 # under ``…layers.<i>.``), minus these module prefixes: MoE routers and other modalities' towers
 _DECODER_WEIGHT = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\..+)\.weight$")
-NOT_QUANTIZED = (r"\.mlp\.gate$", r"\.router$", r"(^|\.)(vision|visual|audio|multi_modal)")
+NOT_QUANTIZED = (r"\.mlp\.gate$", r"\.block_sparse_moe\.gate$", r"\.shared_expert_gate$", r"\.router$",
+                 r"(^|\.)(vision|visual|audio|multi_modal)")
 
 
 def linear_module(name: str) -> tuple[str, int | None] | None:

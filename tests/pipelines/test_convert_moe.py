@@ -300,3 +300,21 @@ def test_inspect_shows_experts_and_their_types(synthetic_dir, tmp_path):
     assert {s["type"] for s in hf["stacks"]} == {"BF16"} and all(s["experts"] == 8 for s in hf["stacks"])
     assert "model.layers.0.mlp.experts.*.gate_proj.weight" in {s["name"] for s in hf["stacks"]}
     assert inspect(synthetic_dir("llama"))["experts"] is None
+
+
+@pytest.mark.parametrize(("arch", "routers"), [("mixtral", ["block_sparse_moe.gate"]),
+                                               ("qwen2_moe", ["mlp.gate", "mlp.shared_expert_gate"])])
+def test_data_free_quantize_keeps_routers(arch, routers, synthetic_dir, quantize_cli, tmp_path):
+    """rtn quantizes each expert under its own name and keeps the routers as they are (every family's)."""
+    from safetensors import safe_open
+
+    code, out, err = quantize_cli(synthetic_dir(arch), "--method", "rtn", "-o", tmp_path / "q")
+    assert code == 0, err
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        for r in routers:
+            assert f.get_slice(f"model.layers.0.{r}.weight").get_dtype() == "BF16"
+            packed = [n for n in names if n.startswith(f"model.layers.0.{r}.") and not n.endswith(".weight")]
+            assert not packed
+    expert = "block_sparse_moe.experts.3.w2" if arch == "mixtral" else "mlp.experts.3.down_proj"
+    assert f"model.layers.1.{expert}.qweight" in names
