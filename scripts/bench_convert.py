@@ -14,6 +14,13 @@ and checks that 2, 3 and 4 wrote the same bytes. With --two-step, also llama.cpp
   5. convert_hf_to_gguf.py HF_DIR --outtype bf16  (kept beside the tools by scripts/build_llamacpp_tools.sh)
 whose time plus llama-quantize's is what users pay today. Default model: the SmolLM2 fixture. Work files go
 to a temp dir under the cache (QCONVERT_CACHE), removed at the end.
+
+--libllama runs step 4 as llama_model_quantize from the oracle wheel's libllama (tests/oracle/llamacpp.py;
+what llama-quantize's main() calls, same nthread) and step 5 as the sdist's converter (tests/fixtures.py
+llamacpp_source; --pre-tokenizer names the pre-tokenizer for a synthetic tokenizer, as the MoE oracle tests
+do), so nothing has to be compiled. A synthetic MoE benchmark model: `python tests/fixtures.py bench-moe`
+(qwen3_moe, hidden 2048, 16 layers, 32 experts, top-4, expert FFN 512: ~1.9B parameters, 3.8 GB), or
+tests/fixtures.py build_streamed_moe with smaller sizes.
 """
 
 from __future__ import annotations
@@ -79,14 +86,32 @@ def llama_quantize_bin(given: str | None) -> Path:
     return Path(built.stdout.strip().splitlines()[-1]) / "llama-quantize"
 
 
-def default_model() -> Path:
+def _fixtures():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("qconvert_bench_fixtures", ROOT / "tests" / "fixtures.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.smollm2_dir()
+    return mod
+
+
+def default_model() -> Path:
+    return _fixtures().smollm2_dir()
+
+
+# step 4 through libllama: the argument list of llama-quantize (IN OUT TYPE NTHREAD), no --imatrix
+_LIBLLAMA_QUANTIZE = (
+    "import sys, gguf; sys.path.insert(0, sys.argv[1]); from tests.oracle.llamacpp import model_quantize; "
+    "model_quantize(sys.argv[2], sys.argv[3], int(getattr(gguf.LlamaFileType, 'MOSTLY_' + sys.argv[4])), "
+    "nthread=int(sys.argv[5]))"
+)
+
+
+def libllama_quantize_cmd(extra: list[str]) -> list[str]:
+    if extra:
+        raise SystemExit("--libllama does not pass an imatrix; use the llama-quantize tool for --imatrix")
+    return [sys.executable, "-c", _LIBLLAMA_QUANTIZE, str(ROOT)]
 
 
 def bench(
@@ -94,7 +119,7 @@ def bench(
     file_type: str,
     threads: int,
     repeat: int,
-    quantize_bin: Path,
+    quantize_bin: Path | None,
     work: Path,
     imatrix: Path | None = None,
 ) -> dict:
@@ -114,8 +139,9 @@ def bench(
             rows["qconvert HF→BF16"].append(run(qconvert(model, "BF16", bf16, threads)))
         rows[f"qconvert HF→{tag}"].append(run(qconvert(model, file_type, outs[0], threads, imatrix)))
         rows[f"qconvert BF16.gguf→{tag}"].append(run(qconvert(bf16, file_type, outs[1], threads, imatrix)))
+        tool = libllama_quantize_cmd(extra) if quantize_bin is None else [str(quantize_bin), *extra]
         rows[f"llama-quantize BF16→{tag}"].append(
-            run([str(quantize_bin), *extra, str(bf16), str(outs[2]), file_type, str(threads)])
+            run([*tool, str(bf16), str(outs[2]), file_type, str(threads)])
         )
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in rows.items() if v}
     same = all(filecmp.cmp(outs[0], o, shallow=False) for o in outs[1:])
@@ -143,27 +169,26 @@ def main() -> None:
     ap.add_argument("--llama-quantize", help="llama-quantize path (default: scripts/build_llamacpp_tools.sh)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--two-step", action="store_true", help="also time convert_hf_to_gguf.py --outtype bf16")
+    ap.add_argument("--libllama", action="store_true",
+                    help="llama_model_quantize through the oracle wheel and the sdist's converter (no build)")
+    ap.add_argument("--pre-tokenizer", help="with --libllama --two-step: the converter's pre-tokenizer name")
     args = ap.parse_args()
     model = args.model or default_model()
-    quantize_bin = llama_quantize_bin(args.llama_quantize)
+    quantize_bin = None if args.libllama else llama_quantize_bin(args.llama_quantize)
     cache_root().mkdir(parents=True, exist_ok=True)
     reports: list[dict] = []
     with tempfile.TemporaryDirectory(dir=cache_root(), prefix="bench-convert-") as tmp:
         if args.two_step:
-            converter = quantize_bin.parent.parent / "converter"
             out = Path(tmp) / "hf-converter-BF16.gguf"
-            env_py = f"PYTHONPATH={converter / 'gguf-py'}"
-            cmd = [
-                "env",
-                env_py,
-                sys.executable,
-                str(converter / "convert_hf_to_gguf.py"),
-                str(model),
-                "--outtype",
-                "bf16",
-                "--outfile",
-                str(out),
-            ]
+            converter = _fixtures().llamacpp_source() if quantize_bin is None else \
+                quantize_bin.parent.parent / "converter"
+            args_out = [str(model), "--outtype", "bf16", "--outfile", str(out)]
+            if args.pre_tokenizer:  # the converter's hash does not know a synthetic tokenizer
+                driver = ROOT / "tests" / "oracle" / "convert_hf.py"
+                cmd = [sys.executable, str(driver), str(converter), args.pre_tokenizer, *args_out]
+            else:
+                env_py = f"PYTHONPATH={converter / 'gguf-py'}"
+                cmd = ["env", env_py, sys.executable, str(converter / "convert_hf_to_gguf.py"), *args_out]
             reports.append(
                 {
                     "model": str(model),

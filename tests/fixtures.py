@@ -1,6 +1,6 @@
 """Test fixtures for qconvert, built on demand into a cache outside the repo.
 
-    python tests/fixtures.py [all|model|synthetic|text|oracle|bench-1b]
+    python tests/fixtures.py [all|model|synthetic|text|oracle|bench-1b|bench-moe]
 
 Cache root: ~/.cache/qconvert (QCONVERT_CACHE overrides). Every artefact is built in a temp path next to its
 target and renamed when complete, so an interrupted build never leaves a half fixture; a stamp file beside it
@@ -17,6 +17,7 @@ Artefacts (under <cache>/fixtures):
                                     expert as on the hub
   ../llama.cpp-src/<version>/       vendor/llama.cpp of the llama-cpp-python sdist (its converter)
   bench/llama-1b/                   ~1.1B-parameter seeded llama, benchmarks only (bench-1b), streamed
+  bench/qwen3-moe-2b/               ~1.9B-parameter seeded qwen3_moe (32 experts), benchmarks only (bench-moe)
 """
 
 from __future__ import annotations
@@ -786,6 +787,78 @@ def _bench_config(hidden: int, intermediate: int, layers: int, heads: int, kv_he
     }
 
 
+def _moe_tensor_shapes(hidden: int, moe_inter: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                       experts: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Qwen3-MoE tensors under their hub names: one Linear per expert and projection."""
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
+            (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+            (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
+            (p + "self_attn.q_norm.weight", (head_dim,)),
+            (p + "self_attn.k_norm.weight", (head_dim,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate.weight", (experts, hidden)),
+        ]
+        for x in range(experts):
+            shapes += [
+                (p + f"mlp.experts.{x}.gate_proj.weight", (moe_inter, hidden)),
+                (p + f"mlp.experts.{x}.up_proj.weight", (moe_inter, hidden)),
+                (p + f"mlp.experts.{x}.down_proj.weight", (hidden, moe_inter)),
+            ]
+    return shapes + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def build_streamed_moe(
+    out: Path,
+    *,
+    hidden: int = 2048,
+    moe_inter: int = 512,
+    layers: int = 16,
+    heads: int = 16,
+    kv_heads: int = 4,
+    head_dim: int = 128,
+    experts: int = 32,
+    top_k: int = 4,
+    vocab: int = 32000,
+    shards: int = 4,
+    seed: int = SEED,
+) -> Path:
+    """A seeded Qwen3-MoE checkpoint written tensor by tensor (peak memory: one tensor), untied lm_head. The
+    defaults are issue 14's benchmark model (~1.9B parameters); smaller sizes give quick measurements."""
+    shapes = _moe_tensor_shapes(hidden, moe_inter, layers, heads, kv_heads, head_dim, experts, vocab)
+    index = {name: i for i, (name, _) in enumerate(shapes)}
+    groups = _split_shards(shapes, shards)
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for k, group in enumerate(groups, 1):
+        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        log(f"writing {out.name}/{fname} ({len(group)} tensors)")
+        _write_safetensors_streamed(out / fname, group, lambda n, s: _seeded_tensor(n, s, seed, index[n]))
+        weight_map.update(dict.fromkeys((n for n, _ in group), fname))
+    total = sum(2 * math.prod(s) for _, s in shapes)
+    _write_json(
+        out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
+    cfg = _bench_config(hidden, 4 * moe_inter, layers, heads, kv_heads, vocab)
+    cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=head_dim,
+               moe_intermediate_size=moe_inter, num_experts=experts, num_experts_per_tok=top_k,
+               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    _write_json(out / "config.json", cfg)
+    for f in sorted(synthetic_tokenizer_dir("qwen2").iterdir()):
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+def bench_moe_dir() -> Path:
+    return ensure(fixtures_root() / "bench" / "qwen3-moe-2b", RECIPES["bench"] + "+moe-1",
+                  lambda tmp: build_streamed_moe(tmp))
+
+
 def bench_1b_dir() -> Path:
     return ensure(
         fixtures_root() / "bench" / "llama-1b", RECIPES["bench"], lambda tmp: build_streamed_llama(tmp)
@@ -955,6 +1028,7 @@ TARGETS: dict[str, Callable[[], object]] = {
     "synthetic": build_synthetic,
     "oracle": ensure_oracle,
     "bench-1b": lambda: _timed("bench llama-1b", bench_1b_dir),
+    "bench-moe": lambda: _timed("bench qwen3-moe-2b", bench_moe_dir),
 }
 
 
