@@ -104,18 +104,24 @@ def test_every_packed_format_implements_the_interface():
     def members(proto: type) -> set[str]:
         return {n for n in vars(proto) if not n.startswith("_")} | set(getattr(proto, "__annotations__", {}))
 
+    from qconvert.methods.types import SCHEMES
+
     write = members(PackedFormat) | members(Layout)
+    scheme_kinds = {s.kind for s in SCHEMES.values()}
     for fmt in FORMATS:
         missing = [n for n in write if not hasattr(fmt, n)]
         assert not missing, f"{type(fmt).__name__} lacks {missing}"
-        assert fmt.kind in ("int", "fp8")
+        assert fmt.kind in {"int", "fp8"} | scheme_kinds
+    # every --scheme has a writer (its kind) under --format compressed-tensors, the default with a scheme
+    assert scheme_kinds <= {f.kind for f in FORMATS if f.name == "compressed-tensors"}
     for lay in LAYOUTS:
         missing = [n for n in members(Layout) if not hasattr(lay, n)]
         assert not missing, f"{type(lay).__name__} lacks {missing}"
     # the CLI's --format choices are the registry's names
-    from qconvert.cli.quantize import Format
+    from qconvert.cli.quantize import Format, Scheme
 
     assert tuple(f.value for f in Format) == FORMAT_NAMES
+    assert tuple(s.value for s in Scheme) == tuple(SCHEMES)
 
 
 def test_every_method_is_a_config_and_a_run():

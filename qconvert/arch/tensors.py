@@ -34,6 +34,30 @@ NOT_QUANTIZED = (r"\.mlp\.gate$", r"\.block_sparse_moe\.gate$", r"\.shared_exper
                  r"(^|\.)(vision|visual|audio|multi_modal)")
 
 
+# Linears that vLLM loads as one fused layer (QKVParallelLinear, MergedColumnParallelLinear, the MoE w13 of
+# each expert, DeepSeek's fused q_a / kv_a): siblings under one parent module. Formats whose per-tensor
+# scales must agree across a fused layer (NVFP4's global scale) group them by these (llm-compressor 0.14
+# observers/helpers.py FUSED_LAYER_NAMES).
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"),
+                  ("q_a_proj", "kv_a_proj_with_mqa"))
+
+
+def fused_groups(prefixes: Iterable[str]) -> list[tuple[str, ...]]:
+    """The fused groups among module prefixes: every FUSED_SIBLINGS tuple whose members all exist under one
+    parent (a parent with only some of them is not a fused layer), in the order of their first member."""
+    ordered = list(dict.fromkeys(prefixes))
+    present = set(ordered)
+    groups = []
+    for prefix in ordered:
+        parent, _, leaf = prefix.rpartition(".")
+        for names in FUSED_SIBLINGS:
+            if leaf == names[0]:
+                members = tuple(f"{parent}.{n}" if parent else n for n in names)
+                if all(m in present for m in members):
+                    groups.append(members)
+    return groups
+
+
 def linear_module(name: str) -> tuple[str, int | None] | None:
     """(module prefix, decoder layer) of a weight a quantize method may take: a decoder layer's, or lm_head's
     (layer None); None for every other tensor."""

@@ -41,12 +41,13 @@ def _render(summary: QuantizeSummary) -> None:
         table.add_column(col, justify="right")
     for row in summary.table():
         fp8 = row["kind"].startswith("fp8-")
+        fp4 = row["kind"] in ("nvfp4", "mxfp4")
         group = row["kind"].removeprefix("fp8-") if fp8 else str(row["group_size"])
         if row["kind"] == "fp8-block":
             group = f"block {row['group_size']}×{row['group_size']}"
         table.add_row(
             str(row["layers"]),
-            "fp8 e4m3" if fp8 else "int",
+            "fp8 e4m3" if fp8 else f"fp4 e2m1 ({row['kind']})" if fp4 else "int",
             str(row["bits"]),
             group,
             "yes" if row["sym"] else "no",
@@ -90,9 +91,9 @@ def quantize_command(
     scheme: Scheme = typer.Option(
         None,
         "--scheme",
-        help="fp8: dynamic (per-channel weights, per-token activations, no data), static (per-tensor "
-        "weight and input scales; needs --dataset or --stats), block (128×128 weight blocks) "
-        "(default: dynamic).",
+        help="The number format, named after llm-compressor's preset: "
+        + "; ".join(f"{s.name} (--method {'/'.join(s.methods)}): {s.help}" for s in SCHEMES.values())
+        + " (fp8 default: dynamic).",
     ),
     percentile: float = typer.Option(
         None, "--percentile", help="fp8 static: input scale from this percentile of the per-token max |x| "

@@ -110,3 +110,144 @@ def encode_rne(v: np.ndarray) -> np.ndarray:
         below = (a <= F32(bound)) if inclusive else (a < F32(bound))
         mag = np.where(below, np.uint8(code), mag)
     return mag | ((v < 0).astype(np.uint8) << 3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# compressed-tensors NVFP4 / MXFP4 weights (packed-formats-2026.md §1, §2): the numpy spec of what
+# llm-compressor's QuantizationModifier + compressed-tensors' compressors write. compressed-tensors computes
+# the scales in the weight's own dtype, so every step below says which rounding it does; ``dtype`` is that
+# dtype's torch name ("bfloat16", "float16", "float32").
+
+NVFP4_GROUP = 16
+MXFP4_GROUP = 32
+FP4_MAX = F32(6.0)
+E4M3_MAX = F32(448.0)
+NVFP4_EPS = F32(0.125)  # compressed-tensors' _get_dtype_eps(float8_e4m3fn): a zero local scale becomes this
+_MX_OFFSET = 2  # floor(log2(6)): the E2M1 exponent offset of an E8M0 scale (mxfp_utils._MX_ELEM_OFFSET)
+_MIN_NORMAL = {"bfloat16": F32(2.0**-126), "float16": F32(2.0**-14), "float32": F32(2.0**-126)}
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded to nearest-even in ``dtype`` and widened back to float32 (what a torch op on
+    a tensor of that dtype stores: torch computes bf16/f16 arithmetic in float32 and rounds once)."""
+    x = np.asarray(x, dtype=F32)
+    if dtype == "float32":
+        return x
+    if dtype == "float16":
+        return x.astype(np.float16).astype(F32)
+    if dtype != "bfloat16":
+        raise ValueError(f"no rounding rule for {dtype!r}")
+    bits = x.view(np.uint32)
+    lsb = (bits >> np.uint32(16)) & np.uint32(1)
+    return ((bits + np.uint32(0x7FFF) + lsb) & np.uint32(0xFFFF0000)).view(F32)  # finite inputs only
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [N, K] (K even) -> bytes [N, K/2]: element 2j in the low nibble, 2j+1 in the high one
+    (compressed-tensors' pack_fp4_to_uint8)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << np.uint8(4))
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The inverse of pack_nibbles: bytes [N, K/2] -> codes [N, K]."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    out = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
+    out[:, 0::2] = packed & np.uint8(0xF)
+    out[:, 1::2] = packed >> np.uint8(4)
+    return out
+
+
+def _groups(w: np.ndarray, group: int) -> np.ndarray:
+    w = np.asarray(w, dtype=F32)
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"{k} input columns do not divide into groups of {group}")
+    return w.reshape(n, k // group, group)
+
+
+def nvfp4_global_scale(amax: float, dtype: str) -> F32:
+    """``weight_global_scale`` of a tensor (or of a fused group: the max |w| over all its members):
+    compressed-tensors' generate_gparam ``448 * 6 / amax`` on a tensor of the weight dtype. Python's
+    ``float / tensor`` is torch's ``reciprocal(t) * float`` (Tensor.__rtruediv__), so there are two
+    roundings to the weight dtype, not one. amax is clamped below by the dtype's tiny; NaN/inf -> 1.0."""
+    a = max(F32(amax), _MIN_NORMAL[dtype])
+    with np.errstate(over="ignore", divide="ignore"):
+        r = round_to(np.array([F32(1.0) / a], dtype=F32), dtype)
+        g = round_to(r * F32(E4M3_MAX * FP4_MAX), dtype)[0]
+    return F32(g) if np.isfinite(g) else F32(1.0)
+
+
+def nvfp4_quantize(w: np.ndarray, global_scale: float, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """NVFP4 weight [N, K] (values of `dtype`) -> (E2M1 codes uint8 [N, K], E4M3 local scales as uint8
+    bits [N, K/16]).
+
+        local  = e4m3(clamp(global_scale * dtype(amax_16 / 6), ±448)); 0 -> 0.125
+        codes  = E2M1_rne(clamp(w / (local / global_scale), ±6))            (float32 divisions)
+        dequant = E2M1[code] * local / global_scale
+    """
+    from qconvert.kernels.fp8 import decode_e4m3, encode_e4m3
+
+    g = _groups(w, NVFP4_GROUP)
+    gs = F32(global_scale)
+    local = round_to(np.abs(g).max(axis=-1) / FP4_MAX, dtype)
+    scale_bits = encode_e4m3(np.clip(gs * local, -E4M3_MAX, E4M3_MAX))
+    scale = decode_e4m3(scale_bits)
+    zero = scale == 0
+    if zero.any():
+        scale_bits[zero] = encode_e4m3(NVFP4_EPS)
+        scale = decode_e4m3(scale_bits)
+    eff = scale / gs
+    codes = encode_rne(np.clip(g / eff[..., None], -FP4_MAX, FP4_MAX))
+    return codes.reshape(np.shape(w)), scale_bits
+
+
+def nvfp4_dequantize(codes: np.ndarray, scales: np.ndarray, global_scale: float) -> np.ndarray:
+    """float32 [N, K] as compressed-tensors decompresses it (before the cast to the model dtype); `scales`
+    are the E4M3 local scales' values (float32 [N, K/16], e.g. decode_e4m3 of the stored bits)."""
+    eff = np.asarray(scales, dtype=F32) / F32(global_scale)
+    vals = _groups(decode(codes), NVFP4_GROUP)
+    return (vals * eff[..., None]).reshape(np.shape(codes))
+
+
+def mx_scale_exponents(amax: np.ndarray, dtype: str) -> np.ndarray:
+    """E8M0 bytes of MX groups from their max |w| (values of `dtype`): compressed-tensors'
+    round_to_power_2 (add half of the lowest E2M1-significant mantissa bit, keep sign and exponent: amax
+    goes up to the next power of two iff its significand is >= 1.75, in every dtype; below the dtype's
+    min normal the same bit trick gives the min normal from 0.75 of it, else 0), then
+    ``clamp(127 + log2(p2) - 2, 0, 255)``. A power of two that underflows the weight dtype becomes 1.0
+    (compressed-tensors' eps for an integer scale dtype), exponent 127."""
+    a = np.asarray(amax, dtype=F32)
+    tiny = _MIN_NORMAL[dtype]
+    mant, exp = np.frexp(a)  # a = mant * 2^exp, mant in [0.5, 1)
+    p2_exp = np.where(mant >= F32(0.875), exp, exp - 1)  # significand 2*mant >= 1.75 -> round up
+    sub = a < tiny
+    sub_up = a >= F32(0.75) * tiny
+    p2_exp = np.where(sub, np.where(sub_up, np.frexp(tiny)[1] - 1, -1000), p2_exp)
+    e = np.clip(127 + p2_exp - _MX_OFFSET, 0, 255).astype(np.int32)
+    scale = round_to(np.ldexp(F32(1.0), e - 127).astype(F32), dtype)
+    e = np.where(scale == 0, 127, e)  # underflow -> eps 1.0 -> stored 127
+    return e.astype(np.uint8)
+
+
+def mx_scale_values(exponents: np.ndarray) -> np.ndarray:
+    """E8M0 bytes -> float32 2^(e-127) (compressed-tensors' decompress_mx_scale)."""
+    return np.ldexp(F32(1.0), np.asarray(exponents, dtype=np.int32) - 127).astype(F32)
+
+
+def mxfp4_quantize(w: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """MXFP4 weight [N, K] (values of `dtype`) -> (E2M1 codes uint8 [N, K], E8M0 scale bytes [N, K/32]).
+    ``codes = E2M1_rne(clamp(dtype(w / 2^(e-127)), ±6))``; the division by a power of two is exact unless
+    the quotient leaves the dtype's normal range, hence the rounding."""
+    g = _groups(w, MXFP4_GROUP)
+    e = mx_scale_exponents(np.abs(g).max(axis=-1), dtype)
+    scale = round_to(mx_scale_values(e), dtype)
+    with np.errstate(over="ignore"):
+        x = round_to(g / scale[..., None], dtype)
+    codes = encode_rne(np.clip(x, -FP4_MAX, FP4_MAX))
+    return codes.reshape(np.shape(w)), e
+
+
+def mxfp4_dequantize(codes: np.ndarray, exponents: np.ndarray) -> np.ndarray:
+    vals = _groups(decode(codes), MXFP4_GROUP)
+    return (vals * mx_scale_values(exponents)[..., None]).reshape(np.shape(codes))

@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from qconvert.errors import BadInput
+from qconvert.methods.types import SCHEMES
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,25 @@ class Method:
     def make_config(self, given: dict[str, Any]) -> Any:
         """The method's Config from the options the user gave; an option the method does not take is
         refused (it would be silently ignored otherwise)."""
+        scheme = given.get("scheme")
+        if scheme is not None:
+            check_scheme(scheme, self.name)
         config_type = self.load().Config
         known = set(config_type.__dataclass_fields__)
         for key in given:
             if key not in known:
                 raise BadInput(f"--{key.replace('_', '-')} does not apply to --method {self.name}")
         return config_type(**given)
+
+
+def check_scheme(scheme: str, method_name: str) -> None:
+    """A --scheme the method does not find is refused, naming the methods that do (from SCHEMES)."""
+    if scheme not in SCHEMES:
+        raise BadInput(f"--scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    offered = SCHEMES[scheme].methods
+    if method_name not in offered:
+        raise BadInput(f"--scheme {scheme} is not offered by --method {method_name}; use --method "
+                       f"{' or '.join(offered)}")
 
 
 METHODS = {m.name: m for m in (

@@ -23,7 +23,7 @@ from qconvert.errors import BadInput
 from qconvert.kernels import fp8 as fp8_kernel
 from qconvert.kernels.fp8 import E4M3_MAX
 from qconvert.methods.plan import CalibrationOptions, Job, LayerPlan
-from qconvert.methods.types import SCHEMES, FP8Spec, FP8Tensor, PackOptions, expand_scale, scale_dtype
+from qconvert.methods.types import FP8_STRATEGIES, FP8Spec, FP8Tensor, PackOptions, expand_scale, scale_dtype
 
 STRATEGIES = ("tensor", "channel", "block")
 
@@ -43,11 +43,11 @@ class Config(CalibrationOptions):
     stats: str | None = None  # static: max |x| from a `qconvert calibrate` file instead of --dataset
 
     def spec(self) -> FP8Spec:
-        return FP8Spec(strategy=SCHEMES[self.scheme])
+        return FP8Spec(strategy=FP8_STRATEGIES[self.scheme])
 
     def check(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise BadInput(f"--scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+        if self.scheme not in FP8_STRATEGIES:
+            raise BadInput(f"--scheme {self.scheme!r}: choose one of {', '.join(FP8_STRATEGIES)}")
         if not 0 < self.percentile <= 100:
             raise BadInput(f"--percentile {self.percentile}: must be in (0, 100]")
         if self.scheme == "static":

@@ -55,6 +55,7 @@ class Config(IntOptions, CalibrationOptions):
     block_size: int = 128  # columns per lazy-batch update
 
     def check(self) -> None:
+        self.check_scheme()
         if not 0 < self.damp < 1:
             raise BadInput(f"--damp {self.damp}: must be between 0 and 1 (a fraction of mean(diag H))")
         if self.static_groups and not self.act_order:

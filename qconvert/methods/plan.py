@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from qconvert.methods.types import FP8Spec, FP8Tensor, QuantizedTensor, QuantSpec
+from qconvert.errors import BadInput
+from qconvert.methods.types import SCHEMES, FP4Spec, FP4Tensor, FP8Spec, FP8Tensor, QuantizedTensor, QuantSpec
 
-Spec = QuantSpec | FP8Spec
-Quantized = QuantizedTensor | FP8Tensor
+Spec = QuantSpec | FP8Spec | FP4Spec
+Quantized = QuantizedTensor | FP8Tensor | FP4Tensor
 Progress = Callable[[int, int, str], None]  # (decoder layers done, total, "layers.3 mlp.down_proj err 0.012")
 
 
@@ -36,18 +37,51 @@ class LayerPlan:
         return f"{where} {short} err {error:.4g}"
 
 
+# the weight grid of the --scheme values the integer methods find (methods.types.SCHEMES): int schemes fix
+# (bits, group_size, sym); FP4 ones are their own grid
+SCHEME_GRIDS: dict[str, tuple[int, int, bool] | FP4Spec] = {
+    "w8a8": (8, -1, True),
+    "nvfp4a16": FP4Spec("nvfp4"),
+    "mxfp4a16": FP4Spec("mxfp4"),
+}
+
+
 @dataclass(frozen=True)
 class IntOptions:
-    """The integer weight grid every integer method quantizes to."""
+    """The integer weight grid every integer method quantizes to, or a --scheme that fixes it."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     mse: bool = False  # search scales on a shrink grid minimising |Q(w)-w|^2.4
+    scheme: str | None = None  # w8a8 | nvfp4a16 | mxfp4a16 (SCHEMES entries listing this method)
 
-    def spec(self) -> QuantSpec:
-        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym,
-                         mse=2.4 if self.mse else 0.0)
+    def spec(self) -> QuantSpec | FP4Spec:
+        grid = SCHEME_GRIDS.get(self.scheme) if self.scheme else None
+        if isinstance(grid, FP4Spec):
+            return grid
+        bits, group, sym = grid or (self.bits, self.group_size, self.sym)
+        return QuantSpec(bits=bits, group_size=group, sym=sym, mse=2.4 if self.mse else 0.0)
+
+    def check_scheme(self) -> None:
+        """--bits/--group-size/--sym/--mse that contradict the --scheme are refused, not silently dropped
+        (a value left at its default is taken as not given)."""
+        if not self.scheme:
+            return
+        if self.scheme not in SCHEME_GRIDS:
+            raise BadInput(f"--scheme {self.scheme} is not an integer-method scheme")
+        grid = SCHEME_GRIDS[self.scheme]
+        defaults = IntOptions()
+        given = {"bits": self.bits, "group-size": self.group_size, "sym": self.sym}
+        fixed = dict(zip(given, grid, strict=True)) if isinstance(grid, tuple) else {}
+        bad = [k for k, v in given.items()
+               if v != getattr(defaults, k.replace("-", "_")) and fixed.get(k) != v]
+        if isinstance(grid, FP4Spec) and self.mse:
+            bad.append("mse")
+        if bad:
+            what = SCHEMES[self.scheme].help
+            raise BadInput(f"--scheme {self.scheme} fixes the weight grid ({what}): drop "
+                           + " ".join(f"--{k}" for k in bad))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Round-to-nearest: per-group min/max (or MSE-grid) scales, no calibration data."""
+"""Round-to-nearest: per-group min/max (or MSE-grid) scales, no calibration data; or, with --scheme
+nvfp4a16 / mxfp4a16, compressed-tensors FP4 (kernels/fp4.py is the spec; the scales are computed in the
+weight's own dtype as compressed-tensors does). NVFP4's global scale is shared by the Linears vLLM fuses
+(q/k/v, gate/up: arch.tensors.fused_groups), so their max |w| is read first, one tensor at a time.
+
+--scheme w8a8 is the integer path with the grid int8 / per channel / symmetric."""
 
 from __future__ import annotations
 
@@ -7,15 +12,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qconvert.arch.tensors import fused_groups
+from qconvert.errors import BadInput
+from qconvert.kernels import fp4 as fp4_kernel
 from qconvert.methods.plan import IntOptions, Job, LayerPlan
 from qconvert.methods.quantizer import find_params, grouped_tensor
-from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
+from qconvert.methods.types import FP4Spec, FP4Tensor, PackOptions, QuantizedTensor, QuantSpec
+
+# the dtypes compressed-tensors computes FP4 scales in (anything else is quantized as float32)
+_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 @dataclass(frozen=True)
 class Config(IntOptions):
     def check(self) -> None:
-        return None
+        self.check_scheme()
 
     def pack_options(self, lm_head: bool) -> PackOptions:
         return PackOptions(method="rtn", lm_head=lm_head)
@@ -23,6 +34,9 @@ class Config(IntOptions):
 
 def run(job: Job) -> None:
     """Tensor by tensor: no data, so nothing but the weight itself."""
+    if any(isinstance(p.spec, FP4Spec) for p in job.quantized):
+        _run_fp4(job)
+        return
 
     def quantize(p: LayerPlan, w: torch.Tensor) -> tuple[QuantizedTensor, float]:
         assert isinstance(p.spec, QuantSpec)
@@ -30,6 +44,73 @@ def run(job: Job) -> None:
         return qt, relative_error(w, qt)
 
     job.stream(quantize)
+
+
+def _run_fp4(job: Job) -> None:
+    shared = _shared_global_scales(job)
+
+    def quantize(p: LayerPlan, w: torch.Tensor) -> tuple[FP4Tensor, float]:
+        assert isinstance(p.spec, FP4Spec)
+        qt = fp4_quantize(w, p.spec, shared.get(p.prefix), p.prefix)
+        return qt, fp4_relative_error(w, qt)
+
+    job.stream(quantize)
+
+
+def _shared_global_scales(job: Job) -> dict[str, float]:
+    """NVFP4: one global scale per fused group, from the max |w| over its members. A group quantized only in
+    part is refused (vLLM would load one fused layer with two schemes; llm-compressor asserts too)."""
+    if not any(isinstance(p.spec, FP4Spec) and p.spec.variant == "nvfp4" for p in job.quantized):
+        return {}
+    plans = {p.prefix: p for p in job.layers}
+    out: dict[str, float] = {}
+    for group in fused_groups(p.prefix for p in job.layers):
+        kept = [m for m in group if plans[m].spec is None]
+        if kept and len(kept) < len(group):
+            raise BadInput(f"nvfp4: {kept[0]} is kept dense but its fused siblings are not; vLLM loads "
+                           f"{', '.join(m.rpartition('.')[2] for m in group)} as one layer with one global "
+                           "scale: --ignore all of them or none")
+        if kept:
+            continue
+        amax = max(_amax(job.ckpt, plans[m]) for m in group)
+        dtype = _dtype(job.ckpt.read(plans[group[0]].weight))
+        for m in group:
+            out[m] = float(fp4_kernel.nvfp4_global_scale(amax, dtype))
+    return out
+
+
+def _amax(ckpt, p: LayerPlan) -> float:
+    amax = float(ckpt.read(p.weight).abs().max())
+    if not np.isfinite(amax):
+        raise BadInput(f"{p.prefix}: weight contains NaN or Inf values; refusing to quantize it",
+                       ckpt.tensors[p.weight].file)
+    return amax
+
+
+def _dtype(w: torch.Tensor) -> str:
+    return _DTYPES.get(w.dtype, "float32")
+
+
+def fp4_quantize(weight: torch.Tensor, spec: FP4Spec, global_scale: float | None = None,
+                 name: str = "weight") -> FP4Tensor:
+    """One [N, K] weight in the weight's own dtype; NVFP4 without a shared `global_scale` gets its own."""
+    dtype = _dtype(weight)
+    w = weight.detach().to(torch.float32).numpy()
+    if not np.isfinite(w).all():
+        raise BadInput(f"{name}: weight contains NaN or Inf values; refusing to quantize it")
+    if spec.variant == "nvfp4":
+        gs = fp4_kernel.nvfp4_global_scale(float(np.abs(w).max()), dtype) if global_scale is None \
+            else global_scale
+        codes, scales = fp4_kernel.nvfp4_quantize(w, gs, dtype)
+        return FP4Tensor(codes, scales, float(gs), spec)
+    codes, scales = fp4_kernel.mxfp4_quantize(w, dtype)
+    return FP4Tensor(codes, scales, None, spec)
+
+
+def fp4_relative_error(weight: torch.Tensor, qt: FP4Tensor) -> float:
+    w = weight.detach().to(torch.float32).numpy()
+    norm = float(np.linalg.norm(w))
+    return float(np.linalg.norm(w - qt.dequantize())) / norm if norm else 0.0
 
 
 def _as_float32(weight: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,31 @@ from qconvert.load import dtypes
 if TYPE_CHECKING:  # torch only where tensors are made: inspect reads layouts without it
     import torch
 
+@dataclass(frozen=True)
+class Scheme:
+    """A ``--scheme``: a number format named as llm-compressor names its preset, the methods that find it
+    and the kind of packed format that writes it (formats/packed FORMATS ``kind``)."""
+
+    name: str
+    kind: str  # fp8 | nvfp4 | mxfp4 | w8a8
+    methods: tuple[str, ...]
+    preset: str  # llm-compressor / compressed-tensors preset name
+    help: str
+
+
+SCHEMES = {s.name: s for s in (
+    Scheme("dynamic", "fp8", ("fp8",), "FP8_DYNAMIC", "per-channel weights, per-token activations, no data"),
+    Scheme("static", "fp8", ("fp8",), "FP8",
+           "per-tensor weight and input scales; needs --dataset or --stats"),
+    Scheme("block", "fp8", ("fp8",), "FP8_BLOCK", "128×128 weight blocks"),
+    Scheme("nvfp4a16", "nvfp4", ("rtn",), "NVFP4A16",
+           "FP4 E2M1 weights, E4M3 scale per 16, float32 global scale; bf16 activations; no data"),
+    Scheme("mxfp4a16", "mxfp4", ("rtn",), "MXFP4A16", "FP4 E2M1 weights, E8M0 scale per 32; no data"),
+    Scheme("w8a8", "w8a8", ("rtn", "gptq"), "W8A8",
+           "int8 per-channel symmetric weights, dynamic per-token int8 activations"),
+)}
 # fp8 --scheme -> the weight-scale strategy (a format may coarsen it: vLLM fp8 stores one scale per tensor)
-SCHEMES = {"dynamic": "channel", "static": "tensor", "block": "block"}
+FP8_STRATEGIES = {"dynamic": "channel", "static": "tensor", "block": "block"}
 
 
 def scale_dtype(name: str) -> torch.dtype:
@@ -169,6 +192,52 @@ def expand_scale(scale: torch.Tensor, shape: tuple[int, int], spec: FP8Spec) -> 
         return scale  # [1] and [N, 1] broadcast as they are
     bn, bk = spec.block
     return scale.repeat_interleave(bn, 0)[: shape[0]].repeat_interleave(bk, 1)[:, : shape[1]]
+
+
+@dataclass(frozen=True)
+class FP4Spec:
+    """compressed-tensors FP4 weights: NVFP4 (E4M3 scale per 16 and a float32 global scale) or MXFP4 (E8M0
+    scale per 32). The scales are computed in the weight's own dtype (kernels/fp4.py), so nothing here
+    says how they are stored: the format fixes that."""
+
+    variant: str  # nvfp4 | mxfp4
+
+    @property
+    def group_size(self) -> int:
+        return 16 if self.variant == "nvfp4" else 32
+
+    def fits(self, n: int, k: int) -> bool:
+        return k % self.group_size == 0
+
+    def misfit(self, bad: list[tuple[str, tuple[int, int]]]) -> str:
+        prefix, (_, k) = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        return (f"{self.variant}: {prefix} has {k} input columns, not a multiple of {self.group_size}{more}; "
+                f"skip it with --ignore '{re.escape(prefix)}$'")
+
+
+@dataclass
+class FP4Tensor:
+    """An FP4 method result: E2M1 codes and the group scales as their stored bytes."""
+
+    codes: np.ndarray  # uint8 [N, K] E2M1 codes (bit 3 = sign)
+    scales: np.ndarray  # uint8 [N, K/g]: E4M3 bit patterns (nvfp4) or E8M0 exponents (mxfp4)
+    global_scale: float | None  # nvfp4: the float32 divisor shared by the fused group; mxfp4: None
+    spec: FP4Spec
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape  # type: ignore[return-value]
+
+    def dequantize(self) -> np.ndarray:
+        from qconvert.kernels import fp4
+
+        if self.spec.variant == "nvfp4":
+            from qconvert.kernels.fp8 import decode_e4m3
+
+            assert self.global_scale is not None
+            return fp4.nvfp4_dequantize(self.codes, decode_e4m3(self.scales), self.global_scale)
+        return fp4.mxfp4_dequantize(self.codes, self.scales)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from qconvert.load.config import text_config
 from qconvert.load.dtypes import FLOAT_NAMES
 from qconvert.methods import method as find_method
 from qconvert.methods.plan import Job, LayerPlan, Progress, Quantized, Spec
-from qconvert.methods.types import FP8Spec, FP8Tensor, QuantSpec
+from qconvert.methods.types import SCHEMES, FP4Tensor, FP8Spec, FP8Tensor, QuantSpec
 
 PRESET_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "quantize"
 FP8_GROUP = {"tensor": 0, "channel": -1}  # LayerResult.group_size of FP8 strategies: 0 = one scale per tensor
@@ -77,7 +77,7 @@ class LayerResult:
     shape: tuple[int, int]
     error: float  # RTN, AWQ, FP8: ||W-Wq||/||W||; GPTQ: ||(W-Wq)X||/||WX|| on the calibration inputs
     bytes: int
-    kind: str = "int"  # int, or fp8-tensor / fp8-channel / fp8-block
+    kind: str = "int"  # int, fp8-tensor / fp8-channel / fp8-block, nvfp4 / mxfp4
 
     @property
     def bpw(self) -> float:
@@ -94,7 +94,7 @@ class QuantizeSummary:
     source_bytes: int
     output_bytes: int
     seconds: float
-    scheme: str = ""  # fp8 only
+    scheme: str = ""  # the --scheme (fp8, nvfp4a16, mxfp4a16, w8a8)
     notes: tuple[str, ...] = ()  # checks that could not be made (no config.json, unknown family)
 
     def table(self) -> list[dict]:
@@ -214,14 +214,21 @@ def plan_quantization(ckpt: Checkpoint, opts: QuantizeOptions, config: Any) -> P
     """Every Linear's spec (the method's grid, the layer config's overrides, the format's constraints), the
     format, and the quantization_config it will write."""
     user: Spec = config.spec()
-    kind = "fp8" if isinstance(user, FP8Spec) else "int"
-    fmt = packed_format(opts.format or find_method(opts.method).default_format, kind, opts.method)
+    scheme = SCHEMES.get(getattr(config, "scheme", None) or "")
+    if scheme is not None and scheme.kind != "fp8":  # a scheme of its own format kind (nvfp4, w8a8, ...)
+        fmt = packed_format(opts.format or "compressed-tensors", scheme.kind, f"--scheme {scheme.name}")
+    else:
+        kind = "fp8" if isinstance(user, FP8Spec) else "int"
+        fmt = packed_format(opts.format or find_method(opts.method).default_format, kind,
+                            f"--method {opts.method}")
     options = config.pack_options(opts.quantize_lm_head)
     fmt.check_spec(user, options)
 
     lc = load_layer_config(opts.layer_config)
-    if lc.get("overrides") and kind == "fp8":
-        raise BadInput("layer config overrides (bits, group size) do not apply to fp8; only 'ignore' does")
+    if lc.get("overrides") and (scheme is not None or not isinstance(user, QuantSpec)):
+        what = "fp8" if isinstance(user, FP8Spec) or scheme is None else f"--scheme {scheme.name}"
+        raise BadInput(f"layer config overrides (bits, group size) do not apply to {what}; "
+                       "only 'ignore' does")
     ignore = _compile(list(NOT_QUANTIZED) + list(opts.ignore) + list(lc.get("ignore") or []), "--ignore")
     overrides = lc.get("overrides") or []
     rules = list(zip(_compile([r["match"] for r in overrides], "override"), overrides, strict=True))
@@ -255,6 +262,8 @@ def plan_quantization(ckpt: Checkpoint, opts: QuantizeOptions, config: Any) -> P
 
 
 def _result(p: LayerPlan, qt: Quantized, err: float, nbytes: int) -> LayerResult:
+    if isinstance(qt, FP4Tensor):
+        return LayerResult(p.prefix, 4, qt.spec.group_size, True, p.shape, err, nbytes, kind=qt.spec.variant)
     if isinstance(qt, FP8Tensor):
         spec = qt.spec
         group = spec.block[1] if spec.strategy == "block" else FP8_GROUP[spec.strategy]
@@ -296,7 +305,7 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
     fmt_name = plan.fmt.name
     return QuantizeSummary(str(opts.output), opts.method, fmt_name, results, plan.skipped, source_bytes,
-                           output_bytes, time.monotonic() - t0, scheme=getattr(config, "scheme", ""),
+                           output_bytes, time.monotonic() - t0, scheme=getattr(config, "scheme", None) or "",
                            notes=(shape_note,) if shape_note else ())
 
 

@@ -1,6 +1,7 @@
 """Packed safetensors formats: one module per format, one registry, every list derived from it.
 
-    FORMATS           every --format writer (a name may have an integer and an fp8 flavour)
+    FORMATS           every --format writer (a name has one writer per kind: int, fp8, and one per --scheme
+                      kind: nvfp4, mxfp4, w8a8)
     LAYOUTS           every layout we recognise when reading (inspect, eval --loader unpack)
     packed_format()   the writer of (--format name, method kind)
     find_quantized_layers() / dense_tensors()   the read side, through the layouts
@@ -20,9 +21,10 @@ from qconvert.errors import BadInput
 from qconvert.formats.packed.awq import AWQFormat
 from qconvert.formats.packed.base import Layout, PackedFormat, QuantizedLayer, ReadSmall, Source, TensorInfo
 from qconvert.formats.packed.compressed_tensors import CompressedTensorsFormat
+from qconvert.formats.packed.fp4 import MXFP4Format, NVFP4Format
 from qconvert.formats.packed.fp8 import CompressedTensorsFP8Format, VLLMFP8Format
 from qconvert.formats.packed.gptq import GPTQFormat
-from qconvert.formats.packed.int8 import Int8Layout
+from qconvert.formats.packed.int8 import Int8Format, Int8Layout
 
 if TYPE_CHECKING:  # torch only where tensors are made: inspect reads layouts without it
     import torch
@@ -34,11 +36,15 @@ FORMATS: tuple[PackedFormat, ...] = (
     AWQFormat(),
     CompressedTensorsFP8Format(),
     VLLMFP8Format(),
+    NVFP4Format(),
+    MXFP4Format(),
+    Int8Format(),
 )
 FORMAT_NAMES = tuple(dict.fromkeys(f.name for f in FORMATS))
-# read side, in claim order: AWQ before GPTQ (both store a qweight; AWQ claims only the ones that are its own)
-LAYOUTS: tuple[Layout, ...] = (AWQFormat(), GPTQFormat(), CompressedTensorsFormat(), VLLMFP8Format(),
-                               Int8Layout())
+# read side, in claim order: AWQ before GPTQ (both store a qweight; AWQ claims only the ones that are its
+# own), the FP4 layouts before pack-quantized (all store a weight_packed; FP4's is uint8 with its own scales)
+LAYOUTS: tuple[Layout, ...] = (AWQFormat(), GPTQFormat(), NVFP4Format(), MXFP4Format(),
+                               CompressedTensorsFormat(), VLLMFP8Format(), Int8Layout())
 # tensors that only serve packed Linears or activation quantization: never handed to a dense model
 AUX_SUFFIXES = tuple(dict.fromkeys(
     [s for layout in LAYOUTS for s in layout.suffixes if s != "weight"]
@@ -49,12 +55,13 @@ def format_names(kind: str) -> tuple[str, ...]:
     return tuple(f.name for f in FORMATS if f.kind == kind)
 
 
-def packed_format(name: str, kind: str, method: str) -> PackedFormat:
-    """The --format writer for a method whose results are of `kind` ("int" or "fp8")."""
+def packed_format(name: str, kind: str, what: str) -> PackedFormat:
+    """The --format writer of results of `kind` ("int", "fp8", or a --scheme's kind); `what` names the
+    choice that fixed the kind ("--method rtn", "--scheme w8a8") in the refusal."""
     for f in FORMATS:
         if f.name == name and f.kind == kind:
             return f
-    raise BadInput(f"--method {method} writes --format {' or '.join(format_names(kind))}, not {name!r}")
+    raise BadInput(f"{what} writes --format {' or '.join(format_names(kind))}, not {name!r}")
 
 
 def _layout(prefix: str, suffix: str, tensors: Mapping[str, TensorInfo], method: str) -> Layout | None:
@@ -153,6 +160,34 @@ def _ct_activations(group: Any) -> str | None:
     return " ".join(words)
 
 
+def _ct_preset(group: Any) -> str | None:
+    """The llm-compressor preset a config group is (compressed-tensors quant_scheme.py), for the presets
+    qconvert writes; None for anything else."""
+    if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+        return None
+    w, x = group["weights"], group.get("input_activations")
+    x = x if isinstance(x, dict) else None
+    weights = (w.get("type"), w.get("num_bits"), w.get("strategy"), w.get("group_size"))
+    inputs = None if x is None else (x.get("type"), x.get("num_bits"), x.get("strategy"), x.get("dynamic"))
+    for name, (want_w, want_x) in _CT_PRESETS.items():
+        if weights == want_w and inputs == want_x:
+            return name
+    return None
+
+
+# preset -> ((weights type, bits, strategy, group), (inputs type, bits, strategy, dynamic) or None)
+_CT_PRESETS: dict[str, tuple[tuple, tuple | None]] = {
+    "NVFP4A16": (("float", 4, "tensor_group", 16), None),
+    "NVFP4": (("float", 4, "tensor_group", 16), ("float", 4, "tensor_group", "local")),
+    "MXFP4A16": (("float", 4, "group", 32), None),
+    "MXFP4": (("float", 4, "group", 32), ("float", 4, "group", True)),
+    "W8A8": (("int", 8, "channel", None), ("int", 8, "token", True)),
+    "FP8_DYNAMIC": (("float", 8, "channel", None), ("float", 8, "token", True)),
+    "FP8": (("float", 8, "tensor", None), ("float", 8, "tensor", False)),
+    "FP8_BLOCK": (("float", 8, "block", None), ("float", 8, "group", True)),
+}
+
+
 def _block(value: Any) -> Any:
     """A block_structure as a hashable value: [128, 128] (or older compressed-tensors' "128x128") as given."""
     if isinstance(value, list | tuple):
@@ -203,8 +238,11 @@ def summarize_quantization_config(qc: dict[str, Any] | None) -> dict[str, Any] |
         s["block_structure"] = list(blocks) if isinstance(blocks, tuple) else blocks
         groups = qc.get("config_groups")
         groups = groups.values() if isinstance(groups, dict) else []
+        groups = list(groups)
         acts = list(dict.fromkeys(_ct_activations(g) for g in groups))  # weight-only groups count too (None)
         s["activations"] = acts[0] if len(acts) == 1 else acts or None
+        s["scale_dtype"] = _one([w.get("scale_dtype") for w in weights])
+        s["scheme"] = _one([_ct_preset(g) for g in groups])
         s["ignore"] = qc.get("ignore")
     elif method == "fp8":
         s["bits"] = s["bits"] or 8

@@ -19,13 +19,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qconvert.arch.tensors import LM_HEAD
-from qconvert.methods.types import FP8Spec, FP8Tensor, PackOptions, QuantizedTensor, QuantSpec
+from qconvert.methods.types import (
+    FP4Spec,
+    FP4Tensor,
+    FP8Spec,
+    FP8Tensor,
+    PackOptions,
+    QuantizedTensor,
+    QuantSpec,
+)
 
 if TYPE_CHECKING:  # torch only where tensors are made: inspect reads layouts without it
     import torch
 
-Spec = QuantSpec | FP8Spec
-Quantized = QuantizedTensor | FP8Tensor
+Spec = QuantSpec | FP8Spec | FP4Spec
+Quantized = QuantizedTensor | FP8Tensor | FP4Tensor
 
 
 class TensorInfo(Protocol):
@@ -103,7 +111,8 @@ class PackedFormat(Layout, Protocol):
     """The write side as well: a ``--format`` choice."""
 
     name: str  # the --format value
-    kind: str  # "int" (QuantizedTensor) or "fp8" (FP8Tensor): which methods it holds
+    kind: str  # "int" (QuantizedTensor), "fp8" (FP8Tensor), or a --scheme's kind (methods.types.SCHEMES:
+    #            nvfp4 / mxfp4 hold FP4Tensor, w8a8 QuantizedTensor): which results it holds
 
     def check_spec(self, spec: Spec, options: PackOptions) -> None: ...
     def check_layer(self, name: str, n: int, k: int, spec: Spec) -> None: ...

@@ -47,6 +47,41 @@ def ct_config(config_groups: dict, format: str, skipped: tuple[str, ...], lm_hea
     }
 
 
+# QuantizationArgs as compressed-tensors 0.19 serialises them (every field, unset ones null), the spelling
+# llm-compressor 0.14.0.1 writes (it pins compressed-tensors 0.19.0); 0.20 reads it too
+_ARGS_019 = {"actorder": None, "block_structure": None, "dynamic": False, "group_size": None,
+             "num_bits": 8, "observer": None, "observer_kwargs": {}, "scale_dtype": None, "strategy": None,
+             "symmetric": True, "type": "int", "zp_dtype": None}
+
+
+def preset_config(weights: dict[str, Any], inputs: dict[str, Any] | None, format: str,
+                  skipped: tuple[str, ...], lm_head: bool) -> dict:
+    """``quantization_config`` of one llm-compressor preset group, key for key as llm-compressor 0.14.0.1
+    writes it, without importing compressed-tensors (its import costs ~120 MB and 2 s of a data-free run;
+    tests validate these dicts with its classes). ``version`` is the installed compressed-tensors'."""
+    from importlib.metadata import version
+
+    group = {
+        "format": format,
+        "input_activations": None if inputs is None else {**_ARGS_019, **inputs},
+        "output_activations": None,
+        "targets": ["Linear"],
+        "weights": {**_ARGS_019, **weights},
+    }
+    return {
+        "config_groups": {"group_0": group},
+        "format": format,
+        "global_compression_ratio": None,
+        "ignore": base.ignore_list(skipped, lm_head),
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": version("compressed-tensors"),
+    }
+
+
 class CompressedTensorsFormat:
     name = "compressed-tensors"
     kind = "int"
