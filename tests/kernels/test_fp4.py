@@ -74,3 +74,101 @@ def test_the_two_rules_differ_only_on_ties_and_zero_signs() -> None:
     x = np.array([0.75, 1.75, 3.5, -0.75, -0.1, -0.0, 0.3, 2.4, 5.5], F32)
     assert fp4.nearest_ggml(x, d).tolist() == [1, 3, 5, 9, 0, 0, 1, 4, 7]
     assert fp4.encode_rne(x).tolist() == [2, 4, 6, 10, 8, 0, 1, 4, 7]
+
+
+# -- compressed-tensors NVFP4 / MXFP4 weights: the reference equals compressed-tensors' own functions ------
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _weight(dtype: torch.dtype, group: int) -> torch.Tensor:
+    """Log-normal magnitudes (several decades per row), plus groups that are all zero, tiny, exactly at the
+    MX round-up threshold (significand 1.75) and just below it, and a group holding an exact -0.0."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 8 * group, generator=g) * torch.exp(torch.randn(48, 8 * group, generator=g)) * 0.02
+    w[0, :group] = 0
+    w[1, :group] = 2.0**-12 if dtype == torch.float16 else 2.0**-100
+    w[2, :group] = torch.linspace(-1, 1, group) * 1.75 * 2.0**-5
+    w[3, :group] = torch.linspace(-1, 1, group) * 1.6875 * 2.0**-5
+    w[4, 1] = -0.0
+    return w.to(dtype)
+
+
+def _ct_minmax(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """llm-compressor's memoryless_minmax observer on a weight: min/max per (row, group)."""
+    g = w.reshape(1, w.shape[0], -1, group)
+    return g.amin(dim=(0, -1)), g.amax(dim=(0, -1))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_nvfp4_reference_equals_compressed_tensors(dtype: str) -> None:
+    """global scale (generate_gparam), local E4M3 scales (calculate_qparams) and packed codes (quantize +
+    pack_fp4_to_uint8) of the NVFP4A16 preset, bit for bit, in every weight dtype; and the dequantized
+    weight equals compressed-tensors' decompressor's."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    scheme = preset_name_to_scheme("NVFP4A16", ["Linear"])
+    w = _weight(DTYPES[dtype], 16)
+    lo, hi = _ct_minmax(w, 16)
+    absmax = torch.max(-lo.min(), hi.max())
+    gs = generate_gparam(-absmax.reshape(1), absmax.reshape(1))
+    scale, _ = calculate_qparams(lo, hi, scheme.weights, global_scale=gs)
+    scale = scale.to(torch.float8_e4m3fn).to(w.dtype)  # llm-compressor keeps weight_scale in the weight dtype
+    q = quantize(x=w, scale=scale, global_scale=gs, zero_point=None, args=scheme.weights)
+    packed = pack_fp4_to_uint8(q)
+
+    wn = w.float().numpy()
+    ours_gs = fp4.nvfp4_global_scale(float(np.abs(wn).max()), dtype)
+    codes, scale_bits = fp4.nvfp4_quantize(wn, ours_gs, dtype)
+    assert ours_gs == gs.item()
+    assert np.array_equal(scale_bits, scale.to(torch.float8_e4m3fn).view(torch.uint8).numpy())
+    assert np.array_equal(fp4.pack_nibbles(codes), packed.numpy())
+    assert np.array_equal(fp4.unpack_nibbles(fp4.pack_nibbles(codes)), codes)
+
+    state = {"weight_packed": packed, "weight_scale": scale.to(torch.float8_e4m3fn),
+             "weight_global_scale": gs}
+    theirs = NVFP4PackedCompressor.decompress(state, scheme)["weight"].float().numpy()
+    ours = fp4.nvfp4_dequantize(codes, scale.float().numpy(), ours_gs)
+    assert np.array_equal(fp4.round_to(ours, "bfloat16"), theirs)  # it decompresses to bf16
+
+
+def test_nvfp4_global_scale_rounds_twice() -> None:
+    """``448*6 / amax`` on a bf16 tensor is reciprocal-then-multiply (Tensor.__rtruediv__), two bf16
+    roundings: a single rounding of 2688/amax differs for ~27% of bf16 values (e.g. amax 0.00811768)."""
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    a = torch.tensor([0.00811768], dtype=torch.bfloat16)
+    single = fp4.round_to(np.float32(2688) / a.float().numpy(), "bfloat16")[0]
+    ct = generate_gparam(-a, a).item()
+    assert fp4.nvfp4_global_scale(a.item(), "bfloat16") == ct == 329728.0 != single
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_mxfp4_reference_equals_compressed_tensors(dtype: str) -> None:
+    """E8M0 exponents (calculate_qparams' generate_mx_scales + compress_mx_scale) and packed codes of the
+    MXFP4A16 preset, bit for bit, in every weight dtype; dequantized = the decompressor's."""
+    from compressed_tensors.compressors.mx_utils import compress_mx_scale
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scheme = preset_name_to_scheme("MXFP4A16", ["Linear"])
+    w = _weight(DTYPES[dtype], 32)
+    lo, hi = _ct_minmax(w, 32)
+    scale, _ = calculate_qparams(lo, hi, scheme.weights)
+    packed = pack_fp4_to_uint8(quantize(x=w, scale=scale, zero_point=None, args=scheme.weights))
+    exponents = compress_mx_scale(scale, torch.uint8)
+
+    codes, ours_e = fp4.mxfp4_quantize(w.float().numpy(), dtype)
+    assert np.array_equal(ours_e, exponents.numpy())
+    assert np.array_equal(fp4.pack_nibbles(codes), packed.numpy())
+    # the round-up rule: significand 1.75 goes to the next power of two, 1.6875 does not
+    assert int(ours_e[2, 0]) == 127 - 4 - 2 and int(ours_e[3, 0]) == 127 - 5 - 2
+
+    state = {"weight_packed": packed, "weight_scale": exponents}
+    theirs = MXFP4PackedCompressor.decompress(state, scheme)["weight"].float().numpy()
+    assert np.array_equal(fp4.round_to(fp4.mxfp4_dequantize(codes, ours_e), "bfloat16"), theirs)
