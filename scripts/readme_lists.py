@@ -40,10 +40,13 @@ def architectures() -> str:
 def methods() -> str:
     from qconvert.formats.packed import FORMAT_NAMES
     from qconvert.methods import METHODS
+    from qconvert.methods.types import SCHEMES
 
     lines = [f"* `--method {m.name}`: {m.help}; default format `{m.default_format}`"
              for m in METHODS.values()]
-    return "\n".join([*lines, "* `--format`: " + ", ".join(f"`{n}`" for n in FORMAT_NAMES)])
+    schemes = [f"* `--scheme {s.name}` (`--method {'|'.join(s.methods)}`, llm-compressor's `{s.preset}`): "
+               f"{s.help}" for s in SCHEMES.values()]
+    return "\n".join([*lines, "* `--format`: " + ", ".join(f"`{n}`" for n in FORMAT_NAMES), *schemes])
 
 
 SPANS: dict[str, Callable[[], str]] = {
