@@ -29,7 +29,8 @@ A new llama-quantize file type (``--type IQ2_XXS``) is a mixture rule, not a blo
 formats/gguf/mixture.py's _FILE_TYPES.
 
 Also here: fp8.py (E4M3/E5M2 codes, E4M3_MAX), fp4.py (E2M1 element codes: ggml's and compressed-tensors'
-rounding, shared by the GGUF MXFP4/NVFP4 blocks and the packed FP4 schemes), packing.py (integer code packing
+rounding, shared by the GGUF MXFP4/NVFP4 blocks and the packed FP4 schemes; and the numpy spec of
+compressed-tensors' NVFP4 / MXFP4 weights: scales, codes, nibble packing), packing.py (integer code packing
 for the packed formats).
 """
 

@@ -72,16 +72,15 @@ class IntOptions:
             raise BadInput(f"--scheme {self.scheme} is not an integer-method scheme")
         grid = SCHEME_GRIDS[self.scheme]
         defaults = IntOptions()
-        given = {"bits": self.bits, "group-size": self.group_size, "sym": self.sym}
+        given = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
         fixed = dict(zip(given, grid, strict=True)) if isinstance(grid, tuple) else {}
-        bad = [k for k, v in given.items()
-               if v != getattr(defaults, k.replace("-", "_")) and fixed.get(k) != v]
+        bad = [k for k, v in given.items() if v != getattr(defaults, k) and fixed.get(k) != v]
         if isinstance(grid, FP4Spec) and self.mse:
             bad.append("mse")
         if bad:
-            what = SCHEMES[self.scheme].help
-            raise BadInput(f"--scheme {self.scheme} fixes the weight grid ({what}): drop "
-                           + " ".join(f"--{k}" for k in bad))
+            flags = {"bits": "--bits", "group_size": "--group-size", "sym": "--sym/--asym", "mse": "--mse"}
+            raise BadInput(f"--scheme {self.scheme} fixes the weight grid ({SCHEMES[self.scheme].help}): "
+                           "drop " + " ".join(flags[k] for k in bad))
 
 
 @dataclass(frozen=True)
