@@ -91,26 +91,47 @@ def _dtype(w: torch.Tensor) -> str:
     return _DTYPES.get(w.dtype, "float32")
 
 
+FP4_CHUNK = 1 << 20  # weights per kernel call: the float32 temporaries stay ~4 MB each whatever the tensor
+
+
+def _row_blocks(n: int, k: int) -> list[slice]:
+    step = max(1, FP4_CHUNK // max(k, 1))
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
 def fp4_quantize(weight: torch.Tensor, spec: FP4Spec, global_scale: float | None = None,
                  name: str = "weight") -> FP4Tensor:
-    """One [N, K] weight in the weight's own dtype; NVFP4 without a shared `global_scale` gets its own."""
+    """One [N, K] weight in the weight's own dtype; NVFP4 without a shared `global_scale` gets its own.
+    Rows go through the kernel in blocks (every row is independent once the global scale is known)."""
     dtype = _dtype(weight)
-    w = weight.detach().to(torch.float32).numpy()
-    if not np.isfinite(w).all():
+    w = weight.detach()
+    amax = float(w.abs().max()) if w.numel() else 0.0
+    if not np.isfinite(amax):
         raise BadInput(f"{name}: weight contains NaN or Inf values; refusing to quantize it")
+    n, k = w.shape
+    codes = np.empty((n, k), dtype=np.uint8)
+    scales = np.empty((n, k // spec.group_size), dtype=np.uint8)
+    gs = None
     if spec.variant == "nvfp4":
-        gs = fp4_kernel.nvfp4_global_scale(float(np.abs(w).max()), dtype) if global_scale is None \
-            else global_scale
-        codes, scales = fp4_kernel.nvfp4_quantize(w, gs, dtype)
-        return FP4Tensor(codes, scales, float(gs), spec)
-    codes, scales = fp4_kernel.mxfp4_quantize(w, dtype)
-    return FP4Tensor(codes, scales, None, spec)
+        gs = fp4_kernel.nvfp4_global_scale(amax, dtype) if global_scale is None else global_scale
+    for rows in _row_blocks(n, k):
+        block = w[rows].to(torch.float32).numpy()
+        if gs is not None:
+            codes[rows], scales[rows] = fp4_kernel.nvfp4_quantize(block, gs, dtype)
+        else:
+            codes[rows], scales[rows] = fp4_kernel.mxfp4_quantize(block, dtype)
+    return FP4Tensor(codes, scales, None if gs is None else float(gs), spec)
 
 
 def fp4_relative_error(weight: torch.Tensor, qt: FP4Tensor) -> float:
-    w = weight.detach().to(torch.float32).numpy()
-    norm = float(np.linalg.norm(w))
-    return float(np.linalg.norm(w - qt.dequantize())) / norm if norm else 0.0
+    """``||W - deq||/||W||``, accumulated over the same row blocks."""
+    err = norm = 0.0
+    for rows in _row_blocks(*qt.shape):
+        w = weight[rows].detach().to(torch.float32).numpy()
+        sub = FP4Tensor(qt.codes[rows], qt.scales[rows], qt.global_scale, qt.spec)
+        err += float(np.square(w - sub.dequantize(), dtype=np.float64).sum())
+        norm += float(np.square(w, dtype=np.float64).sum())
+    return (err / norm) ** 0.5 if norm else 0.0
 
 
 def _as_float32(weight: np.ndarray | torch.Tensor) -> torch.Tensor:
