@@ -224,11 +224,13 @@ class HFBackend:
     kind = "transformers"
 
     def __init__(self, path: Path, loader: str = "auto", threads: int | None = None):
+        from qconvert.arch.tensors import check_checkpoint_shapes
         from qconvert.calib.datasets import adds_bos, load_tokenizer
         from qconvert.load import open_checkpoint
 
         self.ckpt = open_checkpoint(path)
         self.path = self.ckpt.path
+        check_checkpoint_shapes(self.ckpt)  # transformers' own size-mismatch report is many lines
         self.method = quant_method(self.ckpt.config)
         self.loader = pick_loader(self.method, loader)
         if threads:

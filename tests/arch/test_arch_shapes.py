@@ -68,7 +68,7 @@ def test_convert_and_data_free_quantize_refuse_a_wrong_shape(synthetic_dir, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial output
 
 
-def test_calibrated_commands_refuse_a_wrong_shape(synthetic_dir, tmp_path, capsys, calib_text):
+def test_calibrated_commands_and_eval_refuse_a_wrong_shape(synthetic_dir, tmp_path, capsys, calib_text):
     model = _broken(synthetic_dir("qwen3"), tmp_path / "m", "model.layers.1.mlp.up_proj.weight", 1)
     data = ("--dataset", calib_text)
     commands = [
@@ -76,6 +76,8 @@ def test_calibrated_commands_refuse_a_wrong_shape(synthetic_dir, tmp_path, capsy
         ("imatrix", model, *data, "--chunks", "1", "-c", "64", "-o", tmp_path / "imatrix.gguf"),
         ("quantize", model, "--method", "gptq", *data, "--num-samples", "2", "--seq-len", "32",
          "-o", tmp_path / "q"),
+        ("eval", model, *data, "--chunks", "1", "-c", "64"),
+        ("eval", model, *data, "--chunks", "1", "-c", "64", "--loader", "unpack"),
     ]
     for command in commands:
         code, err, _ = _run(capsys, *command)
