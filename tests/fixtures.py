@@ -46,7 +46,7 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 ORACLE_VERSION = "0.3.36"
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
 # Mixture-of-Experts families (HF model_type), built like the dense ones: experts under their hub names
-MOE_ARCHS = ("qwen3_moe", "olmoe", "qwen2_moe", "mixtral")
+MOE_ARCHS = ("qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3")
 SEED = 1234
 
 # Bump a recipe when the way an artefact is built changes: the stale cached copy is then rebuilt.
@@ -560,6 +560,14 @@ MOE_EXTRA: dict[str, dict] = {
                   "mlp_only_layers": [], "tie_word_embeddings": False},
     "mixtral": {"intermediate_size": 256, "num_local_experts": 8, "num_experts_per_tok": 2,
                 "sliding_window": None},
+    # MLA (q-LoRA, kv-LoRA 256, nope 128 + rope 64, v 128), one leading dense layer, one shared expert,
+    # sigmoid scoring with the correction bias and 2 groups of 4 (llama.cpp needs groups < experts)
+    "deepseek_v3": {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+                    "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
+                    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid",
+                    "q_lora_rank": 256, "kv_lora_rank": 256, "qk_nope_head_dim": 128,
+                    "qk_rope_head_dim": 64, "v_head_dim": 128, "head_dim": 64, "num_key_value_heads": 4,
+                    "tie_word_embeddings": False},
 }
 
 

@@ -302,6 +302,7 @@ MOE_ARCHS = {
     "qwen3_moe": ("Qwen3MoeForCausalLM", *_QWEN_EXPERTS), "olmoe": ("OlmoeForCausalLM", *_QWEN_EXPERTS),
     "qwen2_moe": ("Qwen2MoeForCausalLM", *_QWEN_EXPERTS),
     "mixtral": ("MixtralForCausalLM", "block_sparse_moe.experts.{x}.{p}.weight", ("w1", "w2", "w3")),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", *_QWEN_EXPERTS),
 }
 
 
@@ -317,12 +318,12 @@ def test_moe_synthetic_has_hub_layout_and_runs(synthetic_dir, arch):
     cls, pattern, projs = MOE_ARCHS[arch]
     d = synthetic_dir(arch)
     cfg = json.loads((d / "config.json").read_text())
-    n = cfg.get("num_local_experts") or cfg["num_experts"]
+    n = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg["n_routed_experts"]
     assert cfg["architectures"] == [cls] and n >= 4 and cfg["num_experts_per_tok"] < n
     expert_ff = cfg.get("moe_intermediate_size", cfg["intermediate_size"])
     assert cfg["hidden_size"] % 256 == 0 and expert_ff % 256 == 0
     tensors = _tensors(d)
-    for layer in range(cfg["num_hidden_layers"]):
+    for layer in range(cfg.get("first_k_dense_replace", 0), cfg["num_hidden_layers"]):
         for x in range(n):
             for proj in projs:
                 assert f"model.layers.{layer}." + pattern.format(x=x, p=proj) in tensors

@@ -124,6 +124,14 @@ def _rope_scaling(rp: dict, w: Any) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(factor)
         w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+        if rp.get("extrapolation_factor") is not None:
+            w.add_rope_scaling_yarn_ext_factor(rp["extrapolation_factor"])
+        if (attn := rp.get("attention_factor", rp.get("attn_factor"))) is not None:
+            w.add_rope_scaling_yarn_attn_factor(attn)
+        if rp.get("beta_fast") is not None:
+            w.add_rope_scaling_yarn_beta_fast(rp["beta_fast"])
+        if rp.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(rp["beta_slow"])
     elif rope_type in ("su", "longrope"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
 
@@ -141,6 +149,37 @@ def hp_qwen2moe(cfg: dict, w: Any) -> None:
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     if cfg.get("shared_expert_intermediate_size") is not None:
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+
+
+def hp_deepseek2(cfg: dict, w: Any) -> None:
+    """DeepseekV2Model: MLA written as MQA (head_count_kv 1; key/value length of the compressed cache, in the
+    slot TextModel made for head_dim, which transformers' DeepseekV3Config always has), then the MLA sizes,
+    the MoE block and the rope dimension."""
+    hp_text({**cfg, "num_key_value_heads": 1, "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6),
+             "head_dim": cfg.get("head_dim", cfg["qk_rope_head_dim"])}, w)
+    has_moe = cfg.get("n_routed_experts") is not None
+    dense = cfg.get("first_k_dense_replace")
+    w.add_leading_dense_block_count(dense if dense is not None else (0 if has_moe else n_layer(cfg)))
+    r = cfg.get("kv_lora_rank", 512)
+    w.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("q_lora_rank") is not None:
+        w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_kv_lora_rank(r)
+    w.add_key_length(r + cfg["qk_rope_head_dim"])
+    w.add_value_length(r)
+    w.add_key_length_mla(cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+    w.add_value_length_mla(cfg["v_head_dim"])
+    w.add_expert_feed_forward_length(find(cfg, ["moe_intermediate_size", "intermediate_size"]))
+    if has_moe:
+        w.add_expert_count(cfg["n_routed_experts"])
+    w.add_expert_shared_count(cfg.get("n_shared_experts", 0))
+    if cfg.get("routed_scaling_factor") is not None:
+        w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    if cfg.get("norm_topk_prob"):
+        w.add_expert_weights_norm(cfg["norm_topk_prob"])
+    w.add_rope_dimension_count(cfg["qk_rope_head_dim"])
+    if (mscale_all := rope_parameters(cfg).get("mscale_all_dim")) is not None:
+        w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)  # the loader divides by 0.1 again (legacy)
 
 
 def hp_olmoe(cfg: dict, w: Any) -> None:

@@ -53,6 +53,8 @@ class ArchSpec:
     block: BlockLayout | None = LLAMA_BLOCK     # decoder-block module names (None: methods cannot walk it)
     experts: Experts | None = None              # MoE families: the routed experts' layout
     needs_output: bool = False                  # llama.cpp's loader requires output.weight (no tied lm_head)
+    mla: bool = False                           # deepseek2: kv_b_proj split into attn_k_b / attn_v_b (3-D),
+                                                # MTP layers (>= num_hidden_layers) and a tied lm_head dropped
 
 
 _LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama,
@@ -79,6 +81,8 @@ _QWEN2MOE = ArchSpec("qwen2moe", gguf.MODEL_ARCH.QWEN2MOE, hp.hp_qwen2moe, block
 _QWEN3MOE = ArchSpec("qwen3moe", gguf.MODEL_ARCH.QWEN3MOE, hp.hp_qwen2moe, block=None, experts=Experts())
 _OLMOE = ArchSpec("olmoe", gguf.MODEL_ARCH.OLMOE, hp.hp_olmoe, block=None, experts=Experts(),
                   needs_output=True)
+_DEEPSEEK2 = ArchSpec("deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, hp.hp_deepseek2, block=None, experts=Experts(),
+                      mla=True)
 # Mixtral is llama with experts (block_sparse_moe.experts.X.w1/w3/w2 = gate/up/down); the converter's
 # LlamaModel knows no fused form for it
 _MIXTRAL = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama, vocab=_LLAMA.vocab, permute_qk=True,
@@ -90,11 +94,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen3ForCausalLM": _QWEN3, "GemmaForCausalLM": _GEMMA, "Gemma2ForCausalLM": _GEMMA2,
     "Gemma3ForCausalLM": _GEMMA3, "Phi3ForCausalLM": _PHI3, "Qwen3MoeForCausalLM": _QWEN3MOE,
     "OlmoeForCausalLM": _OLMOE, "Qwen2MoeForCausalLM": _QWEN2MOE, "MixtralForCausalLM": _MIXTRAL,
+    "DeepseekV3ForCausalLM": _DEEPSEEK2,
 }
 MODEL_TYPES: dict[str, ArchSpec] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2, "qwen3": _QWEN3, "gemma": _GEMMA,
     "gemma2": _GEMMA2, "gemma3_text": _GEMMA3, "gemma3": _GEMMA3, "phi3": _PHI3, "qwen3_moe": _QWEN3MOE,
-    "olmoe": _OLMOE, "qwen2_moe": _QWEN2MOE, "mixtral": _MIXTRAL,
+    "olmoe": _OLMOE, "qwen2_moe": _QWEN2MOE, "mixtral": _MIXTRAL, "deepseek_v3": _DEEPSEEK2,
 }
 # families whose decoder blocks methods (AWQ) can walk, in table order
 BLOCK_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in MODEL_TYPES.values() if s.block))

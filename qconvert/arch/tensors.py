@@ -168,7 +168,47 @@ def _transform(spec: ArchSpec, cfg: dict, hf_name: str, n_vocab_real: int | None
 
 def _hf_name(name: str) -> str:
     # SmolVLM-style text towers are stored under text_model.
-    return name.replace("text_model.", "") if "text_model." in name else name
+    name = name.replace("text_model.", "") if "text_model." in name else name
+    # ModelBase.filter_tensors: DeepSeek/GLM's router correction bias is a .bias of its own module
+    return name.replace("e_score_correction_bias", "e_score_correction.bias")
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _skipped(spec: ArchSpec, cfg: dict, hf: str) -> bool:
+    """Tensors the family's converter drops: deepseek2's MTP layers and tied lm_head."""
+    if not spec.mla:
+        return False
+    if hf == _LM_HEAD_WEIGHT and cfg.get("tie_word_embeddings"):
+        return True
+    m = _LAYER.search(hf)
+    return m is not None and int(m[1]) >= n_layer(cfg)
+
+
+def _split_kv_b(ckpt: Any, spec: ArchSpec, cfg: dict, tmap: gguf.TensorNameMap, raw: str,
+                hf: str) -> list[PlannedTensor]:
+    """MLA kv_b_proj [n_head*(dn+dv), r] -> attn_k_b [n_head, r, dn] (transposed) and attn_v_b
+    [n_head, dv, r], as DeepseekV2Model splits it for the absorption optimisation."""
+    info = ckpt.tensors[raw]
+    n, dn, dv = int(cfg["num_key_value_heads"]), int(cfg["qk_nope_head_dim"]), int(cfg["v_head_dim"])
+    if len(info.shape) != 2 or info.shape[0] != n * (dn + dv):
+        raise BadInput(f"{raw} has shape {list(info.shape)}, expected [{n * (dn + dv)}, kv_lora_rank] "
+                       f"(num_key_value_heads * (qk_nope_head_dim + v_head_dim))", ckpt.path)
+    r = int(info.shape[1])
+    dtype = str(info.dtype).upper()
+
+    def heads() -> np.ndarray:
+        return np.asarray(ckpt.read_numpy(raw), dtype=np.float32).reshape(n, dn + dv, r)
+
+    names = [tmap.get_name(hf.replace("kv_b_proj", part), try_suffixes=(".weight",)) for part in ("k_b_proj",
+                                                                                                    "v_b_proj")]
+    if None in names:
+        raise BadInput(f"cannot map tensor {raw!r} to {spec.name} attn_k_b / attn_v_b", ckpt.path)
+    return [PlannedTensor(str(names[0]), (n, r, dn), raw,
+                          lambda: np.ascontiguousarray(heads()[:, :dn, :].transpose(0, 2, 1)), dtype),
+            PlannedTensor(str(names[1]), (n, dv, r), raw,
+                          lambda: np.ascontiguousarray(heads()[:, dn:, :]), dtype)]
 
 
 def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
@@ -184,7 +224,11 @@ def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
         if raw in consumed:
             continue
         hf = _hf_name(raw)
-        if hf.endswith(_SKIPPED_SUFFIXES) or (spec.drop_lm_head and hf == _LM_HEAD_WEIGHT):
+        if hf.endswith(_SKIPPED_SUFFIXES) or (spec.drop_lm_head and hf == _LM_HEAD_WEIGHT) or \
+                _skipped(spec, cfg, hf):
+            continue
+        if spec.mla and hf.endswith("self_attn.kv_b_proj.weight"):
+            planned += _split_kv_b(ckpt, spec, cfg, tmap, raw, hf)
             continue
         name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -241,6 +285,9 @@ def plan_experts(ckpt: Any, spec: ArchSpec, cfg: dict,
     consumed: set[str] = set()
     for raw in ckpt.tensors:
         hf = _hf_name(raw)
+        if _skipped(spec, cfg, hf):
+            consumed.add(raw)
+            continue
         if (m := per_expert.match(hf)) is not None:
             groups.setdefault((m["pre"], m["proj"]), {})[int(m["x"])] = raw
             consumed.add(raw)

@@ -23,7 +23,8 @@ from tests.pipelines.test_convert import TOKENS, _hf_logits, _llama_logits
 FT = gguf.LlamaFileType
 Q = gguf.GGMLQuantizationType
 # arch -> the pre-tokenizer name the converter's hash gives the real tokenizer the fixture's imitates
-MOE = {"qwen3_moe": "qwen2", "olmoe": "smollm", "qwen2_moe": "qwen2", "mixtral": "smollm"}
+MOE = {"qwen3_moe": "qwen2", "olmoe": "smollm", "qwen2_moe": "qwen2", "mixtral": "smollm",
+       "deepseek_v3": "smollm"}
 # a representative set on qwen3_moe (8 experts), a smaller one on the other families (the rules are shared;
 # what differs per family is the tensor set and KVs); the imatrix ones also exercise the per-expert slices
 # (one expert without tokens)
@@ -82,11 +83,14 @@ def _expert_imatrix(bf16: Path) -> Imatrix:
     for t in gguf.GGUFReader(bf16).tensors:
         if not t.name.startswith("blk.") or len(t.shape) < 2:
             continue
+        # experts: a count per expert; MLA's 3-D attn_k_b / attn_v_b: one count over every head's slice
         n_mat = int(t.shape[2]) if len(t.shape) > 2 else 1
-        counts = rng.integers(20, 200, n_mat).astype(np.float32)
-        if n_mat > 1 and "ffn_gate_exps" in t.name:
+        n_counts = n_mat if "_exps." in t.name else 1
+        counts = rng.integers(20, 200, n_counts).astype(np.float32)
+        if n_counts > 1 and "ffn_gate_exps" in t.name:
             counts[3] = 0
-        sums = rng.gamma(2.0, 1.0, (n_mat, int(t.shape[0]))).astype(np.float32) * counts[:, None]
+        sums = rng.gamma(2.0, 1.0, (n_counts, n_mat // n_counts * int(t.shape[0]))).astype(np.float32)
+        sums *= counts[:, None]
         entries[t.name] = (sums, counts)
     return Imatrix(entries, datasets=["calib.txt"], chunk_count=10, chunk_size=512)
 
@@ -101,11 +105,12 @@ def test_bf16_equals_convert_hf_to_gguf(arch, reference_bf16, tmp_path):
     _assert_same(ours, ref, order=False)
     r = gguf.GGUFReader(ours)
     cfg = json.loads((model / "config.json").read_text())
-    n_exp = cfg.get("num_local_experts") or cfg["num_experts"]
-    down = next(t for t in r.tensors if t.name == "blk.0.ffn_down_exps.weight")
+    n_exp = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg["n_routed_experts"]
+    last = cfg["num_hidden_layers"] - 1  # deepseek_v3's first layer is dense
+    down = next(t for t in r.tensors if t.name == f"blk.{last}.ffn_down_exps.weight")
     expert_ff = cfg.get("moe_intermediate_size", cfg["intermediate_size"])
     assert down.tensor_type == Q.BF16 and tuple(down.shape) == (expert_ff, cfg["hidden_size"], n_exp)
-    router = next(t for t in r.tensors if t.name == "blk.0.ffn_gate_inp.weight")
+    router = next(t for t in r.tensors if t.name == f"blk.{last}.ffn_gate_inp.weight")
     assert router.tensor_type == Q.F32
     assert r.fields["general.size_label"].contents() == gguf.GGUFReader(ref).fields[
         "general.size_label"].contents()
@@ -125,7 +130,9 @@ def test_file_types_equal_llama_quantize(arch, file_type, reference_bf16, tmp_pa
         assert types["blk.0.attn_k.weight"] == types["blk.0.attn_v.weight"] == Q.Q8_0
         assert types["blk.0.attn_output.weight"] == Q.Q5_K
     if file_type == "MXFP4_MOE":
-        assert types["blk.0.ffn_down_exps.weight"] == Q.MXFP4 and types["blk.0.attn_q.weight"] == Q.Q8_0
+        assert types["blk.3.ffn_down_exps.weight"] == Q.MXFP4 and types["blk.0.attn_output.weight"] == Q.Q8_0
+        if arch == "deepseek_v3":  # every 3-D tensor, MLA's per-head attn_k_b / attn_v_b too
+            assert types["blk.0.attn_k_b.weight"] == types["blk.0.attn_v_b.weight"] == Q.MXFP4
 
 
 @pytest.mark.parametrize(("arch", "file_type"), IMATRIX_CASES)
