@@ -176,3 +176,19 @@ def test_cholesky_failure_names_the_layer():
 def test_group_must_divide_input_width():
     with pytest.raises(BadInput, match="q_proj.*does not divide"):
         gptq_quantize(np.zeros((8, 96)), np.eye(96), QuantSpec(bits=4, group_size=64), name="q_proj")
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, group_size=-1, scale_dtype="bfloat16"),
+                                  QuantSpec(bits=4, group_size=32, sym=False, scale_dtype="float16"),
+                                  QuantSpec(bits=3, group_size=64, mse=2.4)])
+def test_rtn_with_error_is_rtn_and_its_error(spec):
+    """The one-pass path `rtn` runs (codes, scales, zeros and the reported error) equals rtn_quantize +
+    relative_error."""
+    from qconvert.methods.rtn import rtn_quantize_with_error
+
+    w = (torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
+    ref = rtn_quantize(w, spec)
+    qt, err = rtn_quantize_with_error(w, spec)
+    for a, b in ((qt.codes, ref.codes), (qt.scales, ref.scales), (qt.zeros, ref.zeros)):
+        assert np.array_equal(a, b)
+    assert err == pytest.approx(relative_error(w, ref), rel=1e-6)
