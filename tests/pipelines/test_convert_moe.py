@@ -325,3 +325,22 @@ def test_data_free_quantize_keeps_routers(arch, routers, synthetic_dir, quantize
             assert not packed
     expert = "block_sparse_moe.experts.3.w2" if arch == "mixtral" else "mlp.experts.3.down_proj"
     assert f"model.layers.1.{expert}.qweight" in names
+
+
+def test_deepseek_v3_yarn_rope_kvs_equal_convert_hf_to_gguf(llamacpp_converter, synthetic_dir, tmp_path):
+    """DeepSeek-V3's own rope settings (yarn x40 from 4096, beta 32/1, mscale_all_dim 1): the yarn KVs and the
+    legacy 0.1 x mscale_all_dim log multiplier, as the converter writes them."""
+    model = tmp_path / "ds"
+    shutil.copytree(synthetic_dir("deepseek_v3"), model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["max_position_embeddings"] = 163840
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                              "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                              "rope_theta": 10000.0}
+    (model / "config.json").write_text(json.dumps(cfg))
+    ref = convert_hf_to_gguf(llamacpp_converter, model, tmp_path / "ref.gguf", MOE["deepseek_v3"])
+    ours = _convert(model, tmp_path / "ours.gguf", "BF16")
+    _assert_same(ours, ref, order=False)
+    kv = gguf.GGUFReader(ours).fields
+    assert kv["deepseek2.rope.scaling.yarn_beta_fast"].contents() == 32.0
+    assert kv["deepseek2.rope.scaling.yarn_log_multiplier"].contents() == pytest.approx(0.1)
