@@ -66,6 +66,9 @@ def build_skeleton(ckpt, dtype: torch.dtype) -> Skeleton:
     except Exception as e:  # transformers raises ValueError/OSError/KeyError for bad configs
         raise BadInput(f"cannot read config.json: {one_line(e)}", ckpt.path) from e
     cfg.use_cache = False
+    for c in (cfg, getattr(cfg, "text_config", None)):  # a quantized source runs dequantized: plain Linears
+        if c is not None and hasattr(c, "quantization_config"):
+            delattr(c, "quantization_config")
     with params_on_meta(), quiet_transformers():
         model = AutoModelForCausalLM.from_config(
             cfg, dtype=dtype, attn_implementation=attn_implementation(ckpt.config)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from qconvert.cli.progress import progress_bar
+from qconvert.cli.progress import print_note, progress_bar
 
 
 def calibrate_command(
@@ -34,10 +34,12 @@ def calibrate_command(
     offload_dir: Path = typer.Option(None, "--offload-dir", help="Spill activations to this directory."),
 ) -> None:
     """Collect activation statistics of every linear input (Σxxᵀ, Σ|x|, Σx², max|x|), one layer at a time."""
+    from qconvert.formats.packed.dense import dense_note, dense_source
     from qconvert.load import open_checkpoint
     from qconvert.pipelines.calibrate import CalibrateOptions, calibrate_to_file
 
-    ckpt = open_checkpoint(model)
+    ckpt = dense_source(open_checkpoint(model))
+    print_note(dense_note(ckpt))
     with progress_bar(eta=True) as bar:
         bar.update(text="loading")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from qconvert.cli.progress import progress_bar
+from qconvert.cli.progress import print_note, progress_bar
 from qconvert.errors import BadInput
 
 
@@ -91,6 +91,7 @@ def convert_command(
         out = Console(highlight=False, width=160, color_system=None)
     if dry_run:
         result = convert(model, opts)
+        print_note(result.note)
         out.print(_plan_table(result))
         out.print(_summary_table(result))
         return
@@ -101,4 +102,5 @@ def convert_command(
             bar.update(done, total, record.name, size=f"{record.qtype.name} {_mib(record.nbytes)}")
 
         result = convert(model, opts, progress)
+    print_note(result.note)
     out.print(_summary_table(result))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from qconvert.cli.progress import progress_bar
+from qconvert.cli.progress import print_note, progress_bar
 from qconvert.errors import BadInput
 
 
@@ -59,9 +59,11 @@ def imatrix_command(
     err = Console(stderr=True, highlight=False)
     run = None
     if dataset is not None:
+        from qconvert.formats.packed.dense import dense_note, dense_source
         from qconvert.load import open_checkpoint
 
-        ckpt = open_checkpoint(model)
+        ckpt = dense_source(open_checkpoint(model))
+        print_note(dense_note(ckpt))
         with progress_bar(fields=("ppl",), eta=True) as bar:
             bar.update(text="loading")
 

@@ -64,3 +64,11 @@ def layer_progress(label: str, enabled: bool = True) -> Iterator[Callable[[int, 
     with progress_bar(enabled=enabled) as bar:
         bar.update(text=label)
         yield lambda done, total, text: bar.update(done, total, f"{label} {text}")
+
+
+def print_note(note: str | None) -> None:
+    """One `note: ...` line on stderr (what a quantized source was dequantized from), outside any bar."""
+    if note:
+        import sys
+
+        print(f"note: {note}", file=sys.stderr)

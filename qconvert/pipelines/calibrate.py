@@ -49,6 +49,9 @@ def _run(ckpt, dataset: str, on_stats: OnStats, opts: CalibrateOptions, on_layer
          progress: Progress | None) -> dict[str, str]:
     """The calibration pass: statistics go to `on_stats` layer by layer; returns the provenance metadata.
     `on_layer` is passed to the engine (quantize-as-you-go, see calib.runner)."""
+    from qconvert.formats.packed.dense import dense_source
+
+    ckpt = dense_source(ckpt)  # a quantized source runs as its dequantized checkpoint
     kinds = parse_kinds(opts.kinds)
     data = load_calibration(dataset, load_tokenizer(ckpt), seq_len=opts.seq_len, num_samples=opts.num_samples,
                             seed=opts.seed, text_field=opts.text_field)

@@ -75,6 +75,7 @@ class ConvertResult:
     file_type: str
     records: list[TensorRecord]
     seconds: float = 0.0
+    note: str | None = None  # what a quantized source was dequantized from ("dequantized 210 fp8-block ...")
 
     @property
     def total_bytes(self) -> int:
@@ -114,6 +115,7 @@ class _Source:
     header: GGUFOutput
     tensors: list[PlannedTensor]
     gguf: GGUFSource | None = None  # set for .gguf input (raw copies, requantize checks)
+    note: str | None = None         # a quantized HF source: what it dequantizes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -173,11 +175,11 @@ def _open_source(model: str, opts: ConvertOptions) -> _Source:
         src = read_gguf_source(path)
         facts = _facts(src.arch, src.header)
         return _Source(str(path), path.stem, src.arch, facts, src.header, src.tensors, src)
-    from qconvert.formats.packed import refuse_packed
+    from qconvert.formats.packed.dense import dense_note, dense_source
     from qconvert.load import open_checkpoint
 
-    ckpt = open_checkpoint(model)
-    refuse_packed(ckpt, "convert --to gguf")
+    # a quantized source is read as its dequantized checkpoint: the same tensors, so the same bytes out
+    ckpt = dense_source(open_checkpoint(model))
     cfg = text_config(ckpt.config)
     if not cfg:
         raise BadInput("no config.json next to the weights: cannot tell the architecture", ckpt.path)
@@ -190,7 +192,8 @@ def _open_source(model: str, opts: ConvertOptions) -> _Source:
                        "checkpoint ties it to the embedding (tie_word_embeddings)", ckpt.path)
     params = parameter_counts((t.name, t.shape) for t in planned)
     header = build_header(spec, cfg, ckpt.path, ckpt.name, params, tok)
-    return _Source(str(ckpt.path), ckpt.name, spec.name, _facts(spec.name, header), header, planned)
+    return _Source(str(ckpt.path), ckpt.name, spec.name, _facts(spec.name, header), header, planned,
+                   note=dense_note(ckpt))
 
 
 def _facts(arch: str, header: GGUFOutput) -> ModelFacts:
@@ -340,7 +343,7 @@ def convert(model: str, opts: ConvertOptions, progress: ProgressFn | None = None
     choices = _choices(src, mix)
     records = _records(src, choices)
     _check_imatrix(records, choices, imx, mix)
-    result = ConvertResult(src.label, None, mix.file_type.name, records)
+    result = ConvertResult(src.label, None, mix.file_type.name, records, note=src.note)
     if not opts.dry_run:
         result.output = _write(src, records, imx, mix, overrides, target, opts, progress)
     result.seconds = time.perf_counter() - start

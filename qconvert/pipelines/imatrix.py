@@ -78,6 +78,9 @@ def compute_imatrix(
         )
     if chunks is not None and chunks < 1:
         raise BadInput(f"--chunks must be positive, got {chunks}")
+    from qconvert.formats.packed.dense import dense_source
+
+    ckpt = dense_source(ckpt)  # a quantized source runs as its dequantized checkpoint
     tok = load_tokenizer(ckpt)
     data = load_calibration(
         dataset,

@@ -27,8 +27,9 @@ import yaml
 
 from qconvert.arch.tensors import LM_HEAD, NOT_QUANTIZED, check_checkpoint_shapes, linear_module
 from qconvert.errors import BadInput
-from qconvert.formats.packed import packed_format, refuse_packed
+from qconvert.formats.packed import packed_format
 from qconvert.formats.packed.base import PackedFormat, PackPlan
+from qconvert.formats.packed.dense import dense_note, dense_source
 from qconvert.formats.safetensors_out import DEFAULT_SHARD_BYTES, CheckpointWriter
 from qconvert.load.checkpoint import Checkpoint
 from qconvert.load.config import text_config
@@ -95,7 +96,7 @@ class QuantizeSummary:
     output_bytes: int
     seconds: float
     scheme: str = ""  # the --scheme (fp8, nvfp4a16, mxfp4a16, w8a8)
-    notes: tuple[str, ...] = ()  # checks that could not be made (no config.json, unknown family)
+    notes: tuple[str, ...] = ()  # what a quantized source dequantized; checks that could not be made
 
     def table(self) -> list[dict]:
         """One row per scheme: layers, bits, group, size, bits per weight (packed tensors incl.
@@ -278,8 +279,7 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     entry = find_method(opts.method)
     config = entry.make_config(opts.options)
     config.check()
-    ckpt = open_checkpoint(opts.model)
-    refuse_packed(ckpt, "qconvert quantize")
+    ckpt = dense_source(open_checkpoint(opts.model))  # a quantized source: its dequantized checkpoint
     shape_note = check_checkpoint_shapes(ckpt)
     plan = plan_quantization(ckpt, opts, config)
     results: list[LayerResult] = []
@@ -302,11 +302,11 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
         job.stream(_nothing_left)  # whatever the method did not write, as it is, in checkpoint order
         _write_side_files(out, ckpt, plan)
         output_bytes = out.total_bytes
-    source_bytes = sum(info.nbytes for info in ckpt.tensors.values())
+    source_bytes = sum(info.nbytes for info in getattr(ckpt, "source", ckpt).tensors.values())  # as stored
     fmt_name = plan.fmt.name
     return QuantizeSummary(str(opts.output), opts.method, fmt_name, results, plan.skipped, source_bytes,
                            output_bytes, time.monotonic() - t0, scheme=getattr(config, "scheme", None) or "",
-                           notes=(shape_note,) if shape_note else ())
+                           notes=tuple(n for n in (dense_note(ckpt), shape_note) if n))
 
 
 def _nothing_left(p: LayerPlan, w: torch.Tensor) -> tuple[Quantized, float]:

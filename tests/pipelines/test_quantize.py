@@ -200,24 +200,3 @@ def test_smollm2_compressed_tensors_loads_in_transformers(smollm2_ct, smollm2_di
             method = rtn_quantize(source[name], QuantSpec(bits=4, group_size=64, scale_dtype="bfloat16"))
             assert torch.equal(w.detach(), torch.from_numpy(method.dequantize()).to(torch.bfloat16)), name
     assert checked == 30 * 7
-
-
-@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
-def test_a_quantized_source_is_refused_in_one_line(run, capsys, synthetic_dir, tmp_path, fmt):
-    """quantize and convert read dense weights; a packed checkpoint is named as what it is (detected by the
-    packed formats' own detectors), before any work and without a partial output."""
-    packed = tmp_path / "packed"
-    code, _, err = run(synthetic_dir("llama"), "--method", "rtn", "--format", fmt, "-o", packed)
-    assert code == 0, err
-    work = tmp_path / "work"
-    work.mkdir()
-    from qconvert import cli
-
-    for argv in (["quantize", packed, "--method", "rtn", "-o", work / "again"],
-                 ["convert", packed, "--type", "Q8_0", "-o", work / "again.gguf"]):
-        with pytest.raises(SystemExit) as e:
-            cli.main([str(a) for a in argv])
-        code, err = e.value.code, capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1, err
-        assert re.search(rf"already quantized \(\d+ {fmt} 4-bit Linears, e\.g\. model\.layers\.0\.", err), err
-        assert list(work.iterdir()) == []

@@ -4,7 +4,8 @@
                       kind: nvfp4, mxfp4, w8a8)
     LAYOUTS           every layout we recognise when reading (inspect, eval --loader unpack)
     packed_format()   the writer of (--format name, method kind)
-    find_quantized_layers() / dense_tensors()   the read side, through the layouts
+    find_quantized_layers() / find_packed() / dense_tensors()   the read side, through the layouts
+    dense.dense_source()                        a quantized checkpoint read as the dense one (every command)
     summarize_quantization_config()             config.json's quantization_config in a few keys
 
 Adding a format: one module implementing ``base.PackedFormat``, one line in FORMATS (and LAYOUTS if it reads
@@ -93,48 +94,32 @@ def find_quantized_layers(tensors: Mapping[str, TensorInfo], quant_config: dict[
     return layers
 
 
-def refuse_packed(ckpt: Any, job: str) -> None:
-    """Our pipelines read dense weights: a quantized source is refused in one line that says what it is,
-    before any work (instead of a confusing failure on its first packed tensor)."""
-    layers = find_quantized_layers(ckpt.tensors, ckpt.quantization_config, ckpt.read_raw)
-    if layers:
-        first = layers[0]
-        bits = f" {first.bits}-bit" if first.bits else ""
-        raise BadInput(f"already quantized ({len(layers)} {first.method}{bits} Linears, e.g. {first.name}): "
-                       f"{job} reads unquantized checkpoints; give the BF16/F16/F32 model", ckpt.path)
-
-
 def _method(qc: dict[str, Any] | None) -> str:
     return str((qc or {}).get("quant_method", "")).lower()
 
 
-def dense_tensors(src: Source) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every parameter of a quantized checkpoint as dense float32, packed Linears unpacked by our reference
-    kernels (what eval --loader unpack builds the model from). Activation scales are dropped: the dense model
-    is the weight-only dequantization."""
-    # config.json's (or a side file's); a multimodal checkpoint may keep it in its text_config
-    qc = src.quantization_config or (src.config.get("text_config") or {}).get("quantization_config") or {}
+def find_packed(tensors: Mapping[str, TensorInfo], qc: dict[str, Any] | None) -> dict[str, Layout]:
+    """module prefix -> the layout that claims its tensors, in name order of their first tensor."""
     method = _method(qc)
     packed: dict[str, Layout] = {}
-    for name in src.tensors:
+    for name in tensors:
         prefix, _, suffix = name.rpartition(".")
-        lay = _layout(prefix, suffix, src.tensors, method) if prefix and prefix not in packed else None
+        lay = _layout(prefix, suffix, tensors, method) if prefix and prefix not in packed else None
         if lay is not None:
             packed[prefix] = lay
-    for prefix, lay in packed.items():
-        try:
-            yield f"{prefix}.weight", lay.unpack(src, prefix, qc)
-        except (ValueError, KeyError, IndexError, RuntimeError) as e:  # RuntimeError: torch shape clash
-            raise BadInput(f"cannot unpack {prefix} ({lay.method}): {e}", src.path) from None
-    for name in src.tensors:
-        head, _, leaf = name.rpartition(".")
-        if head in packed and (leaf in AUX_SUFFIXES or leaf == "weight"):
-            continue
-        if leaf in AUX_SUFFIXES and leaf != "scales":  # stray activation scales etc.
-            continue
-        t = src.read(name)
-        if t.is_floating_point():
-            yield name, t.float()
+    return packed
+
+
+def dense_tensors(src: Source) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every float parameter of a quantized checkpoint as dense float32, packed Linears unpacked by our
+    reference kernels and not rounded (what eval --loader unpack builds the model from). Activation scales are
+    dropped: the dense model is the weight-only dequantization. The same view (dense.DenseView) every other
+    command reads a quantized source through, in float32."""
+    from qconvert.formats.packed.dense import DenseView
+
+    view = DenseView(src, dtype="F32")
+    for name in view.tensors:
+        yield name, view.read(name).float()
 
 
 def _ct_weights(qc: dict[str, Any]) -> list[dict[str, Any]]:

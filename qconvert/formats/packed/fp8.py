@@ -69,21 +69,102 @@ class FloatWeightLayout:
         names = base.members(prefix, self.suffixes, tensors)
         return base.layer(prefix, self.method, 8, group, n, k, names, tensors, gran)
 
+    def check(self, prefix: str, tensors: Mapping[str, base.TensorInfo], qc: dict) -> None:
+        """Before any work: the weight has a scale, and its grid is the one its block size implies
+        (ValueError, which the dense view turns into one BadInput line)."""
+        shape = tensors[f"{prefix}.weight"].shape
+        if len(shape) != 2:
+            raise ValueError(f"{prefix}.weight has shape {list(shape)}; only 2-D scaled weights are read")
+        n, k = shape
+        name, grid = _scale(prefix, tensors)
+        if grid is None:
+            raise ValueError(f"{prefix}.weight is {tensors[f'{prefix}.weight'].dtype} but has no "
+                             "weight_scale_inv or weight_scale")
+        block = block_of(prefix, tensors, qc)
+        if block is not None:
+            want = (-(-n // block[0]), -(-k // block[1]))
+            if grid != want:
+                raise ValueError(f"{name} has shape {list(grid)}; a [{n}, {k}] weight in "
+                                 f"{block[0]}x{block[1]} blocks needs {list(want)} (ceil-divided)")
+        elif math.prod(grid) > 1 and not (len(grid) == 2 and grid[0] == n and k % grid[1] == 0):
+            raise ValueError(f"{name} has shape {list(grid)}, which is no tensor, channel or group scale "
+                             f"of a [{n}, {k}] weight")
+
     def unpack(self, src: base.Source, prefix: str, qc: dict) -> torch.Tensor:
+        """weight x scale in float32, each product rounded once (DeepSeek's weight_dequant, transformers'
+        Fp8Dequantize); block grids are ceil-divided, the edge tiles partial."""
+        self.check(prefix, src.tensors, qc)
         w = src.read(f"{prefix}.weight").float()
-        block = f"{prefix}.weight_scale_inv" in src.tensors  # DeepSeek-style 128x128 tiles
-        s = src.read(f"{prefix}.weight_scale_inv" if block else f"{prefix}.weight_scale").float()
-        # compressed-tensors block (or group) strategy: any 2-D grid but a channel column [N, 1] (a block grid
-        # can be [N/128, 1] when K <= 128)
-        if block or (s.dim() == 2 and tuple(s.shape) != (w.shape[0], 1)):
-            s = _expand_blocks(s, w.shape)
-        return w * s  # tensor ([] / [1]) and channel ([N, 1]) scales broadcast
+        name, _ = _scale(prefix, src.tensors)
+        s = src.read(f"{prefix}.{name}").float()
+        block = block_of(prefix, src.tensors, qc)
+        if block is not None:
+            return scale_blocks(w, s, block)
+        if s.dim() == 2 and s.shape[1] > 1:  # groups along K
+            return w.unflatten(1, (s.shape[1], -1)).mul_(s[:, :, None]).flatten(1)
+        return w.mul_(s)  # tensor ([] / [1]) and channel ([N, 1]) scales broadcast
 
 
-def _expand_blocks(s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Per-tile scales [ceil(N/bn), ceil(K/bk)] -> per-element [N, K]."""
-    bn, bk = -(-shape[0] // s.shape[0]), -(-shape[1] // s.shape[1])
-    return s.repeat_interleave(bn, 0)[: shape[0]].repeat_interleave(bk, 1)[:, : shape[1]]
+def _scale(prefix: str, tensors: Mapping[str, base.TensorInfo]) -> tuple[str, tuple[int, ...] | None]:
+    """The scale tensor's suffix and shape (None when there is none)."""
+    for name in ("weight_scale_inv", "weight_scale"):
+        info = tensors.get(f"{prefix}.{name}")
+        if info is not None:
+            return name, tuple(info.shape)
+    return "weight_scale_inv", None
+
+
+def weight_block_size(qc: dict) -> tuple[int, int]:
+    """config.json's ``weight_block_size`` (DeepSeek / vLLM / transformers fine-grained FP8); transformers'
+    default [128, 128] when absent."""
+    value = qc.get("weight_block_size", list(BLOCK))
+    if not (isinstance(value, list | tuple) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ValueError(f"quantization_config.weight_block_size must be two positive integers [rows, cols], "
+                         f"got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _ct_block(qc: dict) -> tuple[int, int] | None:
+    """compressed-tensors' block_structure of its block-strategy group ([128, 128] or older "128x128")."""
+    for group in (qc.get("config_groups") or {}).values():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict) or weights.get("strategy") != "block":
+            continue
+        value = weights.get("block_structure")
+        if isinstance(value, str):
+            value = [int(v) if v.isdigit() else v for v in value.lower().split("x")]
+        return weight_block_size({"weight_block_size": value})
+    return None
+
+
+def block_of(prefix: str, tensors: Mapping[str, base.TensorInfo], qc: dict) -> tuple[int, int] | None:
+    """The (rows, cols) tile of a block-scaled weight, None for tensor / channel / group scales: DeepSeek's
+    ``weight_scale_inv`` grid from ``weight_block_size``, a compressed-tensors block grid from its
+    ``block_structure``. The config says it, not the shapes: [5, 5] scales of a 576-wide weight are 128-wide
+    tiles with a 64-wide edge, not 116-wide ones."""
+    name, grid = _scale(prefix, tensors)
+    if grid is None or len(grid) != 2:
+        return None  # per tensor ([] / [1])
+    if name == "weight_scale_inv":
+        return weight_block_size(qc)
+    if grid[0] == tensors[f"{prefix}.weight"].shape[0]:
+        return None  # channel [N, 1] / group [N, G]
+    return _ct_block(qc) or BLOCK
+
+
+def scale_blocks(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``w [N, K] *= s [ceil(N/bn), ceil(K/bk)]`` tile by tile, in place: one block row at a time, the scales
+    broadcast over a view of it, so no weight-sized scale grid is made."""
+    bn, bk = block
+    full, rem = divmod(w.shape[1], bk)
+    for i in range(s.shape[0]):
+        rows = w[i * bn:(i + 1) * bn]
+        if full:
+            rows[:, : full * bk].unflatten(1, (full, bk)).mul_(s[i, :full, None])
+        if rem:
+            rows[:, full * bk:].mul_(s[i, full])
+    return w
 
 
 class CompressedTensorsFP8Format(FloatWeightLayout):
