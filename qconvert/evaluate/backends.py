@@ -212,12 +212,14 @@ def quant_method(config: dict) -> str | None:
     return str(qc.get("quant_method", "unknown")).lower()
 
 
-def pick_loader(method: str | None, loader: str) -> str:
+def pick_loader(method: str | None, loader: str, partial_fp8_blocks: bool = False) -> str:
+    """auto: our unpacker where transformers cannot dequantize on CPU (GPTQ/AWQ; FP8 block grids with partial
+    edge tiles, which its Fp8Dequantize refuses), transformers otherwise."""
     if loader not in LOADERS:
         raise BadInput(f"unknown loader {loader!r} (choose from {', '.join(LOADERS)})")
     if loader != "auto":
         return loader
-    return "unpack" if method in ("gptq", "awq") else "transformers"
+    return "unpack" if method in ("gptq", "awq") or partial_fp8_blocks else "transformers"
 
 
 class HFBackend:
@@ -226,13 +228,16 @@ class HFBackend:
     def __init__(self, path: Path, loader: str = "auto", threads: int | None = None):
         from qconvert.arch.tensors import check_checkpoint_shapes
         from qconvert.calib.datasets import adds_bos, load_tokenizer
+        from qconvert.formats.packed import dense
+        from qconvert.formats.packed.fp8 import partial_blocks
         from qconvert.load import open_checkpoint
 
         self.ckpt = open_checkpoint(path)
         self.path = self.ckpt.path
         check_checkpoint_shapes(self.ckpt)  # transformers' own size-mismatch report is many lines
         self.method = quant_method(self.ckpt.config)
-        self.loader = pick_loader(self.method, loader)
+        self.loader = pick_loader(self.method, loader, self.method == "fp8" and bool(
+            partial_blocks(self.ckpt.tensors, dense.quantization_config(self.ckpt))))
         if threads:
             torch.set_num_threads(threads)
         self.tokenizer = load_tokenizer(self.ckpt)

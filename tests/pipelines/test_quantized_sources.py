@@ -341,7 +341,7 @@ def test_transformers_fp8_dequantization_is_ours(sources):
         assert len(ours.packed) == 28
 
 
-def test_deepseek_fp8_with_partial_edge_blocks(smollm2_dir, capsys, tmp_path):
+def test_deepseek_fp8_with_partial_edge_blocks(smollm2_dir, capsys, tmp_path, eval_text):
     """SmolLM2's 576 (4.5 x 128) and 192 (1.5 x 128) wide Linears: ceil-divided scale grids whose edge tiles
     are partial, read as DeepSeek's weight_dequant reads them; convert equals the dequantized checkpoint."""
     src = write_deepseek_fp8(smollm2_dir, tmp_path / "fp8" / "model")
@@ -354,6 +354,23 @@ def test_deepseek_fp8_with_partial_edge_blocks(smollm2_dir, capsys, tmp_path):
     code, _, err = run_cli(capsys, "convert", ref, "--type", "Q4_K_M", "-o", tmp_path / "ref.gguf")
     assert code == 0, err
     assert (tmp_path / "src.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+    # eval: transformers' Fp8Dequantize refuses partial tiles, so auto takes our unpacker
+    auto, unpack = (eval_ppl(capsys, src, eval_text, loader) for loader in ("auto", "unpack"))
+    assert auto == unpack and 1 < auto < 1000
+
+
+def eval_ppl(capsys, model: Path, text: Path, loader: str) -> float:
+    code, out, err = run_cli(capsys, "eval", model, "--dataset", text, "-c", 64, "--chunks", 2, "--loader",
+                             loader, "--json", "-t", 1)
+    assert code == 0, err
+    return float(json.loads(out)["perplexity"])
+
+
+def test_eval_reads_an_fp8_block_source(sources, capsys, eval_text):
+    """eval on the DeepSeek layout: transformers' loader (auto: whole 128x128 tiles here) and our unpacker
+    build the same float32 model."""
+    src, _ = sources("deepseek")
+    assert eval_ppl(capsys, src, eval_text, "auto") == eval_ppl(capsys, src, eval_text, "unpack")
 
 
 P = "model.layers.2.mlp.up_proj."

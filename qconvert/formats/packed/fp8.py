@@ -153,6 +153,25 @@ def block_of(prefix: str, tensors: Mapping[str, base.TensorInfo], qc: dict) -> t
     return _ct_block(qc) or BLOCK
 
 
+def partial_blocks(tensors: Mapping[str, base.TensorInfo], qc: dict) -> list[str]:
+    """The weight_scale_inv weights whose shape is no whole number of blocks (SmolLM2's 576 = 4.5 x 128):
+    transformers' Fp8Dequantize derives the tile from weight / grid and refuses these (or, where the division
+    happens to be exact, as 192 / 2, takes a 96-wide tile)."""
+    out = []
+    for name, info in tensors.items():
+        prefix, _, leaf = name.rpartition(".")
+        w = tensors.get(f"{prefix}.weight")
+        if leaf != "weight_scale_inv" or w is None or len(w.shape) != 2 or len(info.shape) != 2:
+            continue
+        try:
+            bn, bk = weight_block_size(qc)
+        except ValueError:
+            return [prefix]  # let the loader that checks say what is wrong
+        if w.shape[0] % bn or w.shape[1] % bk:
+            out.append(prefix)
+    return out
+
+
 def scale_blocks(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """``w [N, K] *= s [ceil(N/bn), ceil(K/bk)]`` tile by tile, in place: one block row at a time, the scales
     broadcast over a view of it, so no weight-sized scale grid is made."""
