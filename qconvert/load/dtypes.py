@@ -9,6 +9,7 @@ the torch-style names ("bfloat16", ...) that options, configs and the stored sca
     torch_dtype(name)       any safetensors name -> its torch dtype (None where this torch has none)
     numpy_values(name)      the numpy dtype that holds a safetensors dtype's values (None for BF16, F8, F4...)
     name_of_numpy(dtype)    the inverse, numpy dtype -> safetensors name
+    round_float32(x, name)  float32 values rounded in place as a cast to BF16 / F16 / F32 rounds them
 
 torch is imported only when a torch dtype is asked for (TORCH_BY_NAME / TORCH_FLOATS are built on first
 access), so the load stage and `inspect` stay free of it.
@@ -81,6 +82,23 @@ def numpy_values(name: str) -> np.dtype | None:
 def name_of_numpy(dtype: np.dtype | type) -> str:
     """The safetensors name of a numpy dtype (KeyError for one safetensors cannot hold)."""
     return _NAME_OF_NUMPY[np.dtype(dtype)]
+
+
+def round_float32(x: np.ndarray, name: str) -> np.ndarray:
+    """`x` (float32, C-contiguous) rounded in place to the values of float dtype `name`, still float32: what
+    ``tensor.to(bfloat16 / float16)`` keeps, round to nearest even (overflow to inf, NaN stays NaN)."""
+    if name == "BF16":
+        u = x.view(np.uint32)
+        nan = np.isnan(x)
+        u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+        u &= np.uint32(0xFFFF0000)
+        x[nan] = np.nan  # a NaN payload near the top must not carry into the exponent
+    elif name == "F16":
+        with np.errstate(over="ignore"):
+            x[...] = x.astype(np.float16)  # numpy's cast is IEEE round to nearest even
+    elif name != "F32":
+        raise ValueError(f"cannot round to {name}")
+    return x
 
 
 def torch_dtype(name: str) -> torch.dtype | None:

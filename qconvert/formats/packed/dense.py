@@ -127,40 +127,56 @@ class DenseView:
 
     def read(self, name: str) -> torch.Tensor:
         """torch.Tensor in the advertised dtype: a packed Linear dequantized now, anything else as stored."""
+        import torch
+
         from qconvert.load.dtypes import TORCH_FLOATS
 
-        prefix = name.removesuffix(".weight")
-        lay = self.packed.get(prefix) if name.endswith(".weight") else None
-        if lay is None:
-            self.info(name)
+        if not self._made(name):
             return self.source.read(name)
-        try:
-            w = lay.unpack(self.source, prefix, self.qc)
-        except (ValueError, KeyError, IndexError, RuntimeError) as e:  # RuntimeError: torch shape clash
-            raise BadInput(f"cannot dequantize {prefix} ({lay.method}): {e}", self.path) from None
-        if tuple(w.shape) != self.tensors[name].shape:
-            raise BadInput(f"{prefix} ({lay.method}) unpacks to {list(w.shape)}, its tensors say "
-                           f"{list(self.tensors[name].shape)}", self.path)
-        # the one rounding (none for F32); row-major as a stored tensor (GPTQ unpacks transposed, and a
-        # transposed weight takes another matmul path: other sums in the last bits)
-        return w.to(TORCH_FLOATS[self.dtype]).contiguous()
+        return torch.from_numpy(self._dequantize(name)).to(TORCH_FLOATS[self.dtype])  # exact: values in dtype
 
     def read_raw(self, name: str) -> np.ndarray:
         """numpy view of the bits (BF16 as uint16), as Checkpoint.read_raw."""
         import torch
 
-        if name not in self.tensors or self.tensors[name].offset >= 0:
-            self.info(name)
+        if not self._made(name):
             return self.source.read_raw(name)
         t = self.read(name)
         return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
     def read_numpy(self, name: str) -> np.ndarray:
-        """float32 copy (exact: every dense dtype widens exactly), as Checkpoint.read_numpy."""
-        if name not in self.tensors or self.tensors[name].offset >= 0:
-            self.info(name)
+        """float32 (exact: every dense dtype widens exactly), as Checkpoint.read_numpy; for a packed Linear
+        the dequantized array itself, no further copy."""
+        if not self._made(name):
             return self.source.read_numpy(name)
-        return self.read(name).float().numpy()
+        return self._dequantize(name)
+
+    def _made(self, name: str) -> bool:
+        """Whether `name` is a dequantized Linear (else a tensor the source stores as it is)."""
+        return self.info(name).offset < 0
+
+    def _dequantize(self, name: str) -> np.ndarray:
+        """float32 [N, K], row-major, each value the float32 product rounded once to the view's dtype. A
+        layout with ``unpack_as`` rounds as it goes (FP8 blocks: one lookup table per tile); the others'
+        float32 unpack is rounded here. Row-major as a stored tensor: GPTQ unpacks transposed, and a
+        transposed weight takes another matmul path (other sums in the last bits)."""
+        from qconvert.load.dtypes import round_float32
+
+        prefix = name.removesuffix(".weight")
+        lay = self.packed[prefix]
+        try:
+            unpack_as = getattr(lay, "unpack_as", None)
+            if unpack_as is not None:
+                w = unpack_as(self.source, prefix, self.qc, self.dtype)
+            else:
+                w = round_float32(np.ascontiguousarray(lay.unpack(self.source, prefix, self.qc).numpy(),
+                                                       dtype=np.float32), self.dtype)
+        except (ValueError, KeyError, IndexError, RuntimeError) as e:  # RuntimeError: torch shape clash
+            raise BadInput(f"cannot dequantize {prefix} ({lay.method}): {e}", self.path) from None
+        if w.shape != self.tensors[name].shape:
+            raise BadInput(f"{prefix} ({lay.method}) unpacks to {list(w.shape)}, its tensors say "
+                           f"{list(self.tensors[name].shape)}", self.path)
+        return w
 
     def close(self) -> None:
         self.source.close()

@@ -20,11 +20,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import cache
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from qconvert.errors import BadInput
 from qconvert.formats.packed import base
 from qconvert.formats.packed.compressed_tensors import ct_config
+from qconvert.kernels.fp8 import decode_table
+from qconvert.load.dtypes import round_float32, torch_dtype
 from qconvert.methods.types import FP8Spec, FP8Tensor, PackOptions
 
 if TYPE_CHECKING:  # torch only where tensors are made: inspect reads layouts without it
@@ -32,6 +37,7 @@ if TYPE_CHECKING:  # torch only where tensors are made: inspect reads layouts wi
 
 BLOCK = (128, 128)
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ")
+FP8_TABLES = {"F8_E4M3": "e4m3", "F8_E5M2": "e5m2"}  # kernels.fp8's decoders
 
 
 def scheme_of(spec: FP8Spec, options: PackOptions) -> str:
@@ -91,18 +97,56 @@ class FloatWeightLayout:
                              f"of a [{n}, {k}] weight")
 
     def unpack(self, src: base.Source, prefix: str, qc: dict) -> torch.Tensor:
-        """weight x scale in float32, each product rounded once (DeepSeek's weight_dequant, transformers'
-        Fp8Dequantize); block grids are ceil-divided, the edge tiles partial."""
+        import torch
+
+        return torch.from_numpy(self.unpack_as(src, prefix, qc, "F32"))
+
+    def unpack_as(self, src: base.Source, prefix: str, qc: dict, dtype: str) -> np.ndarray:
+        """float32 [N, K]: weight x scale, each float32 product rounded once to `dtype` (BF16 / F16 / F32), as
+        DeepSeek's weight_dequant and transformers' Fp8Dequantize compute it; block grids are ceil-divided,
+        the edge tiles partial."""
         self.check(prefix, src.tensors, qc)
-        w = src.read(f"{prefix}.weight").float()
+        codes = src.read_raw(f"{prefix}.weight").view(np.uint8)
+        values = code_values(src.tensors[f"{prefix}.weight"].dtype)
         name, _ = _scale(prefix, src.tensors)
-        s = src.read(f"{prefix}.{name}").float()
+        s = np.asarray(src.read_numpy(f"{prefix}.{name}"), dtype=np.float32)
         block = block_of(prefix, src.tensors, qc)
         if block is not None:
-            return scale_blocks(w, s, block)
-        if s.dim() == 2 and s.shape[1] > 1:  # groups along K
-            return w.unflatten(1, (s.shape[1], -1)).mul_(s[:, :, None]).flatten(1)
-        return w.mul_(s)  # tensor ([] / [1]) and channel ([N, 1]) scales broadcast
+            return block_lookup(codes, s, values, block, dtype)
+        w = values[codes]
+        if s.ndim == 2 and s.shape[1] > 1:  # groups along K
+            w.reshape(w.shape[0], s.shape[1], -1)[...] *= s[:, :, None]
+        else:
+            w *= s.reshape(-1, 1) if s.size > 1 else s.reshape(())  # per channel [N, 1] / per tensor
+        return round_float32(w, dtype)
+
+
+@cache
+def code_values(dtype: str) -> np.ndarray:
+    """float32 value of each of the 256 codes of an 8-bit weight dtype: our E4M3 / E5M2 decoders (exact, no
+    torch: convert from a bf16 source never imports it either), int8 as is, torch's decoding for the rest."""
+    if dtype in FP8_TABLES:
+        return decode_table(FP8_TABLES[dtype])
+    if dtype == "I8":
+        return np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32)
+    import torch
+
+    return torch.arange(256, dtype=torch.uint8).view(torch_dtype(dtype)).float().numpy()
+
+
+def block_lookup(codes: np.ndarray, s: np.ndarray, values: np.ndarray, block: tuple[int, int],
+                 dtype: str) -> np.ndarray:
+    """``codes [N, K] -> round(values[code] * s[tile])`` in float32. Each tile has one scale, so its 256
+    possible results are one small table and a tile is one lookup (as fast as reading a bf16 tensor), the
+    same values the product-then-round gives element by element."""
+    bn, bk = block
+    tables = round_float32(np.ascontiguousarray(values[None, None, :] * s[:, :, None]), dtype)
+    out = np.empty(codes.shape, np.float32)
+    for i in range(s.shape[0]):
+        rows, dest = codes[i * bn:(i + 1) * bn], out[i * bn:(i + 1) * bn]
+        for j in range(s.shape[1]):
+            np.take(tables[i, j], rows[:, j * bk:(j + 1) * bk], out=dest[:, j * bk:(j + 1) * bk])
+    return out
 
 
 def _scale(prefix: str, tensors: Mapping[str, base.TensorInfo]) -> tuple[str, tuple[int, ...] | None]:
@@ -170,20 +214,6 @@ def partial_blocks(tensors: Mapping[str, base.TensorInfo], qc: dict) -> list[str
         if w.shape[0] % bn or w.shape[1] % bk:
             out.append(prefix)
     return out
-
-
-def scale_blocks(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """``w [N, K] *= s [ceil(N/bn), ceil(K/bk)]`` tile by tile, in place: one block row at a time, the scales
-    broadcast over a view of it, so no weight-sized scale grid is made."""
-    bn, bk = block
-    full, rem = divmod(w.shape[1], bk)
-    for i in range(s.shape[0]):
-        rows = w[i * bn:(i + 1) * bn]
-        if full:
-            rows[:, : full * bk].unflatten(1, (full, bk)).mul_(s[i, :full, None])
-        if rem:
-            rows[:, full * bk:].mul_(s[i, full])
-    return w
 
 
 class CompressedTensorsFP8Format(FloatWeightLayout):
