@@ -421,3 +421,36 @@ def test_a_bad_fp8_source_is_one_line_and_no_output(sources, capsys, tmp_path, c
         assert code == 2 and err.count("\n") == 1 and err.startswith("qconvert: error: "), (argv[0], err)
         assert re.search(message, err), (argv[0], err)
         assert list(work.iterdir()) == [], argv[0]
+
+
+def test_round_float32_is_the_torch_cast():
+    """load.dtypes.round_float32 keeps exactly what tensor.to(bfloat16 / float16) keeps: ties to even,
+    overflow to inf, subnormals, NaN."""
+    from qconvert.load.dtypes import round_float32
+
+    rng = np.random.default_rng(0)
+    spread = np.ldexp(rng.standard_normal(10000), rng.integers(-40, 40, 10000)).astype(np.float32)
+    edges = [0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x477FF000, 0x33800000, 0x7FC00001, 0xFFBFFFFF, 0x80000000]
+    x = np.concatenate([spread, np.array(edges, np.uint32).view(np.float32)])
+    for name, dtype in (("BF16", torch.bfloat16), ("F16", torch.float16)):
+        want = torch.from_numpy(x.copy()).to(dtype).float().numpy()
+        np.testing.assert_array_equal(round_float32(x.copy(), name), want, err_msg=name)
+
+
+def test_the_view_is_the_dequantized_checkpoint(sources):
+    """What every command sees of a GPTQ source: the tensor names, order, dtypes and shapes of the dequantized
+    checkpoint, config.json without quantization_config, and no packed tensor left to read."""
+    from qconvert.formats.packed.dense import dense_source
+    from qconvert.load import open_checkpoint
+
+    src, ref = sources("gptq")
+    view, dense = dense_source(open_checkpoint(src)), open_checkpoint(ref)
+    assert [(n, i.dtype, i.shape) for n, i in view.tensors.items()] == \
+        [(n, i.dtype, i.shape) for n, i in dense.tensors.items()]
+    assert view.config == dense.config and view.quantization_config is None
+    assert dense_source(dense) is dense and dense_source(view) is view
+    with pytest.raises(KeyError):
+        view.read("model.layers.0.mlp.down_proj.qweight")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert np.array_equal(view.read_raw(name), dense.read_raw(name))
+    assert torch.equal(view.read(name), dense.read(name)) and view.read(name).is_contiguous()

@@ -96,7 +96,9 @@ ReadSmall = Callable[[str], Any]  # reads a tiny tensor (compressed-tensors weig
 
 
 class Layout(Protocol):
-    """The read side: recognise and unpack this layout's tensors."""
+    """The read side: recognise and unpack this layout's tensors. Optional (dense.DenseView asks with
+    getattr): ``check(prefix, tensors, qc)`` raises ValueError for tensors that disagree (before any work),
+    ``unpack_as(src, prefix, qc, dtype)`` gives the float32 array already rounded to BF16/F16/F32."""
 
     method: str  # what inspect reports for its layers
     suffixes: tuple[str, ...]  # every tensor suffix that belongs to a packed Linear of this layout
