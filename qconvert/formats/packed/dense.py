@@ -104,7 +104,7 @@ class DenseView:
     def _note(self) -> str:
         kinds = Counter(_kind(q, self.source.tensors, self.qc) for q in self.layers.values())
         parts = [f"{n} {kind.replace('{s}', 's' if n > 1 else '')}" for kind, n in kinds.items()]
-        return f"dequantized {' + '.join(parts)} to {FLOAT_NAMES[self.dtype].replace('bfloat', 'bf')}"
+        return f"dequantized {' + '.join(parts)} to {self.dtype.lower()}"  # bf16 / f16 / f32
 
     # -- the Checkpoint interface ---------------------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
