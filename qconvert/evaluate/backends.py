@@ -234,7 +234,9 @@ class HFBackend:
 
         self.ckpt = open_checkpoint(path)
         self.path = self.ckpt.path
-        check_checkpoint_shapes(self.ckpt)  # transformers' own size-mismatch report is many lines
+        # transformers' own size-mismatch report is many lines; a quantized source's dequantized shapes and
+        # scales are checked too
+        check_checkpoint_shapes(dense.dense_source(self.ckpt))
         self.method = quant_method(self.ckpt.config)
         self.loader = pick_loader(self.method, loader, self.method == "fp8" and bool(
             partial_blocks(self.ckpt.tensors, dense.quantization_config(self.ckpt))))
