@@ -454,3 +454,42 @@ def test_the_view_is_the_dequantized_checkpoint(sources):
     name = "model.layers.0.mlp.down_proj.weight"
     assert np.array_equal(view.read_raw(name), dense.read_raw(name))
     assert torch.equal(view.read(name), dense.read(name)) and view.read(name).is_contiguous()
+
+
+FP4_AND_INT8 = {"nvfp4a16": "nvfp4 4-bit tensors (group 16)", "mxfp4a16": "mxfp4 4-bit tensors (group 32)",
+                "w8a8": "int8-channel tensors (weight_scale)"}
+
+
+@pytest.mark.parametrize("scheme", FP4_AND_INT8)
+def test_fp4_and_int8_sources_equal_the_consumers_dequantization(synthetic_dir, capsys, tmp_path, scheme):
+    """The compressed-tensors nvfp4 / mxfp4 / int8 forms take the same path. Reference: transformers'
+    compressed-tensors loader with dequantize=True (it computes in the scales' bf16); the checkpoint written
+    from its weights converts to the very bytes the quantized source does."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    src = tmp_path / "src" / "model"
+    src.parent.mkdir()
+    assert cli_quantize(synthetic_dir("llama"), src, ["--method", "rtn", "--scheme", scheme]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    theirs = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    capsys.readouterr()  # transformers' loading bar
+    stored = load(src)
+    prefixes = {n.rsplit(".", 1)[0] for n, v in stored.items()
+                if n.endswith(".weight_packed") or (n.endswith(".weight") and v.dtype == torch.int8)}
+    ref_tensors = {}
+    for name, v in stored.items():
+        head, _, leaf = name.rpartition(".")
+        if head in prefixes:
+            ref_tensors.setdefault(f"{head}.weight", theirs[f"{head}.weight"])
+        elif v.is_floating_point() and leaf not in PACKED_SUFFIXES:
+            ref_tensors[name] = v
+    ref = tmp_path / "ref" / "model"
+    _copy_side_files(src, ref, None)
+    save_file(ref_tensors, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run_cli(capsys, "convert", src, "--type", "Q4_K_M", "-o", tmp_path / "src.gguf")
+    assert code == 0 and err == f"note: dequantized 28 {FP4_AND_INT8[scheme]} to bf16\n", err
+    code, _, err = run_cli(capsys, "convert", ref, "--type", "Q4_K_M", "-o", tmp_path / "ref.gguf")
+    assert code == 0, err
+    assert len(prefixes) == 28
+    assert (tmp_path / "src.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
