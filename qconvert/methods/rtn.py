@@ -14,7 +14,6 @@ import torch
 
 from qconvert.arch.tensors import fused_groups
 from qconvert.errors import BadInput
-from qconvert.kernels import fp4 as fp4_kernel
 from qconvert.methods.plan import IntOptions, Job, LayerPlan
 from qconvert.methods.quantizer import find_params, grouped_tensor
 from qconvert.methods.types import FP4Spec, FP4Tensor, PackOptions, QuantizedTensor, QuantSpec
@@ -71,6 +70,8 @@ def _shared_global_scales(job: Job) -> dict[str, float]:
                            "scale: --ignore all of them or none")
         if kept:
             continue
+        from qconvert.kernels import fp4 as fp4_kernel  # numba: only FP4 runs pay its import
+
         amax = max(_amax(job.ckpt, plans[m]) for m in group)
         dtype = _dtype(job.ckpt.read(plans[group[0]].weight))
         for m in group:
@@ -102,6 +103,8 @@ def fp4_quantize(weight: torch.Tensor, spec: FP4Spec, global_scale: float | None
                  name: str = "weight") -> FP4Tensor:
     """One [N, K] weight in the weight's own dtype; NVFP4 without a shared `global_scale` gets its own.
     Rows go through the kernel in blocks (every row is independent once the global scale is known)."""
+    from qconvert.kernels import fp4 as fp4_kernel  # numba: only FP4 runs pay its import
+
     dtype = _dtype(weight)
     w = weight.detach()
     amax = float(w.abs().max()) if w.numel() else 0.0
