@@ -251,3 +251,62 @@ def mxfp4_quantize(w: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
 def mxfp4_dequantize(codes: np.ndarray, exponents: np.ndarray) -> np.ndarray:
     vals = _groups(decode(codes), MXFP4_GROUP)
     return (vals * mx_scale_values(exponents)[..., None]).reshape(np.shape(codes))
+
+
+# -- fast twins (numba) of the element step: bit-identical to the reference above (tests/kernels/test_fp4.py)
+
+_B025, _B075, _B125, _B175, _B25, _B35, _B5 = (F32(b) for b, _ in _RNE_BOUNDS)
+_SIX = F32(6.0)
+
+
+@njit(**JIT)
+def _scaled_codes(w, eff, round_bf16, out):  # pragma: no cover - compiled
+    """out[r, j] = encode_rne(clip(w[r, j] / eff[r], ±6)) (w [R, g] float32, eff [R] float32), the quotient
+    first rounded to bfloat16 when round_bf16 (MXFP4's division in the weight dtype)."""
+    rows, g = w.shape
+    for r in range(rows):
+        e = eff[r]
+        for j in range(g):
+            x = w[r, j] / e
+            if round_bf16:
+                b = np.float32(x).view(np.uint32)
+                lsb = np.uint32(np.uint32(b >> np.uint32(16)) & np.uint32(1))
+                b = np.uint32(np.uint32(np.uint32(b + np.uint32(0x7FFF)) + lsb) & np.uint32(0xFFFF0000))
+                x = b.view(np.float32)
+            x = min(max(x, -_SIX), _SIX)
+            a = abs(x)
+            m = np.uint8((a > _B025) + (a >= _B075) + (a > _B125) + (a >= _B175) + (a > _B25) + (a >= _B35)
+                         + (a > _B5))
+            out[r, j] = m | (np.uint8(8) if x < F0 else np.uint8(0))
+
+
+def _fast_codes(g: np.ndarray, eff: np.ndarray, round_bf16: bool) -> np.ndarray:
+    rows = g.reshape(-1, g.shape[-1])
+    out = np.empty(rows.shape, dtype=np.uint8)
+    _scaled_codes(np.ascontiguousarray(rows, dtype=F32), np.ascontiguousarray(eff.reshape(-1), dtype=F32),
+                  round_bf16, out)
+    return out.reshape(g.shape)
+
+
+def nvfp4_quantize_fast(w: np.ndarray, global_scale: float, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """nvfp4_quantize with the element codes in numba (the scales are the reference's own code)."""
+    from qconvert.kernels.fp8 import decode_e4m3, encode_e4m3
+
+    g = _groups(w, NVFP4_GROUP)
+    gs = F32(global_scale)
+    local = round_to(np.abs(g).max(axis=-1) / FP4_MAX, dtype)
+    scale_bits = encode_e4m3(np.clip(gs * local, -E4M3_MAX, E4M3_MAX))
+    scale_bits[decode_e4m3(scale_bits) == 0] = encode_e4m3(NVFP4_EPS)
+    eff = decode_e4m3(scale_bits) / gs
+    return _fast_codes(g, eff, False).reshape(np.shape(w)), scale_bits
+
+
+def mxfp4_quantize_fast(w: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """mxfp4_quantize with the element codes in numba (float16 weights take the reference: numba has no
+    float16 rounding here)."""
+    if dtype == "float16":
+        return mxfp4_quantize(w, dtype)
+    g = _groups(w, MXFP4_GROUP)
+    e = mx_scale_exponents(np.abs(g).max(axis=-1), dtype)
+    scale = round_to(mx_scale_values(e), dtype)
+    return _fast_codes(g, scale, dtype == "bfloat16").reshape(np.shape(w)), e

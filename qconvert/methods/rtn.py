@@ -119,9 +119,9 @@ def fp4_quantize(weight: torch.Tensor, spec: FP4Spec, global_scale: float | None
     for rows in _row_blocks(n, k):
         block = w[rows].to(torch.float32).numpy()
         if gs is not None:
-            codes[rows], scales[rows] = fp4_kernel.nvfp4_quantize(block, gs, dtype)
+            codes[rows], scales[rows] = fp4_kernel.nvfp4_quantize_fast(block, gs, dtype)
         else:
-            codes[rows], scales[rows] = fp4_kernel.mxfp4_quantize(block, dtype)
+            codes[rows], scales[rows] = fp4_kernel.mxfp4_quantize_fast(block, dtype)
     return FP4Tensor(codes, scales, None if gs is None else float(gs), spec)
 
 

@@ -172,3 +172,15 @@ def test_mxfp4_reference_equals_compressed_tensors(dtype: str) -> None:
     state = {"weight_packed": packed, "weight_scale": exponents}
     theirs = MXFP4PackedCompressor.decompress(state, scheme)["weight"].float().numpy()
     assert np.array_equal(fp4.round_to(fp4.mxfp4_dequantize(codes, ours_e), "bfloat16"), theirs)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_fast_fp4_twins_equal_the_reference(dtype: str) -> None:
+    """nvfp4_quantize_fast / mxfp4_quantize_fast (numba element codes, what rtn runs) == the numpy spec,
+    on the edge-case weight above and on values that saturate (a small shared global scale)."""
+    w = _weight(DTYPES[dtype], 32).float().numpy()
+    for gs in (fp4.nvfp4_global_scale(float(np.abs(w).max()), dtype), np.float32(3.0)):
+        for a, b in zip(fp4.nvfp4_quantize(w, gs, dtype), fp4.nvfp4_quantize_fast(w, gs, dtype), strict=True):
+            assert np.array_equal(a, b)
+    for a, b in zip(fp4.mxfp4_quantize(w, dtype), fp4.mxfp4_quantize_fast(w, dtype), strict=True):
+        assert np.array_equal(a, b)
