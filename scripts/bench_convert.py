@@ -9,7 +9,7 @@ Runs, each as its own child process (peak RSS from wait4's rusage):
 and for each --type (with --imatrix FILE also given to every command when set):
   2. qconvert convert HF_DIR --type TYPE          (one step: HF → quantized)
   3. qconvert convert BF16.gguf --type TYPE       (drop-in for llama-quantize)
-  4. llama-quantize BF16.gguf OUT TYPE THREADS    (built by scripts/build_llamacpp_tools.sh)
+  4. llama-quantize BF16.gguf OUT TYPE THREADS    (NATIVE=1 scripts/build_llamacpp_tools.sh; --portable)
 and checks that 2, 3 and 4 wrote the same bytes. With --two-step, also llama.cpp's own first step,
   5. convert_hf_to_gguf.py HF_DIR --outtype bf16  (kept beside the tools by scripts/build_llamacpp_tools.sh)
 whose time plus llama-quantize's is what users pay today. Default model: the SmolLM2 fixture. Work files go
@@ -74,7 +74,9 @@ def qconvert(
     return cmd + (["--imatrix", str(imatrix)] if imatrix else [])
 
 
-def llama_quantize_bin(given: str | None) -> Path:
+def llama_quantize_bin(given: str | None, portable: bool = False) -> Path:
+    """The llama-quantize to compare with: the native build (-DGGML_NATIVE=ON, what users run) unless
+    --portable; scripts/build_llamacpp_tools.sh builds it once into the cache."""
     if given:
         return Path(given)
     built = subprocess.run(
@@ -82,8 +84,17 @@ def llama_quantize_bin(given: str | None) -> Path:
         check=True,
         capture_output=True,
         text=True,
+        env={**os.environ, "NATIVE": "0" if portable else "1"},
     )
     return Path(built.stdout.strip().splitlines()[-1]) / "llama-quantize"
+
+
+def build_kind(quantize_bin: Path | None) -> str:
+    """Which llama.cpp the baseline is: the build script's BUILD stamp, or the oracle wheel's libllama."""
+    if quantize_bin is None:
+        return "portable (oracle wheel libllama, -DGGML_NATIVE=OFF)"
+    stamp = quantize_bin.parent.parent / "BUILD"
+    return stamp.read_text().strip() if stamp.is_file() else f"unknown ({quantize_bin})"
 
 
 def _fixtures():
@@ -167,6 +178,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1, help="runs per command; the fastest is reported")
     ap.add_argument("--llama-quantize", help="llama-quantize path (default: scripts/build_llamacpp_tools.sh)")
+    ap.add_argument("--portable", action="store_true",
+                    help="compare with the portable build (-DGGML_NATIVE=OFF) instead of the native one")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--two-step", action="store_true", help="also time convert_hf_to_gguf.py --outtype bf16")
     ap.add_argument("--libllama", action="store_true",
@@ -174,7 +187,8 @@ def main() -> None:
     ap.add_argument("--pre-tokenizer", help="with --libllama --two-step: the converter's pre-tokenizer name")
     args = ap.parse_args()
     model = args.model or default_model()
-    quantize_bin = None if args.libllama else llama_quantize_bin(args.llama_quantize)
+    quantize_bin = None if args.libllama else llama_quantize_bin(args.llama_quantize, args.portable)
+    baseline = build_kind(quantize_bin)
     cache_root().mkdir(parents=True, exist_ok=True)
     reports: list[dict] = []
     with tempfile.TemporaryDirectory(dir=cache_root(), prefix="bench-convert-") as tmp:
@@ -206,9 +220,12 @@ def main() -> None:
             reports.append(
                 bench(model, file_type, args.threads, args.repeat, quantize_bin, Path(tmp), args.imatrix)
             )
+    for report in reports:
+        report["llama_cpp_build"] = baseline
     if args.json:
         print(json.dumps(reports, indent=2))
         return
+    print(f"llama.cpp baseline: {baseline}")
     for report in reports:
         print(
             f"{report['model']} → {report['type']}, {report['threads']} threads, "
