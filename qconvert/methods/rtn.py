@@ -142,15 +142,20 @@ def _as_float32(weight: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
 
 
-def rtn_quantize(weight: np.ndarray | torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
-    """Quantize ``W [N, K]`` group by group; ``K`` must be a multiple of the group (callers check and name
-    the layer)."""
+def _grouped_rows(weight: np.ndarray | torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int, int, int]:
+    """``W [N, K]`` in float32 as one row per group: (rows [N*K/g, g], N, K, g)."""
     w = _as_float32(weight)
     n, k = w.shape
     g = spec.group_for(k)
     if k % g:
         raise ValueError(f"group size {g} does not divide {k} input columns")
-    rows = w.reshape(n * (k // g), g)
+    return w.reshape(n * (k // g), g), n, k, g
+
+
+def rtn_quantize(weight: np.ndarray | torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """Quantize ``W [N, K]`` group by group; ``K`` must be a multiple of the group (callers check and name
+    the layer)."""
+    rows, n, k, _ = _grouped_rows(weight, spec)
     scale, zero = find_params(rows, spec)
     return grouped_tensor(rows, scale, zero, (n, k), spec)
 
@@ -159,12 +164,7 @@ def rtn_quantize_with_error(weight: torch.Tensor, spec: QuantSpec) -> tuple[Quan
     """``rtn_quantize`` and ``relative_error`` in one pass over the weight: the same codes (quantize_codes'
     operations, in place) and the same dequantized values, without rebuilding them from the numpy record
     (the W8A8 path of a 135M model spent most of its time there)."""
-    w = _as_float32(weight)
-    n, k = w.shape
-    g = spec.group_for(k)
-    if k % g:
-        raise ValueError(f"group size {g} does not divide {k} input columns")
-    rows = w.reshape(n * (k // g), g)
+    rows, n, k, g = _grouped_rows(weight, spec)
     scale, zero = find_params(rows, spec)
     s, z = scale[:, None], zero[:, None]
     q = torch.div(rows, s).round_().add_(z).clamp_(0, spec.maxq)  # quantize_codes
