@@ -23,7 +23,30 @@ QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")  # AutoGPTQ /
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-class Checkpoint:
+class TensorTable:
+    """The container side of a checkpoint (`name in ckpt`, iteration, len, info) over ``self.tensors``;
+    Checkpoint and the packed formats' DenseView share it."""
+
+    name: str
+    tensors: dict[str, TensorInfo]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.name}: no tensor named {name!r}") from None
+
+
+class Checkpoint(TensorTable):
     """Lazy view of a safetensors checkpoint: `config` (config.json), `tensors` (name -> TensorInfo, from the
     validated headers), `metadata`, `tokenizer_files`, `quantization_config`; `read` / `read_raw` /
     `read_numpy` map one tensor at a time. A context manager (closes the mapped files)."""
@@ -49,23 +72,8 @@ class Checkpoint:
         self.quantization_config, self.quantization_config_file = quantization_config
         self._maps: dict[Path, MappedFile] = {}
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r}, {len(self)} tensors, {len(self.files)} file(s))"
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise KeyError(f"{self.name}: no tensor named {name!r}") from None
 
     def _map(self, t: TensorInfo) -> MappedFile:
         mf = self._maps.get(t.file)

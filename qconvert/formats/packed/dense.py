@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ import numpy as np
 from qconvert.errors import BadInput
 from qconvert.formats.packed import base
 from qconvert.formats.packed.fp8 import block_of
+from qconvert.load.checkpoint import TensorTable
 from qconvert.load.dtypes import FLOAT_NAMES
 from qconvert.load.safetensors import TensorInfo
 
@@ -50,7 +50,7 @@ def _dense_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class DenseView:
+class DenseView(TensorTable):
     """The Checkpoint interface (path, name, config, tensors, tokenizer_files, read / read_raw / read_numpy)
     over a quantized checkpoint, its packed Linears dequantized on read. `dtype` None: the dense
     checkpoint's float dtype; "F32": the unrounded dequantization (eval --loader unpack)."""
@@ -107,23 +107,8 @@ class DenseView:
         return f"dequantized {' + '.join(parts)} to {self.dtype.lower()}"  # bf16 / f16 / f32
 
     # -- the Checkpoint interface ---------------------------------------------------------------------------
-    def __contains__(self, name: object) -> bool:
-        return name in self.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
     def __repr__(self) -> str:
         return f"DenseView({self.name!r}, {len(self.packed)} packed Linears dequantized to {self.dtype})"
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise KeyError(f"{self.name}: no tensor named {name!r}") from None
 
     def read(self, name: str) -> torch.Tensor:
         """torch.Tensor in the advertised dtype: a packed Linear dequantized now, anything else as stored."""
