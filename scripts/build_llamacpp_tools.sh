@@ -16,9 +16,12 @@ set -euo pipefail
 
 VERSION=0.3.36
 CACHE="${QCONVERT_CACHE:-$HOME/.cache/qconvert}"
-if [[ "${NATIVE:-0}" == 1 ]]; then BUILD=native; GGML_NATIVE=ON; else BUILD=portable; GGML_NATIVE=OFF; fi
 # the portable build keeps its old path, so existing caches stay valid
-DEST="$CACHE/llama.cpp/$VERSION$([[ $BUILD == native ]] && echo -native)"
+if [[ "${NATIVE:-0}" == 1 ]]; then
+    BUILD=native; GGML_NATIVE=ON; DEST="$CACHE/llama.cpp/$VERSION-native"
+else
+    BUILD=portable; GGML_NATIVE=OFF; DEST="$CACHE/llama.cpp/$VERSION"
+fi
 TOOLS=(llama-imatrix llama-quantize llama-perplexity)
 PY="${PYTHON:-python3}"
 
