@@ -6,7 +6,7 @@ bytes and quality.
     python scripts/bench_fp4.py --rss-model ~/.cache/qconvert/fixtures/bench/llama-1b   # streaming RSS only
 
 1. ``qconvert quantize --method rtn --scheme S`` and llm-compressor's ``oneshot`` with the preset of that name
-   (scripts/llmcompressor_fp4.py in its own venv), each a separate process with ``--threads`` threads: wall
+   (scripts/llmcompressor_preset.py in its own venv), each a separate process with ``--threads`` threads: wall
    time and peak RSS, and their ratio (issue #17's target: <= 0.5 for both).
 2. scripts/compare_fp4.py on the two outputs: config, tensor names / dtypes / shapes, differing values, and
    the weight error of the layers that differ.
@@ -87,7 +87,7 @@ def main() -> None:
             r["ours"] = timed(cmd, args.threads, cache / f"ours-{scheme}.log")
         if "llmc" in only:
             shutil.rmtree(llmc, ignore_errors=True)
-            cmd = [args.llmc_python, str(ROOT / "scripts" / "llmcompressor_fp4.py"), str(model),
+            cmd = [args.llmc_python, str(ROOT / "scripts" / "llmcompressor_preset.py"), str(model),
                    "-o", str(llmc), "--scheme", PRESETS[scheme], "--threads", str(args.threads)]
             r["llmc"] = timed(cmd, args.threads, cache / f"llmc-{scheme}.log")
         if "ours" in r and "llmc" in r:

@@ -4,7 +4,7 @@
     python scripts/bench_fp8.py --rss-model ~/.cache/qconvert/fixtures/bench/llama-1b   # streaming RSS only
 
 1. ``qconvert quantize --method fp8 --scheme dynamic`` (compressed-tensors) and llm-compressor's ``oneshot``
-   FP8_DYNAMIC (scripts/llmcompressor_fp8.py in its own venv), each a separate process with ``--threads``
+   FP8_DYNAMIC (scripts/llmcompressor_preset.py in its own venv), each a separate process with ``--threads``
    threads: wall time and peak RSS.
 2. Static FP8 both ways on the same calibration chunks (``--samples`` x ``--seq-len`` of the fixture text).
 3. Perplexity on the fixture eval text (ctx 512, llama-perplexity semantics) of bf16 and every output, with
@@ -75,7 +75,7 @@ def main() -> None:
     }
     llmc = [
         args.llmc_python,
-        str(ROOT / "scripts" / "llmcompressor_fp8.py"),
+        str(ROOT / "scripts" / "llmcompressor_preset.py"),
         str(model),
         "--threads",
         str(args.threads),

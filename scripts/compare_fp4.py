@@ -1,4 +1,4 @@
-"""Compare a qconvert output with llm-compressor's for the same preset (scripts/llmcompressor_fp4.py):
+"""Compare a qconvert output with llm-compressor's for the same preset (scripts/llmcompressor_preset.py):
 
     python scripts/compare_fp4.py OURS LLMC [--source MODEL]
 

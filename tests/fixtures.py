@@ -753,6 +753,14 @@ def build_streamed_llama(
     """A seeded llama checkpoint written tensor by tensor (peak memory: one tensor), untied lm_head.
     Defaults give the ~1.1B benchmark model; tests call it with tiny sizes."""
     shapes = _llama_tensor_shapes(hidden, intermediate, layers, heads, kv_heads, vocab)
+    config = _bench_config(hidden, intermediate, layers, heads, kv_heads, vocab)
+    return _write_streamed_checkpoint(out, shapes, shards, seed, config, "smollm")
+
+
+def _write_streamed_checkpoint(out: Path, shapes: list[tuple[str, tuple[int, ...]]], shards: int, seed: int,
+                               config: dict, tokenizer_style: str) -> Path:
+    """Seeded bf16 tensors in `shards` files with an index, config.json and a trained tokenizer, one tensor
+    in memory at a time."""
     index = {name: i for i, (name, _) in enumerate(shapes)}
     groups = _split_shards(shapes, shards)
     out.mkdir(parents=True, exist_ok=True)
@@ -766,8 +774,8 @@ def build_streamed_llama(
     _write_json(
         out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
     )
-    _write_json(out / "config.json", _bench_config(hidden, intermediate, layers, heads, kv_heads, vocab))
-    for f in sorted(synthetic_tokenizer_dir().iterdir()):
+    _write_json(out / "config.json", config)
+    for f in sorted(synthetic_tokenizer_dir(tokenizer_style).iterdir()):
         shutil.copy2(f, out / f.name)
     return out
 
@@ -839,27 +847,11 @@ def build_streamed_moe(
     """A seeded Qwen3-MoE checkpoint written tensor by tensor (peak memory: one tensor), untied lm_head. The
     defaults are issue 14's benchmark model (~1.9B parameters); smaller sizes give quick measurements."""
     shapes = _moe_tensor_shapes(hidden, moe_inter, layers, heads, kv_heads, head_dim, experts, vocab)
-    index = {name: i for i, (name, _) in enumerate(shapes)}
-    groups = _split_shards(shapes, shards)
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    for k, group in enumerate(groups, 1):
-        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-        log(f"writing {out.name}/{fname} ({len(group)} tensors)")
-        _write_safetensors_streamed(out / fname, group, lambda n, s: _seeded_tensor(n, s, seed, index[n]))
-        weight_map.update(dict.fromkeys((n for n, _ in group), fname))
-    total = sum(2 * math.prod(s) for _, s in shapes)
-    _write_json(
-        out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
-    )
     cfg = _bench_config(hidden, 4 * moe_inter, layers, heads, kv_heads, vocab)
     cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=head_dim,
                moe_intermediate_size=moe_inter, num_experts=experts, num_experts_per_tok=top_k,
                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
-    _write_json(out / "config.json", cfg)
-    for f in sorted(synthetic_tokenizer_dir("qwen2").iterdir()):
-        shutil.copy2(f, out / f.name)
-    return out
+    return _write_streamed_checkpoint(out, shapes, shards, seed, cfg, "qwen2")
 
 
 def bench_moe_dir() -> Path:

@@ -3,7 +3,7 @@ compressed-tensors' own decompressors, and the quantization_config is the one ll
 
 The literal configs below are what ``QuantizationModifier(targets="Linear", scheme=PRESET,
 ignore=["lm_head"])`` wrote with llm-compressor 0.14.0.1 + compressed-tensors 0.19.0 on SmolLM2-135M
-(scripts/llmcompressor_fp4.py; compared in full by scripts/compare_fp4.py), minus ``version``.
+(scripts/llmcompressor_preset.py; compared in full by scripts/compare_fp4.py), minus ``version``.
 """
 
 from __future__ import annotations

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qconvert import cli
 from qconvert.kernels.fp8 import decode_e4m3, quantize_fp8
 from qconvert.methods.fp8 import fp8_quantize
 from qconvert.methods.types import FP8Spec, FP8Tensor
+from tests.helpers import read_tensors as tensors
 
 SAMPLES, SEQ = 4, 64
 BLOCK = 128
@@ -54,13 +54,6 @@ def quantize(src: Path, out: Path, *args) -> dict:
     assert code == 0, err
     return json.loads(stdout)
 
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 def raw(t: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qconvert.kernels import packing
 from qconvert.methods import gptq_layerwise
+from tests.helpers import read_tensors as tensors
 
 SAMPLES, SEQ = 4, 64
 
@@ -41,13 +41,6 @@ def recorded(monkeypatch) -> dict:
     monkeypatch.setattr(gptq_layerwise, "gptq_weight", spy)
     return seen
 
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 def unpack(got: dict[str, torch.Tensor], prefix: str, fmt: str, bits: int) -> np.ndarray:

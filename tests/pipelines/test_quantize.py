@@ -12,25 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
 from qconvert.formats.packed.gptq import marlin_problems
 from qconvert.kernels import packing
 from qconvert.methods.rtn import rtn_quantize
 from qconvert.methods.types import QuantSpec
+from tests.helpers import read_tensors as tensors
 
 
 @pytest.fixture
 def run(quantize_cli):
     return quantize_cli
 
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 def test_rtn_gptq_output(run, synthetic_dir, tmp_path):

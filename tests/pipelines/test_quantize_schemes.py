@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qconvert import cli
@@ -22,16 +21,10 @@ from qconvert.arch.tensors import fused_groups
 from qconvert.kernels import fp4
 from qconvert.methods.rtn import rtn_quantize
 from qconvert.methods.types import QuantSpec
+from tests.helpers import read_tensors as tensors
 
 SCHEMES = ("nvfp4a16", "mxfp4a16", "w8a8")
 
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
-    return out
 
 
 def _cli(capsys, *args: object) -> tuple[int, str, str]:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qconvert import cli
+from tests.helpers import read_tensors as load
 
 FP8_BLOCK_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                     "weight_block_size": [128, 128]}
@@ -42,13 +43,6 @@ def run_cli(capsys, *args: object) -> tuple[int, str, str]:
     out = capsys.readouterr()
     return code, out.out, out.err
 
-
-def load(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 def _copy_side_files(src: Path, out: Path, quantization_config: dict | None) -> None:

@@ -1,12 +1,17 @@
-"""Anchor run: llm-compressor's own FP8 (``oneshot`` + ``QuantizationModifier``), FP8_DYNAMIC or static FP8.
+"""Anchor run: one of llm-compressor's own presets (``oneshot`` + ``QuantizationModifier``): FP8_DYNAMIC or
+static FP8, or the data-free NVFP4A16, MXFP4A16 (MXFP4 weights, bf16 activations) and W8A8 (int8 per-channel
+weights; its per-token int8 activations are dynamic, so RTN needs no data).
 
 Runs in the SEPARATE llm-compressor venv (see scripts/llmcompressor_gptq.py for how it is made):
 
-    ~/.cache/qconvert/venv-llmcompressor/bin/python scripts/llmcompressor_fp8.py MODEL -o OUT
-        [--scheme FP8_DYNAMIC|FP8] [--tokens TOKENS.npy (FP8 static: calibration chunks)] [--threads N]
+    ~/.cache/qconvert/venv-llmcompressor/bin/python scripts/llmcompressor_preset.py MODEL -o OUT
+        [--scheme FP8_DYNAMIC|FP8|NVFP4A16|MXFP4A16|W8A8] [--tokens TOKENS.npy (FP8 static: calibration
+        chunks)] [--threads N]
 
-Targets Linear, lm_head ignored, as llm-compressor's examples do. Prints one JSON line: wall seconds of
-``oneshot`` and of the whole process (model load and save included), peak RSS, versions.
+Targets Linear, lm_head ignored, as llm-compressor's examples do (examples/quantization_w8a8_fp8,
+quantization_w4a16_fp4, quantization_w8a8_int8). Prints one JSON line: wall seconds of ``oneshot`` and of the
+whole process (model load and save included), peak RSS, versions. scripts/compare_fp4.py compares the
+data-free outputs with ours.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import resource
 import time
 
 T0 = time.monotonic()
+PRESETS = ("FP8_DYNAMIC", "FP8", "NVFP4A16", "MXFP4A16", "W8A8")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("-o", "--output", required=True)
-    ap.add_argument("--scheme", default="FP8_DYNAMIC", choices=["FP8_DYNAMIC", "FP8"])
+    ap.add_argument("--scheme", default="FP8_DYNAMIC", choices=PRESETS)
     ap.add_argument("--tokens", help=".npy int64 [n_samples, seq_len] (static FP8)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
