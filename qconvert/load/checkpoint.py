@@ -98,7 +98,11 @@ class Checkpoint(TensorTable):
         if not dt.is_float:
             return self.read_raw(name)
         if t.dtype == "BF16":
-            return (self.read_raw(name).astype(np.uint32) << 16).view(np.float32)
+            # one pass, widening as it shifts (astype then << makes two 4-byte arrays)
+            raw = self.read_raw(name)
+            bits = np.empty(raw.shape, np.uint32)
+            np.left_shift(raw, 16, out=bits, dtype=np.uint32)
+            return bits.view(np.float32)
         if t.dtype in ("F16", "F32", "F64"):
             return self.read_raw(name).astype(np.float32)
         if dt.torch_name is None:  # F4 / F6: no element type to widen to; hand back the packed bytes

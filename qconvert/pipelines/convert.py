@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -296,8 +297,9 @@ def _imatrix_kvs(imx: Any, path: Path) -> list[tuple[str, Any, gguf.GGUFValueTyp
 # ---------------------------------------------------------------------------------------------------------
 # quantize + stream
 
-def _tensor_bytes(t: PlannedTensor, r: TensorRecord, src: _Source, imx: Any,
-                  opts: ConvertOptions) -> np.ndarray:
+def _prepare(t: PlannedTensor, r: TensorRecord, src: _Source, opts: ConvertOptions) -> np.ndarray:
+    """What the quantizer takes for one tensor: checked float32, or the stored bytes of a GGUF input tensor
+    that keeps its type (uint8). Runs on the prefetch thread, so it must not touch shared state."""
     if src.gguf is not None:
         raw_type, raw = src.gguf.raw[t.name]
         if raw_type == r.qtype:
@@ -309,14 +311,34 @@ def _tensor_bytes(t: PlannedTensor, r: TensorRecord, src: _Source, imx: Any,
         raise BadInput(f"tensor {t.source or t.name} has shape {x.shape}, expected {t.shape}", src.label)
     if not np.isfinite(x).all():
         raise BadInput(f"tensor {t.source or t.name} contains NaN or Inf values", src.label)
-    return quantize(x, r.qtype, _imatrix_for(imx, r), opts.threads)
+    return x
+
+
+def _prefetched(jobs: list[Callable[[], np.ndarray]]) -> Iterator[np.ndarray]:
+    """Each job's result in order, the next one computed on a second thread meanwhile: reading and
+    widening tensor i+1 (numpy and mmap page-ins release the GIL) overlaps quantizing tensor i. One job
+    ahead at most, so memory grows by one tensor, not with the model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="qconvert-read")
+    try:
+        ahead = pool.submit(jobs[0]) if jobs else None
+        for i in range(len(jobs)):
+            current = ahead.result()
+            ahead = pool.submit(jobs[i + 1]) if i + 1 < len(jobs) else None
+            yield current
+            del current
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _stream(src: _Source, records: list[TensorRecord], imx: Any, opts: ConvertOptions,
             progress: ProgressFn | None) -> Iterator[np.ndarray]:
     by_name = {t.name: t for t in src.tensors}
-    for i, r in enumerate(records):
-        data = _tensor_bytes(by_name[r.name], r, src, imx, opts)
+    jobs = [partial(_prepare, by_name[r.name], r, src, opts) for r in records]
+    for i, (r, x) in enumerate(zip(records, _prefetched(jobs), strict=True)):
+        data = x if x.dtype == np.uint8 else quantize(x, r.qtype, _imatrix_for(imx, r), opts.threads)
+        del x
         if data.nbytes != r.nbytes:
             raise RuntimeError(f"{r.name}: quantizer returned {data.nbytes} bytes, expected {r.nbytes}")
         yield data

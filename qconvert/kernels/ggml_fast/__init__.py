@@ -41,6 +41,19 @@ def _run_chunk(twin: FastKernel, block_size: int, x: np.ndarray, imatrix: np.nda
     twin(blocks, imatrix if use_qw else np.zeros(1, np.float32), nbr, out.reshape(nrows * nbr, -1), use_qw)
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_CHUNKS_PER_THREAD = 4  # several row chunks per thread: a thread slowed by other work (the convert
+                        # pipeline reads the next tensor meanwhile) does not hold the others up
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per thread count for the whole process (a tensor is a few ms of work for small models)."""
+    pool = _POOLS.get(threads)
+    if pool is None:
+        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="qconvert-quant")
+    return pool
+
+
 def run(twin: FastKernel, block_size: int, type_size: int, x: np.ndarray, imatrix: np.ndarray | None,
         threads: int | None = None) -> np.ndarray:
     """x: C-contiguous float32 [nrows, n_per_row] (a multiple of block_size); imatrix: float32 [n_per_row]
@@ -50,15 +63,15 @@ def run(twin: FastKernel, block_size: int, type_size: int, x: np.ndarray, imatri
     if out.size == 0:
         return out
     threads = (os.cpu_count() or 1) if threads is None else max(1, int(threads))
-    # enough work per thread to amortise the pool; chunks are whole rows so bytes never depend on `threads`
-    threads = min(threads, nrows, max(1, x.size // (1 << 16)))
-    if threads <= 1:
+    # enough work per chunk to amortise the pool; chunks are whole rows so bytes never depend on `threads`
+    chunks = min(threads * _CHUNKS_PER_THREAD, nrows, max(1, x.size // (1 << 16)))
+    if threads <= 1 or chunks <= 1:
         _run_chunk(twin, block_size, x, imatrix, out)
         return out
-    bounds = np.linspace(0, nrows, threads + 1).astype(int)
-    with ThreadPoolExecutor(threads) as pool:
-        spans = zip(bounds[:-1], bounds[1:], strict=True)
-        jobs = [pool.submit(_run_chunk, twin, block_size, x[a:b], imatrix, out[a:b]) for a, b in spans]
-        for job in jobs:
-            job.result()
+    bounds = np.linspace(0, nrows, chunks + 1).astype(int)
+    pool = _pool(threads)
+    spans = zip(bounds[:-1], bounds[1:], strict=True)
+    jobs = [pool.submit(_run_chunk, twin, block_size, x[a:b], imatrix, out[a:b]) for a, b in spans]
+    for job in jobs:
+        job.result()
     return out
