@@ -87,6 +87,80 @@ def hp_text(cfg: dict, w: Any) -> None:
     w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)  # placeholder; re-set at the end like llama-quantize
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the inverse: config.json from a GGUF file's KVs (`convert model.gguf --to hf`). Each ``cfg_*`` undoes the
+# ``hp_*`` writer above it; what llama.cpp does not store is the value llama.cpp itself assumes.
+
+class GGUFKVs:
+    """A GGUF file's KVs as config.json values: ``kv["block_count"]`` reads ``{arch}.block_count``."""
+
+    def __init__(self, arch: str, fields: dict[str, Any], tensors: dict[str, tuple[int, ...]]):
+        self.arch = arch
+        self.fields = fields
+        self.tensors = tensors          # gguf name -> numpy shape
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.fields.get(f"{self.arch}.{key}")
+        if value is None:
+            return default
+        if isinstance(value, float):
+            return plain_float(value)
+        return value.item() if isinstance(value, np.generic) else value
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise BadInput(f"GGUF file has no {self.arch}.{key}: cannot rebuild config.json")
+        return value
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.tensors
+
+
+def plain_float(x: float) -> float | int:
+    """A float32 KV as the decimal it was written from (1e-06, not 9.99999997e-07)."""
+    return float(str(np.float32(x)))
+
+
+def _put(out: dict, key: str, value: Any) -> None:
+    if value is not None:
+        out[key] = value
+
+
+def _rope_from_kv(kv: GGUFKVs, theta: Any) -> dict:
+    """rope_parameters (transformers 5) from the rope KVs: the inverse of _rope_scaling."""
+    rp: dict[str, Any] = {"rope_theta": theta, "rope_type": "default"}
+    kind, factor = kv.get("rope.scaling.type"), kv.get("rope.scaling.factor")
+    if kind == "linear" and factor is not None:
+        rp.update(rope_type="linear", factor=factor)
+    elif kind == "yarn" and factor is not None:
+        rp.update(rope_type="yarn", factor=factor,
+                  original_max_position_embeddings=kv.get("rope.scaling.original_context_length"))
+        for key, name in (("yarn_ext_factor", "extrapolation_factor"),
+                          ("yarn_attn_factor", "attention_factor"),
+                          ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            _put(rp, name, kv.get(f"rope.scaling.{key}"))
+    return rp
+
+
+def cfg_text(kv: GGUFKVs) -> dict:
+    """The inverse of hp_text: sizes, heads, rope, norm epsilon, the generic MoE counts, head_dim."""
+    out: dict[str, Any] = {"num_hidden_layers": kv["block_count"]}
+    for key, name in (("context_length", "max_position_embeddings"), ("embedding_length", "hidden_size"),
+                      ("feed_forward_length", "intermediate_size"),
+                      ("attention.head_count", "num_attention_heads"),
+                      ("attention.head_count_kv", "num_key_value_heads"),
+                      ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+                      ("expert_used_count", "num_experts_per_tok")):
+        _put(out, name, kv.get(key))
+    out["rope_parameters"] = _rope_from_kv(kv, kv.get("rope.freq_base", 10000.0))
+    _put(out, "head_dim", kv.get("attention.key_length") or kv.get("rope.dimension_count"))
+    return out
+
+
 # expert_gating_func values (llama-hparams.h LLAMA_EXPERT_GATING_FUNC_TYPE; gguf 0.19 lacks SQRT_SOFTPLUS)
 _GATING = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
 _SCORE_KEYS = ["score_function", "scoring_func", "score_func", "moe_router_activation",
@@ -142,6 +216,21 @@ def hp_llama(cfg: dict, w: Any) -> None:
     w.add_rope_dimension_count(head_dim(cfg))
 
 
+def cfg_llama(kv: GGUFKVs) -> dict:
+    """LlamaConfig (and MixtralConfig: the llama arch with experts) from the KVs."""
+    out = cfg_text(kv)
+    out["attention_bias"] = kv.has_tensor("blk.0.attn_q.bias")
+    out["mlp_bias"] = kv.has_tensor("blk.0.ffn_up.bias")
+    if (n := kv.get("expert_count")) is not None:
+        out.update(num_local_experts=n, sliding_window=None)
+        del out["attention_bias"], out["mlp_bias"]
+    return out
+
+
+def cfg_qwen2(kv: GGUFKVs) -> dict:
+    return cfg_text(kv)
+
+
 def hp_qwen2moe(cfg: dict, w: Any) -> None:
     """Qwen2MoeModel (qwen2moe, qwen3moe): the expert FFN sizes after the generic block."""
     hp_text(cfg, w)
@@ -149,6 +238,23 @@ def hp_qwen2moe(cfg: dict, w: Any) -> None:
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     if cfg.get("shared_expert_intermediate_size") is not None:
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+
+
+def _cfg_qwen_moe(kv: GGUFKVs, norm_topk: bool) -> dict:
+    out = cfg_text(kv)
+    out.update(num_experts=kv["expert_count"], decoder_sparse_step=1, mlp_only_layers=[],
+               norm_topk_prob=norm_topk)  # llama.cpp's graph hardcodes the renormalisation per arch
+    _put(out, "moe_intermediate_size", kv.get("expert_feed_forward_length"))
+    _put(out, "shared_expert_intermediate_size", kv.get("expert_shared_feed_forward_length"))
+    return out
+
+
+def cfg_qwen2moe(kv: GGUFKVs) -> dict:
+    return _cfg_qwen_moe(kv, False)
+
+
+def cfg_qwen3moe(kv: GGUFKVs) -> dict:
+    return _cfg_qwen_moe(kv, True)
 
 
 def hp_deepseek2(cfg: dict, w: Any) -> None:
@@ -182,9 +288,38 @@ def hp_deepseek2(cfg: dict, w: Any) -> None:
         w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)  # the loader divides by 0.1 again (legacy)
 
 
+def cfg_deepseek2(kv: GGUFKVs) -> dict:
+    """DeepseekV3Config: MLA back from its MQA form (heads of kv_b_proj = attention heads)."""
+    out = cfg_text(kv)
+    rope = kv["rope.dimension_count"]
+    n_head = kv["attention.head_count"]
+    out.update(num_key_value_heads=n_head, head_dim=rope, qk_rope_head_dim=rope,
+               qk_nope_head_dim=kv["attention.key_length_mla"] - rope,
+               v_head_dim=kv["attention.value_length_mla"],
+               kv_lora_rank=kv["attention.kv_lora_rank"], q_lora_rank=kv.get("attention.q_lora_rank"),
+               first_k_dense_replace=kv.get("leading_dense_block_count", 0),
+               n_shared_experts=kv.get("expert_shared_count", 0),
+               moe_intermediate_size=kv.get("expert_feed_forward_length"),
+               n_routed_experts=kv.get("expert_count"),
+               n_group=kv.get("expert_group_count", 1), topk_group=kv.get("expert_group_used_count", 1),
+               routed_scaling_factor=kv.get("expert_weights_scale", 1.0),
+               norm_topk_prob=bool(kv.get("expert_weights_norm", False)), num_nextn_predict_layers=0)
+    gating = {v: k for k, v in _GATING.items()}.get(kv.get("expert_gating_func", 1), "softmax")
+    out["scoring_func"] = gating
+    if (log_mul := kv.get("rope.scaling.yarn_log_multiplier")) is not None:
+        out["rope_parameters"]["mscale_all_dim"] = plain_float(log_mul / 0.1)
+    return out
+
+
 def hp_olmoe(cfg: dict, w: Any) -> None:
     hp_text(cfg, w)
     w.add_layer_norm_rms_eps(1e-5)  # OlmoeModel forces it (re-set: the key keeps its first position)
+
+
+def cfg_olmoe(kv: GGUFKVs) -> dict:
+    out = cfg_text(kv)
+    out.update(num_experts=kv["expert_count"], norm_topk_prob=False)
+    return out
 
 
 def hp_gemma(cfg: dict, w: Any) -> None:
@@ -200,11 +335,25 @@ def hp_gemma(cfg: dict, w: Any) -> None:
     w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
 
 
+def cfg_gemma(kv: GGUFKVs) -> dict:
+    out = cfg_text(kv)
+    out["query_pre_attn_scalar"] = out["head_dim"]  # llama.cpp scales by 1/sqrt(key_length)
+    return out
+
+
 def hp_gemma2(cfg: dict, w: Any) -> None:
     hp_gemma(cfg, w)
     w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
     w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     w.add_sliding_window(cfg["sliding_window"])
+
+
+def cfg_gemma2(kv: GGUFKVs) -> dict:
+    out = cfg_gemma(kv)
+    out.update(attn_logit_softcapping=kv.get("attn_logit_softcapping"),
+               final_logit_softcapping=kv.get("final_logit_softcapping"),
+               sliding_window=kv.get("attention.sliding_window"))
+    return out
 
 
 def hp_gemma3(cfg: dict, w: Any) -> None:
@@ -229,6 +378,22 @@ def hp_gemma3(cfg: dict, w: Any) -> None:
         w.add_sliding_window_pattern(swa)
 
 
+def cfg_gemma3(kv: GGUFKVs) -> dict:
+    """Gemma3TextConfig: per-layer attention kinds from the sliding-window pattern (llama.cpp's 5:1 unless
+    the file says), the local rope base in its own rope_parameters entry."""
+    out = cfg_gemma(kv)
+    pattern = kv.get("attention.sliding_window_pattern")
+    n = out["num_hidden_layers"]
+    swa = [bool(x) for x in pattern] if pattern is not None else [i % 6 < 5 for i in range(n)]
+    full = out.pop("rope_parameters")
+    out.update(layer_types=["sliding_attention" if s else "full_attention" for s in swa],
+               sliding_window=kv.get("attention.sliding_window"),
+               final_logit_softcapping=kv.get("final_logit_softcapping"),
+               rope_parameters={"full_attention": full, "sliding_attention": {
+                   "rope_theta": kv.get("rope.freq_base_swa", 10000.0), "rope_type": "default"}})
+    return out
+
+
 def hp_phi3(cfg: dict, w: Any) -> None:
     rp = rope_parameters(cfg)
     n_embd, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -245,6 +410,19 @@ def hp_phi3(cfg: dict, w: Any) -> None:
     w.add_rope_freq_base(rp.get("full_attention", rp).get("rope_theta", 10000.0))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
     w.add_sliding_window(cfg.get("sliding_window") or 0)  # 0 tells Phi-4 apart from other phi3 models
+
+
+def cfg_phi3(kv: GGUFKVs) -> dict:
+    """Phi3Config: the partial rotary factor from the rope dimensions, the long rope back from its KVs (its
+    factor tensors are read by the caller)."""
+    out = cfg_text(kv)
+    out.pop("head_dim", None)
+    n_embd, n_head = out["hidden_size"], out["num_attention_heads"]
+    rotary = kv["rope.dimension_count"] * n_head / n_embd
+    out["rope_parameters"]["partial_rotary_factor"] = plain_float(rotary)
+    _put(out, "original_max_position_embeddings", kv.get("rope.scaling.original_context_length"))
+    out["sliding_window"] = kv.get("attention.sliding_window") or None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -55,39 +55,51 @@ class ArchSpec:
     needs_output: bool = False                  # llama.cpp's loader requires output.weight (no tied lm_head)
     mla: bool = False                           # deepseek2: kv_b_proj split into attn_k_b / attn_v_b (3-D),
                                                 # MTP layers (>= num_hidden_layers) and a tied lm_head dropped
+    # the way back (`convert model.gguf --to hf`, arch/hf.py): config.json from the KVs (hparams.cfg_*), and
+    # the HF module of each GGUF block tensor where it is not the llama-like default (arch/hf.HF_MODULES)
+    hf_config: Callable[[Any], dict] = hp.cfg_text
+    hf_modules: tuple[tuple[str, str], ...] = ()
 
 
 _LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama,
                   vocab=vocab.Vocab(("spm", "llama_hf", "gpt2"), vocab.llama_before, vocab.llama_after),
-                  permute_qk=True, extra_tensors=hp.extra_tensors_llama)
-_QWEN2 = ArchSpec("qwen2", gguf.MODEL_ARCH.QWEN2, hp.hp_text)
+                  permute_qk=True, extra_tensors=hp.extra_tensors_llama, hf_config=hp.cfg_llama)
+_QWEN2 = ArchSpec("qwen2", gguf.MODEL_ARCH.QWEN2, hp.hp_text, hf_config=hp.cfg_qwen2)
 _QWEN3 = ArchSpec("qwen3", gguf.MODEL_ARCH.QWEN3, hp.hp_text)
 # gemma/gemma2/phi3: the converter knows only SentencePiece there; a byte-level BPE tokenizer.json is
 # exported the gpt2 way instead of failing (llama.cpp's vocabulary loader does not depend on the arch)
 _GEMMA = ArchSpec("gemma", gguf.MODEL_ARCH.GEMMA, hp.hp_gemma, vocab=vocab.Vocab(after=vocab.gemma_after),
-                  norm_shift=1.0, drop_lm_head=True)
+                  norm_shift=1.0, drop_lm_head=True, hf_config=hp.cfg_gemma)
 _GEMMA2 = ArchSpec("gemma2", gguf.MODEL_ARCH.GEMMA2, hp.hp_gemma2,
                    vocab=vocab.Vocab(after=vocab.gemma2_after), norm_shift=1.0, drop_lm_head=True,
-                   block=GEMMA2_BLOCK)
+                   block=GEMMA2_BLOCK, hf_config=hp.cfg_gemma2,
+                   hf_modules=(("ffn_norm", "pre_feedforward_layernorm"),))
 _GEMMA3 = ArchSpec("gemma3", gguf.MODEL_ARCH.GEMMA3, hp.hp_gemma3,
                    vocab=vocab.Vocab(after=vocab.gemma3_after), norm_shift=1.0, trim_vocab=True,
-                   block=GEMMA2_BLOCK)
+                   block=GEMMA2_BLOCK, hf_config=hp.cfg_gemma3,
+                   hf_modules=(("ffn_norm", "pre_feedforward_layernorm"),))
 _PHI3 = ArchSpec("phi3", gguf.MODEL_ARCH.PHI3, hp.hp_phi3, vocab=vocab.Vocab(("phi3", "gpt2")),
-                 extra_kvs=hp.extra_kv_phi3, extra_tensors=hp.extra_tensors_phi3, block=PHI3_BLOCK)
+                 extra_kvs=hp.extra_kv_phi3, extra_tensors=hp.extra_tensors_phi3, block=PHI3_BLOCK,
+                 hf_config=hp.cfg_phi3, hf_modules=(("ffn_up", "mlp.gate_up_proj"),))
 
 # MoE families: the calibrated methods cannot walk their expert blocks yet (block=None)
 _QWEN2MOE = ArchSpec("qwen2moe", gguf.MODEL_ARCH.QWEN2MOE, hp.hp_qwen2moe, block=None, experts=Experts(),
-                     needs_output=True)
-_QWEN3MOE = ArchSpec("qwen3moe", gguf.MODEL_ARCH.QWEN3MOE, hp.hp_qwen2moe, block=None, experts=Experts())
+                     needs_output=True, hf_config=hp.cfg_qwen2moe)
+_QWEN3MOE = ArchSpec("qwen3moe", gguf.MODEL_ARCH.QWEN3MOE, hp.hp_qwen2moe, block=None, experts=Experts(),
+                     hf_config=hp.cfg_qwen3moe)
 _OLMOE = ArchSpec("olmoe", gguf.MODEL_ARCH.OLMOE, hp.hp_olmoe, block=None, experts=Experts(),
-                  needs_output=True)
+                  needs_output=True, hf_config=hp.cfg_olmoe)
 _DEEPSEEK2 = ArchSpec("deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, hp.hp_deepseek2, block=None, experts=Experts(),
-                      mla=True)
+                      mla=True, hf_config=hp.cfg_deepseek2,
+                      hf_modules=(("ffn_gate_shexp", "mlp.shared_experts.gate_proj"),
+                                  ("ffn_up_shexp", "mlp.shared_experts.up_proj"),
+                                  ("ffn_down_shexp", "mlp.shared_experts.down_proj")))
 # Mixtral is llama with experts (block_sparse_moe.experts.X.w1/w3/w2 = gate/up/down); the converter's
 # LlamaModel knows no fused form for it
 _MIXTRAL = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama, vocab=_LLAMA.vocab, permute_qk=True,
                     extra_tensors=hp.extra_tensors_llama, block=None,
-                    experts=Experts("block_sparse_moe.experts", "w1", "w3", "w2", fused=False))
+                    experts=Experts("block_sparse_moe.experts", "w1", "w3", "w2", fused=False),
+                    hf_config=hp.cfg_llama, hf_modules=(("ffn_gate_inp", "block_sparse_moe.gate"),))
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA, "MistralForCausalLM": _LLAMA, "Qwen2ForCausalLM": _QWEN2,
@@ -115,3 +127,16 @@ def resolve(config: dict, source: object = None) -> ArchSpec:
     found = ", ".join(config.get("architectures") or []) or config.get("model_type") or "none"
     supported = ", ".join(sorted(ARCHITECTURES))
     raise BadInput(f"unsupported architecture {found} (supported: {supported})", source)
+
+
+def resolve_gguf(arch: str, has_experts: bool, source: object = None) -> tuple[str, str, ArchSpec]:
+    """(HF architectures[0], model_type, spec) of a GGUF file's general.architecture: the first family of
+    the table written as that arch (the llama arch with experts is Mixtral)."""
+    for hf_arch, spec in ARCHITECTURES.items():
+        if spec.name == arch and (spec.experts is not None) == has_experts:
+            model_type = next(m for m, s in MODEL_TYPES.items() if s is spec)
+            return hf_arch, model_type, spec
+    found = arch + (" with experts" if has_experts else "")
+    supported = ", ".join(sorted({s.name for s in ARCHITECTURES.values()}))
+    raise BadInput(f"GGUF architecture {found} cannot be converted back to HF (supported: {supported})",
+                   source)

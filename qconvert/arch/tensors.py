@@ -144,6 +144,42 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of permute_rows: llama.cpp's interleaved rotary rows back to HF's split halves."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def is_shifted_norm(spec: ArchSpec, hf_name: str) -> bool:
+    """Whether _transform adds spec.norm_shift to this tensor (gemma's (1 + w) RMSNorms)."""
+    return bool(spec.norm_shift) and hf_name.endswith("norm.weight")
+
+
+def unshift_norm(x: np.ndarray, spec: ArchSpec) -> np.ndarray:
+    """The inverse of the norm shift, in float32 as the shift was made."""
+    return x - np.float32(spec.norm_shift)
+
+
+def inverse_transform(spec: ArchSpec, cfg: dict, hf_name: str) -> Transform | None:
+    """The inverse of _transform for one HF tensor (the vocabulary trim is not undone: the cut rows are
+    gone); cfg is the rebuilt config.json."""
+    steps: list[Transform] = []
+    if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        steps.append(lambda x, n=int(cfg["num_attention_heads"]): unpermute_rows(x, n))
+    if spec.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        n_kv = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+        steps.append(lambda x, n=n_kv: unpermute_rows(x, n))
+    if is_shifted_norm(spec, hf_name):
+        steps.append(lambda x: unshift_norm(x, spec))
+    if not steps:
+        return None
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        for step in steps:
+            x = step(x)
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return apply
+
+
 def _transform(spec: ArchSpec, cfg: dict, hf_name: str, n_vocab_real: int | None) -> Transform | None:
     steps: list[Transform] = []
     if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -154,7 +190,7 @@ def _transform(spec: ArchSpec, cfg: dict, hf_name: str, n_vocab_real: int | None
         steps.append(lambda x, n=n: permute_rows(x, n))
     if spec.trim_vocab and n_vocab_real is not None and hf_name.endswith("embed_tokens.weight"):
         steps.append(lambda x, n=n_vocab_real: x[:n])
-    if spec.norm_shift and hf_name.endswith("norm.weight"):
+    if is_shifted_norm(spec, hf_name):
         steps.append(lambda x, s=spec.norm_shift: x + np.float32(s))  # in float32, as the converter does
     if not steps:
         return None
@@ -209,6 +245,13 @@ def _split_kv_b(ckpt: Any, spec: ArchSpec, cfg: dict, tmap: gguf.TensorNameMap, 
                           lambda: np.ascontiguousarray(heads()[:, :dn, :].transpose(0, 2, 1)), dtype),
             PlannedTensor(str(names[1]), (n, dv, r), raw,
                           lambda: np.ascontiguousarray(heads()[:, dn:, :]), dtype)]
+
+
+def join_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
+    """The inverse of _split_kv_b: attn_k_b [n_head, r, dn] and attn_v_b [n_head, dv, r] back to kv_b_proj
+    [n_head*(dn+dv), r]."""
+    heads = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1)
+    return np.ascontiguousarray(heads.reshape(-1, heads.shape[-1]))
 
 
 def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,

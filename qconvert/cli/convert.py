@@ -50,7 +50,7 @@ def _summary_table(result):
 
 def convert_command(
     model: str = typer.Argument(..., help="HF checkpoint directory, hub id, or .gguf file (F32/F16/BF16)."),
-    to: str = typer.Option("gguf", "--to", help="Output format (gguf)."),
+    to: str = typer.Option("gguf", "--to", help="Output format: gguf, or hf (a .gguf back to safetensors)."),
     type_: str = typer.Option(None, "--type", "-t", help="GGUF file type: Q4_K_M (default), Q8_0, BF16..."),
     output: Path = typer.Option(None, "-o", "--output", help="Output file (default ./<model>-<TYPE>.gguf)."),
     imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix (GGUF or legacy .dat)."),
@@ -72,14 +72,19 @@ def convert_command(
         None, "--pre-tokenizer", help="llama.cpp pre-tokenizer name, when it cannot be detected."),
     allow_requantize: bool = typer.Option(
         False, "--allow-requantize", help="Accept an already-quantized GGUF (dequantized first)."),
+    dtype: str = typer.Option(None, "--dtype", help="--to hf: bf16 (default), f16 or f32."),
 ) -> None:
     """Convert a checkpoint to GGUF for llama.cpp in one step (convert_hf_to_gguf.py + llama-quantize)."""
     from rich.console import Console
 
     from qconvert.pipelines.convert import ConvertOptions, convert
 
+    if to.lower() == "hf":
+        return _to_hf(model, output, dtype)
     if to.lower() != "gguf":
-        raise BadInput(f"--to {to!r}: only gguf is supported here (packed safetensors: qconvert quantize)")
+        raise BadInput(f"--to {to!r}: gguf or hf (packed safetensors: qconvert quantize)")
+    if dtype is not None:
+        raise BadInput("--dtype applies to --to hf only (GGUF types: --type)")
     opts = ConvertOptions(
         file_type=type_, output=output, config=config, imatrix=imatrix, pure=pure,
         leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
@@ -104,3 +109,28 @@ def convert_command(
         result = convert(model, opts, progress)
     print_note(result.note)
     out.print(_summary_table(result))
+
+
+def _to_hf(model: str, output: Path | None, dtype: str | None) -> None:
+    """GGUF -> HF checkpoint directory (pipelines/to_hf.py)."""
+    from rich.console import Console
+
+    from qconvert.pipelines.to_hf import convert_to_hf
+
+    if not model.lower().endswith(".gguf"):
+        raise BadInput("--to hf converts a .gguf file", model)
+    if output is None:
+        raise BadInput("--to hf needs -o DIR (the checkpoint directory to write)")
+    with progress_bar() as bar:
+        bar.update(text="dequantizing")
+
+        def progress(name: str, done: int, total: int) -> None:
+            bar.update(done, total, name)
+
+        result = convert_to_hf(model, output, dtype or "bf16", progress)
+    for note in result.notes:
+        print_note(note)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(result.types.items()))
+    Console(highlight=False).print(
+        f"{result.architecture}: {result.n_tensors} tensors ({types} in the GGUF) -> {result.dtype} "
+        f"{_mib(result.total_bytes)} in {result.output} · {result.seconds:.1f} s")

@@ -11,6 +11,7 @@ reversed, numpy/HF order [rows, cols], which is what `qconvert inspect` reports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -316,6 +317,15 @@ class GGUFFile:
         rows = math.prod(t.ne[1:])
         arr = np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
         return arr.reshape(rows, t.nbytes // rows if rows else 0)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from the process once read (they stay in the page cache): streaming a whole
+        file then costs one tensor of RSS, not the file's size."""
+        t = self.tensors[name]
+        lo = t.offset - t.offset % mmap.PAGESIZE
+        if self._mm is not None and hasattr(self._mm, "madvise"):
+            with contextlib.suppress(ValueError, OSError):
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, t.offset + t.nbytes - lo)
 
     def close(self) -> None:
         if self._mm is not None:

@@ -380,3 +380,90 @@ def llama_load_problem(kv: dict[str, Any]) -> str | None:
                     f"{', '.join(missing)} (it looks them up for Phi-3 names); "
                     f"rename it with --override-kv general.name=str:NAME")
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the inverse (`convert model.gguf --to hf`): tokenizer.json from a gpt2 vocabulary, the pre-tokenizer
+# rebuilt from its llama.cpp name by the same signatures detect_pre_tokenizer reads
+
+_SIGNATURE_OF: dict[str, tuple[str, ...]] = {name: sig for sig, name in _SIGNATURES.items()}
+_SIGNATURE_OF["starcoder"] = _SIGNATURE_OF["smollm"]  # smollm's split; the tokenizer cleans up spaces
+
+
+def _pre_tokenizer(name: str) -> tuple[Any, Any] | None:
+    """(normalizer, pre_tokenizer) whose signature is llama.cpp's pre-tokenizer `name`; None if unknown."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    sig = _SIGNATURE_OF.get(name)
+    if sig is None:
+        return None
+    if sig[0].startswith("re:"):
+        split = pre_tokenizers.Split(Regex(sig[0][3:]), behavior="isolated", invert=False)
+        level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+        # Qwen2's own tokenizer.json normalizes NFC (the one normalizer detection accepts)
+        return (normalizers.NFC() if name == "qwen2" else None), pre_tokenizers.Sequence([split, level])
+    level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if sig == ("BYTELEVEL",):
+        return None, level
+    return None, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level])
+
+
+def hf_tokenizer_files(kv: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """tokenizer.json (a tokenizers.Tokenizer), tokenizer_config.json and special_tokens_map.json from the
+    tokenizer.ggml.* KVs; with a note instead when the vocabulary cannot be rebuilt."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    model, pre = kv.get("tokenizer.ggml.model"), kv.get("tokenizer.ggml.pre", "default")
+    if model != "gpt2":
+        return {}, (f"tokenizer model {model!r} (only gpt2 byte-level BPE is rebuilt): "
+                    "no tokenizer.json written")
+    parts = _pre_tokenizer(str(pre))
+    if parts is None:
+        return {}, f"pre-tokenizer {pre!r} has no known split: no tokenizer.json written"
+    tokens = list(kv["tokenizer.ggml.tokens"])
+    types = [int(t) for t in kv.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))]
+    merges = [tuple(m.split(" ", 1)) for m in kv.get("tokenizer.ggml.merges", [])]
+    added = {gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED}
+    # every token keeps its id in the model's vocabulary (as BpeTrainer and the hub files have it); the added
+    # ones are registered on top, so they match before the BPE model sees the text
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    if parts[0] is not None:
+        tok.normalizer = parts[0]
+    tok.pre_tokenizer = parts[1]
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    extra = [(i, t) for i, t in enumerate(tokens) if types[i] in added]
+    _add_tokens_at_ids(tok, extra, types, AddedToken)
+    return {"tokenizer.json": tok, **_tokenizer_configs(kv, tokens, types, str(pre))}, None
+
+
+def _add_tokens_at_ids(tok: Any, extra: list[tuple[int, str]], types: list[int], added_token: Any) -> None:
+    """Register the CONTROL (special) and USER_DEFINED tokens at their vocabulary ids."""
+    for i, text in extra:
+        special = types[i] == gguf.TokenType.CONTROL
+        tok.add_tokens([added_token(text, special=special, normalized=not special)])
+        if tok.token_to_id(text) != i:
+            raise BadInput(f"tokenizer.ggml.tokens[{i}] {text!r} cannot keep its id in tokenizer.json")
+
+
+def _tokenizer_configs(kv: dict[str, Any], tokens: list[str], types: list[int], pre: str) -> dict[str, Any]:
+    def token(key: str) -> str | None:
+        i = kv.get(f"tokenizer.ggml.{key}_token_id")
+        return None if i is None or not 0 <= int(i) < len(tokens) else tokens[int(i)]
+
+    specials = {name: token(key) for name, key in (("bos_token", "bos"), ("eos_token", "eos"),
+                                                   ("pad_token", "padding"), ("unk_token", "unknown"))}
+    specials = {k: v for k, v in specials.items() if v is not None}
+    added = (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)
+    decoder = {str(i): {"content": t, "lstrip": False, "normalized": types[i] != gguf.TokenType.CONTROL,
+                        "rstrip": False, "single_word": False, "special": types[i] == gguf.TokenType.CONTROL}
+               for i, t in enumerate(tokens) if types[i] in added}
+    config: dict[str, Any] = {"added_tokens_decoder": decoder, **specials, "add_prefix_space": False,
+                              "clean_up_tokenization_spaces": pre == "starcoder",
+                              "tokenizer_class": "PreTrainedTokenizerFast"}
+    for key in ("add_bos_token", "add_eos_token"):
+        if (value := kv.get(f"tokenizer.ggml.{key}")) is not None:
+            config[key] = bool(value)
+    if (template := kv.get("tokenizer.chat_template")) is not None:
+        config["chat_template"] = str(template)
+    return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
