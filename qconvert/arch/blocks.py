@@ -13,6 +13,10 @@ A family's ``BlockLayout`` (table.py) names the modules of one decoder block rel
 gemma2/gemma3 feed the MLP through pre_feedforward_layernorm (post_attention_layernorm and
 post_feedforward_layernorm act on the *outputs* of o_proj/down_proj: untouched).
 
+SmoothQuant (methods/smoothquant.py) folds its smoothing factors through the same groups, only those whose
+previous op is a norm (``norm_groups``: attn_norm → q/k/v, mlp_norm → gate/up), as llm-compressor's
+SmoothQuantModifier mappings do (packed-formats-2026.md §3.4).
+
 Clipping skips q and k (their errors are amplified by the q·k product): for a fused qkv only the v rows are
 clipped (AutoAWQ clips the whole fused qkv_proj; its skip list only knows separate q/k layers).
 """
@@ -68,20 +72,25 @@ LinearShape = Callable[[str], tuple[int, int]]  # module name -> (out_features, 
 Heads = Callable[[], tuple[int, int, int]]  # (n_head, n_head_kv, head_dim) of the block's attention
 
 
+def norm_groups(layout: BlockLayout, norm_offset: float = 0.0) -> tuple[ScalingGroup, ScalingGroup]:
+    """The two groups whose scales fold into a norm: attn_norm → q/k/v and mlp_norm → gate/up."""
+    off = norm_offset
+    return (ScalingGroup("qkv", layout.attn_norm, list(layout.qkv), layout.attn, norm_offset=off),
+            ScalingGroup("gate-up", layout.mlp_norm, list(layout.gate_up), layout.mlp, norm_offset=off))
+
+
 def awq_plan(layout: BlockLayout, linear: LinearShape, heads: Heads, norm_offset: float = 0.0) -> BlockPlan:
     """The AWQ scaling groups of one block of this layout (``linear`` reads the block's Linear shapes)."""
     if len(layout.qkv) == 1:
         return _fused_plan(layout, linear, heads, norm_offset)
     q, k, v = layout.qkv
-    groups = [ScalingGroup("qkv", layout.attn_norm, list(layout.qkv), layout.attn, norm_offset=norm_offset)]
+    attn, mlp = norm_groups(layout, norm_offset)
+    groups = [attn]
     v_out, o_in = linear(v)[0], linear(layout.o)[1]
     if v_out == o_in:  # no GQA: each v row feeds exactly one o column
         groups.append(ScalingGroup("v-o", v, [layout.o], layout.o, prev_rows=(0, v_out)))
     up = layout.gate_up[-1]
-    groups += [
-        ScalingGroup("gate-up", layout.mlp_norm, list(layout.gate_up), layout.mlp, norm_offset=norm_offset),
-        ScalingGroup("up-down", up, [layout.down], layout.down, prev_rows=(0, linear(up)[0])),
-    ]
+    groups += [mlp, ScalingGroup("up-down", up, [layout.down], layout.down, prev_rows=(0, linear(up)[0]))]
     return BlockPlan(groups, no_clip={q, k})
 
 
@@ -94,14 +103,13 @@ def _fused_plan(layout: BlockLayout, linear: LinearShape, heads: Heads, norm_off
     if v_rows[1] - v_rows[0] != n_kv * hd:
         raise BadInput(f"--method awq: {qkv} has {qkv_out} rows, the config implies "
                        f"{(n_head + 2 * n_kv) * hd}")
-    groups = [ScalingGroup("qkv", layout.attn_norm, [qkv], layout.attn, norm_offset=norm_offset)]
+    attn, mlp = norm_groups(layout, norm_offset)
+    groups = [attn]
     if v_rows[1] - v_rows[0] == o_in:
         groups.append(ScalingGroup("v-o", qkv, [layout.o], layout.o, prev_rows=v_rows))
     half = gate_up_out // 2  # fused as [gate; up]: the up half multiplies act(gate)
-    groups += [
-        ScalingGroup("gate-up", layout.mlp_norm, [gate_up], layout.mlp, norm_offset=norm_offset),
-        ScalingGroup("up-down", gate_up, [layout.down], layout.down, prev_rows=(half, gate_up_out)),
-    ]
+    groups += [mlp, ScalingGroup("up-down", gate_up, [layout.down], layout.down,
+                                 prev_rows=(half, gate_up_out))]
     if down_in != half:
         raise BadInput(f"--method awq: {layout.down} takes {down_in} inputs, {gate_up} gives {half}")
     return BlockPlan(groups, clip_rows={qkv: v_rows})

@@ -99,6 +99,11 @@ def quantize_command(
         None, "--percentile", help="fp8 static: input scale from this percentile of the per-token max |x| "
         "(default: 100 = the largest value seen)."
     ),
+    smoothquant: float = typer.Option(
+        None, "--smoothquant", metavar="ALPHA", help="--scheme w8a8 (rtn, gptq): SmoothQuant with strength "
+        "ALPHA (0-1; llm-compressor's int8 example uses 0.8) from the calibration inputs' max |x| "
+        "(--dataset or --stats), folded into the norms before q/k/v and gate/up."
+    ),
     bits: int = typer.Option(None, "--bits", help="Weight bits: 2, 3, 4 or 8 (awq: 4); default 4."),
     group_size: int = typer.Option(
         None, "--group-size", help="Input columns per scale: 32, 64, 128 or -1 (per row); default 128."
@@ -168,6 +173,7 @@ def quantize_command(
         "true_sequential": true_sequential, "dataset": dataset, "num_samples": num_samples,
         "seq_len": seq_len, "stats": stats, "device": device, "calib_dtype": calib_dtype,
         "scheme": scheme.value if scheme is not None else None, "percentile": percentile,
+        "smoothquant": smoothquant,
     }
     from qconvert.formats.safetensors_out import parse_size
     from qconvert.pipelines.quantize import QuantizeOptions, run_quantize

@@ -14,6 +14,12 @@ llama-like layers give ``[q,k,v] → [o] → [gate,up] → [down]`` and phi3 ``[
   not computed), accumulate H = Σ x xᵀ in float32 and quantize the group.
 * not true-sequential: every Hessian comes from the engine's own statistics pass (original weights).
 
+``--smoothquant ALPHA`` (--scheme w8a8): at the start of each layer the SmoothQuant factors of its mappings
+(methods/smoothquant.py) come from the engine's max |x| of that layer's inputs (the layers before already
+quantized) and are folded into the materialised layer (awq_block.fold_scales: the norm divided, the balanced
+columns multiplied); the Hessians are then those of the smoothed inputs. The folded norms are written as they
+are. With --stats, max |x| and the Hessians come from the file (H of the smoothed inputs = H / s sᵀ).
+
 Each Linear's weight is replaced by its dequantized value (what every reader reconstructs), computed in the
 engine's dtype. The error reported per Linear is the relative output error on the calibration inputs,
 ``sqrt(tr(E H Eᵀ) / tr(W H Wᵀ))`` with ``E = W - deq(Q)`` — scale-free, unlike the raw GPTQ loss.
@@ -31,6 +37,7 @@ from torch import nn
 
 from qconvert.arch.tensors import LM_HEAD
 from qconvert.errors import BadInput
+from qconvert.methods import smoothquant as sq
 from qconvert.methods.gptq import gptq_quantize
 from qconvert.methods.plan import CalibrationOptions, IntOptions, Job
 from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
@@ -41,6 +48,8 @@ log = logging.getLogger("qconvert.gptq")
 Progress = Callable[[int, int, str], None]
 # (full Linear name, result, relative output error)
 OnQuantized = Callable[[str, QuantizedTensor, float], None]
+# (tensor name, value): a float tensor SmoothQuant changed (a folded norm, a balanced Linear kept dense)
+OnSmoothed = Callable[[str, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -53,9 +62,14 @@ class Config(IntOptions, CalibrationOptions):
     damp: float = 0.01  # a fraction of mean(diag H); raised on failure
     true_sequential: bool = True  # sub-layers in order, each on quantized inputs
     block_size: int = 128  # columns per lazy-batch update
+    smoothquant: float | None = None  # SmoothQuant's α (--scheme w8a8)
 
     def check(self) -> None:
         self.check_scheme()
+        if self.smoothquant is not None:
+            sq.check_alpha(self.smoothquant)
+            if self.scheme != "w8a8":
+                raise BadInput("--smoothquant applies to --scheme w8a8 (int8 activations)")
         if not 0 < self.damp < 1:
             raise BadInput(f"--damp {self.damp}: must be between 0 and 1 (a fraction of mean(diag H))")
         if self.static_groups and not self.act_order:
@@ -182,20 +196,52 @@ class LayerwiseGPTQ:
     """
 
     def __init__(self, specs: dict[str, QuantSpec | None], cfg: Config, on_quantized: OnQuantized,
-                 n_layers: int, progress: Progress | None = None):
+                 n_layers: int, progress: Progress | None = None,
+                 smooth: tuple[list[sq.SmoothGroup], OnSmoothed] | None = None):
         self.specs = specs
         self.cfg = cfg
         self.on_quantized = on_quantized
         self.n_layers = n_layers
         self.progress = progress
+        self.smooth = smooth
+        self.smoothed: dict[str, torch.Tensor] = {}  # balanced Linear -> its factors (this layer)
         self.lm_head_hessian: torch.Tensor | None = None
         self.lm_head_tokens = 0
 
     @property
     def kinds(self) -> tuple[str, ...]:
         """Statistics to ask the engine for: Hessians only when its own pass provides them; else the
-        cheapest statistic (only the engine's grouping of the Linears is used, from one probe batch)."""
-        return ("abs_max",) if self.cfg.true_sequential else ("hessian",)
+        cheapest statistic (only the engine's grouping of the Linears is used, from one probe batch);
+        SmoothQuant needs max |x| over every batch."""
+        if self.cfg.true_sequential:
+            return ("abs_max",)
+        return ("hessian", "abs_max") if self.smooth else ("hessian",)
+
+    @property
+    def stats_batches(self) -> int | None:
+        """Batches of the engine's statistics pass: one shows the grouping; SmoothQuant needs them all."""
+        return 1 if self.cfg.true_sequential and not self.smooth else None
+
+    def _smooth_layer(self, step) -> None:
+        """Fold this layer's SmoothQuant factors into the materialised layer; write what is stored dense."""
+        assert self.smooth is not None
+        groups, write = self.smooth
+        self.smoothed = {}
+        from qconvert.methods.awq_block import fold_scales
+
+        for g in groups:
+            if not g.norm.startswith(f"{step.name}."):
+                continue
+            lins = [step.module.get_submodule(_rel(step.name, b)) for b in g.balanced]
+            act = sq.check_stats(g.balanced[0], step.stats[g.balanced[0]].abs_max, None)
+            s = sq.smoothing_scales(act, [lin.weight for lin in lins], self.cfg.smoothquant)  # type: ignore[arg-type]
+            fold_scales(step.module, g.group, s)
+            norm = step.module.get_submodule(_rel(step.name, g.norm[: -len(".weight")]))
+            write(g.norm, norm.weight.detach().to("cpu").clone())
+            for b, lin in zip(g.balanced, lins, strict=True):
+                self.smoothed[b] = s
+                if self.specs.get(b) is None:
+                    write(f"{b}.weight", lin.weight.detach().to("cpu").clone())
 
     def _tell(self, index: int, text: str) -> None:
         if self.progress is not None:
@@ -208,8 +254,10 @@ class LayerwiseGPTQ:
                    and n not in step.stats]
         if missing:
             raise RuntimeError(f"{step.name}: {', '.join(missing)} never ran in the calibration forward")
+        if self.smooth is not None:
+            self._smooth_layer(step)
         if not groups:
-            return False
+            return bool(self.smoothed)
         call = step.call_args() if self.cfg.true_sequential else None
         for group in groups:
             first = step.module.get_submodule(_rel(step.name, group[0]))
@@ -218,6 +266,8 @@ class LayerwiseGPTQ:
                 h = collect_hessian(step, first, *call)
             else:
                 h = step.stats[group[0]].hessian
+                if group[0] in self.smoothed:  # the statistics pass saw the inputs before smoothing
+                    h = smoothed_hessian(h, self.smoothed[group[0]])
             for name in group:
                 lin = step.module.get_submodule(_rel(step.name, name))
                 qt, err = quantize_module(lin, h, self.specs[name], self.cfg, name)
@@ -242,6 +292,12 @@ class LayerwiseGPTQ:
         return qt, err
 
 
+def smoothed_hessian(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Σ x xᵀ of the smoothed inputs x / s."""
+    inv = 1.0 / s.to(device=h.device, dtype=torch.float32)
+    return h * inv[:, None] * inv[None, :]
+
+
 def _rel(layer_name: str, full: str) -> str:
     return full[len(layer_name) + 1 :]
 
@@ -254,17 +310,17 @@ def run_layerwise_gptq(ckpt, tokens: torch.Tensor, specs: dict[str, QuantSpec | 
                        on_quantized: OnQuantized, *, n_layers: int, device: str | None = "auto",
                        dtype: str | torch.dtype = "bf16", lm_head: QuantSpec | None = None,
                        lm_head_weight: torch.Tensor | None = None,
-                       progress: Progress | None = None) -> None:
+                       progress: Progress | None = None,
+                       smooth: tuple[list[sq.SmoothGroup], OnSmoothed] | None = None) -> None:
     """GPTQ every Linear of ``specs`` over the calibration ``tokens`` [n, seq] (and lm_head when its spec is
     given), results passed to ``on_quantized`` in quantization order."""
     from qconvert.calib.runner import LayerwiseRunner
 
-    driver = LayerwiseGPTQ(specs, cfg, on_quantized, n_layers, progress)
+    driver = LayerwiseGPTQ(specs, cfg, on_quantized, n_layers, progress, smooth)
     runner = LayerwiseRunner(ckpt, device=device, dtype=dtype, batch_size=1)
     # true-sequential collects its own Hessians: the engine's pass only has to show which Linears share an
     # input, which one batch does
-    runner.run(tokens, kinds=driver.kinds, on_layer=driver.on_layer,
-               stats_batches=1 if cfg.true_sequential else None,
+    runner.run(tokens, kinds=driver.kinds, on_layer=driver.on_layer, stats_batches=driver.stats_batches,
                on_final=driver.on_final if lm_head is not None else None)
     if lm_head is not None:
         assert lm_head_weight is not None
@@ -278,11 +334,18 @@ def run(job: Job) -> None:
     sequential)."""
     cfg: Config = job.config
     quantized = {p.prefix: p for p in job.quantized}
+    groups = sq.model_groups(job.ckpt.config, job.layers) if cfg.smoothquant is not None else None
+    if groups is not None:
+        sq.check_tensors(job.ckpt, groups)
     if cfg.stats:
         hessian = _stats_hessians(job.ckpt, list(quantized), cfg.stats)
+        columns = _smooth_from_stats(job, groups) if groups is not None else {}
         for prefix, p in quantized.items():
             assert isinstance(p.spec, QuantSpec)
-            qt, _deq, err = gptq_weight(job.ckpt.read(p.weight), hessian(prefix), p.spec, cfg, prefix)
+            w, h = job.ckpt.read(p.weight), hessian(prefix)
+            if prefix in columns:
+                w, h = sq.scale_columns(w, columns[prefix]), smoothed_hessian(h, columns[prefix])
+            qt, _deq, err = gptq_weight(w, h, p.spec, cfg, prefix)
             job.emit(p, qt, err, None)
             if job.progress:
                 job.progress((p.layer or 0) + 1, job.n_layers, p.label(err))
@@ -294,7 +357,27 @@ def run(job: Job) -> None:
         lambda prefix, qt, err: job.emit(quantized[prefix], qt, err, None), n_layers=job.n_layers,
         device=cfg.device, dtype=cfg.calib_dtype, lm_head=head.spec if head else None,  # type: ignore[arg-type]
         lm_head_weight=job.ckpt.read(head.weight) if head else None, progress=job.progress,
+        smooth=(groups, job.write) if groups is not None else None,
     )
+
+
+def _smooth_from_stats(job: Job, groups: list[sq.SmoothGroup]) -> dict[str, torch.Tensor]:
+    """--stats: every mapping's factors from the file's max |x|; the folded norms (and balanced Linears kept
+    dense) written now; returns the quantized balanced Linears' column factors."""
+    cfg: Config = job.config
+    maxima = sq.input_maxima(job.ckpt, cfg, [g.balanced[0] for g in groups])
+    quantized = {p.prefix for p in job.quantized}
+    columns: dict[str, torch.Tensor] = {}
+    for g in groups:
+        weights = {b: job.ckpt.read(f"{b}.weight") for b in g.balanced}
+        s = sq.smoothing_scales(maxima[g.balanced[0]], list(weights.values()), cfg.smoothquant)  # type: ignore[arg-type]
+        job.write(g.norm, sq.fold_norm(job.ckpt.read(g.norm), s, g.norm_offset))
+        for b, w in weights.items():
+            if b in quantized:
+                columns[b] = s
+            else:
+                job.write(f"{b}.weight", sq.scale_columns(w, s).to(w.dtype))
+    return columns
 
 
 def _stats_hessians(ckpt, prefixes: list[str], path: str) -> Callable[[str], torch.Tensor]:

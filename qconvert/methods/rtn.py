@@ -3,7 +3,10 @@ nvfp4a16 / mxfp4a16, compressed-tensors FP4 (kernels/fp4.py is the spec; the sca
 weight's own dtype as compressed-tensors does). NVFP4's global scale is shared by the Linears vLLM fuses
 (q/k/v, gate/up: arch.tensors.fused_groups), so their max |w| is read first, one tensor at a time.
 
---scheme w8a8 is the integer path with the grid int8 / per channel / symmetric."""
+--scheme w8a8 is the integer path with the grid int8 / per channel / symmetric; ``--smoothquant ALPHA``
+first finds smoothing factors from the calibration engine's max |x| (--dataset, or --stats from a calibrate
+file), folds them into the norms and scales the balanced Linears' columns before rounding
+(methods/smoothquant.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import torch
 
 from qconvert.arch.tensors import fused_groups
 from qconvert.errors import BadInput
-from qconvert.methods.plan import IntOptions, Job, LayerPlan
+from qconvert.methods import smoothquant as sq
+from qconvert.methods.plan import CalibrationOptions, IntOptions, Job, LayerPlan
 from qconvert.methods.quantizer import find_params, grouped_tensor
 from qconvert.methods.types import FP4Spec, FP4Tensor, PackOptions, QuantizedTensor, QuantSpec
 
@@ -23,9 +27,32 @@ _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: 
 
 
 @dataclass(frozen=True)
-class Config(IntOptions):
+class Config(IntOptions, CalibrationOptions):
+    """``--method rtn``: no data, unless the scheme needs activation statistics (--smoothquant)."""
+
+    stats: str | None = None  # a `qconvert calibrate` file instead of --dataset
+    smoothquant: float | None = None  # SmoothQuant's α (--scheme w8a8)
+
     def check(self) -> None:
         self.check_scheme()
+        if self.smoothquant is not None:
+            sq.check_alpha(self.smoothquant)
+            if self.scheme != "w8a8":
+                raise BadInput("--smoothquant applies to --scheme w8a8 (int8 activations)")
+        if not self.needs_data:
+            if self.dataset or self.stats:
+                raise BadInput("--method rtn needs no data here; --dataset/--stats serve --smoothquant")
+            return
+        if self.dataset and self.stats:
+            raise BadInput("give either --dataset (calibrate now) or --stats (a 'qconvert calibrate' file)")
+        if not self.dataset and not self.stats:
+            raise BadInput("--smoothquant needs activation statistics: --dataset FILE.txt|.jsonl|.parquet|"
+                           "hf:NAME (or --stats FILE from 'qconvert calibrate')")
+        self.check_calibration()
+
+    @property
+    def needs_data(self) -> bool:
+        return self.smoothquant is not None
 
     def pack_options(self, lm_head: bool) -> PackOptions:
         return PackOptions(method="rtn", lm_head=lm_head)
@@ -36,12 +63,37 @@ def run(job: Job) -> None:
     if any(isinstance(p.spec, FP4Spec) for p in job.quantized):
         _run_fp4(job)
         return
+    columns = _smooth(job) if job.config.smoothquant is not None else {}
 
     def quantize(p: LayerPlan, w: torch.Tensor) -> tuple[QuantizedTensor, float]:
         assert isinstance(p.spec, QuantSpec)
-        return rtn_quantize_with_error(w, p.spec)
+        s = columns.get(p.prefix)
+        return rtn_quantize_with_error(w if s is None else sq.scale_columns(w, s), p.spec)
 
     job.stream(quantize)
+
+
+def _smooth(job: Job) -> dict[str, torch.Tensor]:
+    """SmoothQuant: the factors of every mapping from the inputs' max |x| and the weights; the folded norms
+    (and balanced Linears kept dense) are written now, the quantized ones scaled as they stream by.
+    Returns each quantized balanced Linear's column factors."""
+    cfg: Config = job.config
+    groups = sq.model_groups(job.ckpt.config, job.layers)
+    sq.check_tensors(job.ckpt, groups)
+    maxima = sq.input_maxima(job.ckpt, cfg, [g.balanced[0] for g in groups])
+    quantized = {p.prefix for p in job.quantized}
+    columns: dict[str, torch.Tensor] = {}
+    for g in groups:
+        weights = {b: job.ckpt.read(f"{b}.weight") for b in g.balanced}
+        s = sq.smoothing_scales(maxima[g.balanced[0]], list(weights.values()), cfg.smoothquant)  # type: ignore[arg-type]
+        job.write(g.norm, sq.fold_norm(job.ckpt.read(g.norm), s, g.norm_offset))
+        for b, w in weights.items():
+            if b in quantized:
+                columns[b] = s
+            else:  # kept dense: stored scaled, in its own dtype
+                job.write(f"{b}.weight", sq.scale_columns(w, s).to(w.dtype))
+        del weights
+    return columns
 
 
 def _run_fp4(job: Job) -> None:
