@@ -1,7 +1,8 @@
 """`--scheme w8a8 --smoothquant ALPHA` (rtn and gptq): the folded norms and the quantized Linears are the
-reference SmoothQuant (s = max|x|^α / max|W|^(1-α), llm-compressor's norm → q/k/v, norm → gate/up mappings from
-the architecture table) applied to the source with the stats file's max |x|; the float model computes the same
-function after folding; families without mappings and meaningless combinations are refused in one line."""
+reference SmoothQuant (s = max|x|^α / max|W|^(1-α), llm-compressor's norm → q/k/v, norm → gate/up mappings
+from the architecture table) applied to the source with the stats file's max |x|; the float model computes the
+same function after folding; families without mappings and meaningless combinations are refused in one
+line."""
 
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def _cli(capsys, *args: object) -> tuple[int, str, str]:
 def stats_file(synthetic_dir, calib_text, tmp_path_factory):
     path = tmp_path_factory.mktemp("sq") / "stats.safetensors"
     with pytest.raises(SystemExit) as e:
-        cli.main(["calibrate", str(synthetic_dir("llama")), "--dataset", str(calib_text), "--num-samples", "4",
-                  "--seq-len", "64", "--device", "cpu", "--stats", "abs_max,hessian", "-o", str(path)])
+        cli.main(["calibrate", str(synthetic_dir("llama")), "--dataset", str(calib_text),
+                  "--num-samples", "4", "--seq-len", "64", "--device", "cpu", "--stats", "abs_max,hessian",
+                  "-o", str(path)])
     assert e.value.code == 0
     return path
 
@@ -52,8 +54,8 @@ def _reference(source: dict, stats, layer: int, norm: str) -> np.ndarray:
 def test_rtn_smoothquant_is_the_reference(capsys, synthetic_dir, stats_file, tmp_path):
     src = synthetic_dir("llama")
     out = tmp_path / "sq"
-    code, _, err = _cli(capsys, "quantize", src, "--method", "rtn", "--scheme", "w8a8", "--smoothquant", ALPHA,
-                        "--stats", stats_file, "-o", out)
+    code, _, err = _cli(capsys, "quantize", src, "--method", "rtn", "--scheme", "w8a8",
+                        "--smoothquant", ALPHA, "--stats", stats_file, "-o", out)
     assert code == 0, err
     got, source, stats = tensors(out), tensors(src), load_stats(stats_file)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
