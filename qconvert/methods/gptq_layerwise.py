@@ -39,7 +39,7 @@ from qconvert.arch.tensors import LM_HEAD
 from qconvert.errors import BadInput
 from qconvert.methods import smoothquant as sq
 from qconvert.methods.gptq import gptq_quantize
-from qconvert.methods.plan import CalibrationOptions, IntOptions, Job
+from qconvert.methods.plan import CalibrationOptions, IntOptions, Job, check_maxima, input_maxima
 from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
 
 log = logging.getLogger("qconvert.gptq")
@@ -233,7 +233,7 @@ class LayerwiseGPTQ:
             if not g.norm.startswith(f"{step.name}."):
                 continue
             lins = [step.module.get_submodule(_rel(step.name, b)) for b in g.balanced]
-            act = sq.check_stats(g.balanced[0], step.stats[g.balanced[0]].abs_max, None)
+            act = check_maxima(g.balanced[0], step.stats[g.balanced[0]].abs_max, "--smoothquant", None)
             s = sq.smoothing_scales(act, [lin.weight for lin in lins], self.cfg.smoothquant)  # type: ignore[arg-type]
             fold_scales(step.module, g.group, s)
             norm = step.module.get_submodule(_rel(step.name, g.norm[: -len(".weight")]))
@@ -365,7 +365,7 @@ def _smooth_from_stats(job: Job, groups: list[sq.SmoothGroup]) -> dict[str, torc
     """--stats: every mapping's factors from the file's max |x|; the folded norms (and balanced Linears kept
     dense) written now; returns the quantized balanced Linears' column factors."""
     cfg: Config = job.config
-    maxima = sq.input_maxima(job.ckpt, cfg, [g.balanced[0] for g in groups])
+    maxima = input_maxima(job.ckpt, cfg, [g.balanced[0] for g in groups], "--smoothquant")
     quantized = {p.prefix for p in job.quantized}
     columns: dict[str, torch.Tensor] = {}
     for g in groups:

@@ -43,6 +43,8 @@ SCHEME_GRIDS: dict[str, tuple[int, int, bool] | FP4Spec] = {
     "w8a8": (8, -1, True),
     "nvfp4a16": FP4Spec("nvfp4"),
     "mxfp4a16": FP4Spec("mxfp4"),
+    "nvfp4": FP4Spec("nvfp4", activations=True),
+    "mxfp4": FP4Spec("mxfp4", activations=True),
 }
 
 
@@ -54,7 +56,7 @@ class IntOptions:
     group_size: int = 128
     sym: bool = True
     mse: bool = False  # search scales on a shrink grid minimising |Q(w)-w|^2.4
-    scheme: str | None = None  # w8a8 | nvfp4a16 | mxfp4a16 (SCHEMES entries listing this method)
+    scheme: str | None = None  # w8a8 | nvfp4a16 | mxfp4a16 | nvfp4 | mxfp4 (SCHEMES entries listing it)
 
     def spec(self) -> QuantSpec | FP4Spec:
         grid = SCHEME_GRIDS.get(self.scheme) if self.scheme else None
@@ -105,6 +107,38 @@ class CalibrationOptions:
 
         return load_calibration(self.dataset, load_tokenizer(ckpt), seq_len=self.seq_len,
                                 num_samples=self.num_samples).tokens
+
+
+def input_maxima(ckpt, cfg, prefixes: list[str], what: str) -> dict[str, torch.Tensor]:
+    """max |x| per input channel of each Linear named (lm_head included): from a stats file (``cfg.stats``)
+    or one pass of the calibration engine over the original model (``cfg.dataset``). ``what`` names the
+    option that needs them in errors."""
+    from qconvert.arch.tensors import LM_HEAD
+
+    if cfg.stats:
+        from qconvert.calib.stats import StatsFile
+
+        sf = StatsFile(cfg.stats, ckpt)
+        out = {}
+        for prefix in prefixes:
+            found = sf.read(prefix, ("abs_max",)).abs_max if "abs_max" in sf.kinds(prefix) else None
+            out[prefix] = check_maxima(prefix, found, what, cfg.stats)
+        return out
+    from qconvert.calib.runner import LayerwiseRunner
+
+    runner = LayerwiseRunner(ckpt, device=cfg.device, dtype=cfg.calib_dtype)
+    stats = runner.run(cfg.tokens(ckpt), kinds=("abs_max",), lm_head_stats=LM_HEAD in prefixes)
+    return {p: check_maxima(p, stats[p].abs_max if p in stats else None, what, None) for p in prefixes}
+
+
+def check_maxima(prefix: str, abs_max: torch.Tensor | None, what: str, where: str | None) -> torch.Tensor:
+    if abs_max is None:
+        lm = " --lm-head" if prefix == "lm_head" else ""
+        raise BadInput(f"{what}: no abs_max statistics for {prefix}; collect them with "
+                       f"'qconvert calibrate --stats abs_max{lm}'", where)
+    if not bool(torch.isfinite(abs_max).all()):
+        raise BadInput(f"{what}: the calibration inputs of {prefix} contain NaN or Inf", where)
+    return abs_max
 
 
 Emit = Callable[[LayerPlan, Quantized, float, "torch.Tensor | None"], None]

@@ -18,7 +18,7 @@ import torch
 from qconvert.arch.tensors import fused_groups
 from qconvert.errors import BadInput
 from qconvert.methods import smoothquant as sq
-from qconvert.methods.plan import CalibrationOptions, IntOptions, Job, LayerPlan
+from qconvert.methods.plan import CalibrationOptions, IntOptions, Job, LayerPlan, input_maxima
 from qconvert.methods.quantizer import find_params, grouped_tensor
 from qconvert.methods.types import FP4Spec, FP4Tensor, PackOptions, QuantizedTensor, QuantSpec
 
@@ -41,18 +41,20 @@ class Config(IntOptions, CalibrationOptions):
                 raise BadInput("--smoothquant applies to --scheme w8a8 (int8 activations)")
         if not self.needs_data:
             if self.dataset or self.stats:
-                raise BadInput("--method rtn needs no data here; --dataset/--stats serve --smoothquant")
+                raise BadInput(f"--method rtn --scheme {self.scheme or 'int'} needs no data; "
+                               "--dataset/--stats serve --smoothquant and --scheme nvfp4")
             return
         if self.dataset and self.stats:
             raise BadInput("give either --dataset (calibrate now) or --stats (a 'qconvert calibrate' file)")
         if not self.dataset and not self.stats:
-            raise BadInput("--smoothquant needs activation statistics: --dataset FILE.txt|.jsonl|.parquet|"
+            what = "--smoothquant" if self.smoothquant is not None else f"--scheme {self.scheme}"
+            raise BadInput(f"{what} needs activation statistics: --dataset FILE.txt|.jsonl|.parquet|"
                            "hf:NAME (or --stats FILE from 'qconvert calibrate')")
         self.check_calibration()
 
     @property
     def needs_data(self) -> bool:
-        return self.smoothquant is not None
+        return self.smoothquant is not None or self.scheme == "nvfp4"
 
     def pack_options(self, lm_head: bool) -> PackOptions:
         return PackOptions(method="rtn", lm_head=lm_head)
@@ -80,7 +82,7 @@ def _smooth(job: Job) -> dict[str, torch.Tensor]:
     cfg: Config = job.config
     groups = sq.model_groups(job.ckpt.config, job.layers)
     sq.check_tensors(job.ckpt, groups)
-    maxima = sq.input_maxima(job.ckpt, cfg, [g.balanced[0] for g in groups])
+    maxima = input_maxima(job.ckpt, cfg, [g.balanced[0] for g in groups], "--smoothquant")
     quantized = {p.prefix for p in job.quantized}
     columns: dict[str, torch.Tensor] = {}
     for g in groups:
@@ -98,13 +100,30 @@ def _smooth(job: Job) -> dict[str, torch.Tensor]:
 
 def _run_fp4(job: Job) -> None:
     shared = _shared_global_scales(job)
+    inputs = _input_global_scales(job)
 
     def quantize(p: LayerPlan, w: torch.Tensor) -> tuple[FP4Tensor, float]:
         assert isinstance(p.spec, FP4Spec)
         qt = fp4_quantize(w, p.spec, shared.get(p.prefix), p.prefix)
         return qt, fp4_relative_error(w, qt)
 
-    job.stream(quantize)
+    job.stream(quantize, inputs)
+
+
+def _input_global_scales(job: Job) -> dict[str, torch.Tensor]:
+    """NVFP4 (W4A4): each Linear's ``input_global_scale`` = 448·6 / max|x| over the calibration inputs,
+    computed in the model dtype as llm-compressor's static_minmax observer does (q/k/v and gate/up see the
+    same input: equal by construction)."""
+    plans = [p for p in job.quantized if isinstance(p.spec, FP4Spec) and p.spec.variant == "nvfp4"
+             and p.spec.activations]
+    if not plans:
+        return {}
+    from qconvert.kernels import fp4 as fp4_kernel
+
+    maxima = input_maxima(job.ckpt, job.config, [p.prefix for p in plans], "--scheme nvfp4")
+    dtype = _dtype(job.ckpt.read(plans[0].weight))
+    return {p: torch.tensor([fp4_kernel.nvfp4_global_scale(float(a.max()), dtype)], dtype=torch.float32)
+            for p, a in maxima.items()}
 
 
 def _shared_global_scales(job: Job) -> dict[str, float]:

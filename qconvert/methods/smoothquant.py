@@ -82,15 +82,6 @@ def scale_columns(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return w.to(torch.float32) * s.to(w.device)[None, :]
 
 
-def check_stats(prefix: str, abs_max: torch.Tensor | None, where: str | None) -> torch.Tensor:
-    if abs_max is None:
-        raise BadInput(f"--smoothquant: no abs_max statistics for {prefix}; collect them with "
-                       "'qconvert calibrate --stats abs_max'", where)
-    if not bool(torch.isfinite(abs_max).all()):
-        raise BadInput(f"--smoothquant: the calibration inputs of {prefix} contain NaN or Inf", where)
-    return abs_max
-
-
 def model_groups(config: dict, layers: list) -> list[SmoothGroup]:
     """Every decoder layer's mappings; ``layers`` are the quantize plan's LayerPlans (the layer prefix is the
     part of a Linear's name up to ``layers.<i>``: text models inside multimodal ones included)."""
@@ -100,25 +91,6 @@ def model_groups(config: dict, layers: list) -> list[SmoothGroup]:
             head, sep, _ = p.prefix.partition(f"layers.{p.layer}.")
             prefixes[p.layer] = f"{head}{sep}".rstrip(".")
     return [g for i in sorted(prefixes) for g in layer_groups(config, prefixes[i])]
-
-
-def input_maxima(ckpt, cfg, prefixes: list[str]) -> dict[str, torch.Tensor]:
-    """max |x| per input channel of each Linear named: from a stats file (--stats) or one pass of the
-    calibration engine over the original model (--dataset)."""
-    if cfg.stats:
-        from qconvert.calib.stats import StatsFile
-
-        sf = StatsFile(cfg.stats, ckpt)
-        out = {}
-        for prefix in prefixes:
-            found = sf.read(prefix, ("abs_max",)).abs_max if "abs_max" in sf.kinds(prefix) else None
-            out[prefix] = check_stats(prefix, found, cfg.stats)
-        return out
-    from qconvert.calib.runner import LayerwiseRunner
-
-    runner = LayerwiseRunner(ckpt, device=cfg.device, dtype=cfg.calib_dtype)
-    stats = runner.run(cfg.tokens(ckpt), kinds=("abs_max",))
-    return {p: check_stats(p, stats[p].abs_max if p in stats else None, None) for p in prefixes}
 
 
 def check_tensors(ckpt, groups: list[SmoothGroup]) -> None:

@@ -44,6 +44,10 @@ SCHEMES = {s.name: s for s in (
     Scheme("mxfp4a16", "mxfp4", ("rtn",), "MXFP4A16", "FP4 E2M1 weights, E8M0 scale per 32; no data"),
     Scheme("w8a8", "w8a8", ("rtn", "gptq"), "W8A8",
            "int8 per-channel symmetric weights, dynamic per-token int8 activations"),
+    Scheme("nvfp4", "nvfp4", ("rtn",), "NVFP4",
+           "NVFP4A16's weights; FP4 activations, E4M3 scale per 16 at run time under a calibrated float32 "
+           "global scale per Linear; needs --dataset or --stats"),
+    Scheme("mxfp4", "mxfp4", ("rtn",), "MXFP4", "MXFP4A16's weights; dynamic MXFP4 activations; no data"),
 )}
 # fp8 --scheme -> the weight-scale strategy (a format may coarsen it: vLLM fp8 stores one scale per tensor)
 FP8_STRATEGIES = {"dynamic": "channel", "static": "tensor", "block": "block"}
@@ -201,6 +205,7 @@ class FP4Spec:
     says how they are stored: the format fixes that."""
 
     variant: str  # nvfp4 | mxfp4
+    activations: bool = False  # FP4 activations too (presets NVFP4 / MXFP4); nvfp4's need a global scale
 
     @property
     def group_size(self) -> int:

@@ -1,5 +1,7 @@
 """compressed-tensors FP4 weights (packed-formats-2026.md §1, §2), as llm-compressor 0.14 writes its
-NVFP4A16 and MXFP4A16 presets. Both store E2M1 codes two per byte (element 2j in the low nibble):
+NVFP4A16 and MXFP4A16 presets, and their W4A4 twins NVFP4 (adds ``input_global_scale`` float32 [1] per
+Linear: 448·6 / max|x| over the calibration inputs, in the model dtype) and MXFP4 (dynamic activations,
+nothing more stored). Both store E2M1 codes two per byte (element 2j in the low nibble):
 
     nvfp4-pack-quantized  weight_packed uint8 [N, K/2], weight_scale float8_e4m3fn [N, K/16],
                           weight_global_scale float32 [1] (a divisor: dequant = E2M1 · scale / global)
@@ -30,11 +32,12 @@ if TYPE_CHECKING:  # torch only where tensors are made: inspect reads layouts wi
 class _FP4Format:
     name = "compressed-tensors"
     method = "compressed-tensors"
-    suffixes: tuple[str, ...] = ("weight_packed", "weight_scale", "weight_global_scale")
+    suffixes: tuple[str, ...] = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
     kind: str  # the variant: nvfp4 | mxfp4
     FORMAT: str
     GROUP: int
     WEIGHTS: dict[str, Any]
+    INPUTS: dict[str, Any]  # the activation args of the W4A4 preset (NVFP4 / MXFP4)
 
     # -- writing -------------------------------------------------------------------------------------------
     def check_spec(self, spec: FP4Spec, options: PackOptions) -> None:
@@ -58,12 +61,18 @@ class _FP4Format:
             assert qt.global_scale is not None
             out[f"{prefix}.weight_scale"] = scales.view(torch.float8_e4m3fn)
             out[f"{prefix}.weight_global_scale"] = torch.tensor([qt.global_scale], dtype=torch.float32)
+            if qt.spec.activations:  # NVFP4: the static part of the activations' scales
+                if input_scale is None:
+                    raise RuntimeError(f"{prefix}: NVFP4 activations without an input global scale")
+                out[f"{prefix}.input_global_scale"] = input_scale.to(torch.float32).reshape(1)
         else:
             out[f"{prefix}.weight_scale"] = scales
         return out
 
     def quantization_config(self, plan: base.PackPlan) -> dict:
-        return preset_config(self.WEIGHTS, None, self.FORMAT, plan.skipped, plan.options.lm_head)
+        acts = isinstance(plan.default, FP4Spec) and plan.default.activations
+        return preset_config(self.WEIGHTS, self.INPUTS if acts else None, self.FORMAT, plan.skipped,
+                             plan.options.lm_head)
 
     def extra_files(self, quantization_config: dict) -> dict[str, dict]:
         return {}
@@ -97,6 +106,9 @@ class NVFP4Format(_FP4Format):
     WEIGHTS = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
                "symmetric": True, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn",
                "observer": "memoryless_minmax"}
+    # quant_scheme.py NVFP4: static global scale (observer static_minmax), local scales at run time
+    INPUTS = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
+              "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn", "observer": "static_minmax"}
 
     def _is_mine(self, prefix: str, scale: base.TensorInfo, tensors: Mapping[str, base.TensorInfo]) -> bool:
         return scale.dtype == "F8_E4M3" and f"{prefix}.weight_global_scale" in tensors
@@ -118,6 +130,9 @@ class MXFP4Format(_FP4Format):
     GROUP = 32
     WEIGHTS = {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "symmetric": True,
                "dynamic": False, "scale_dtype": "torch.uint8", "observer": "memoryless_minmax"}
+    # quant_scheme.py MXFP4: fully dynamic E8M0 activation scales (nothing stored)
+    INPUTS = {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "symmetric": True,
+              "dynamic": True, "scale_dtype": "torch.uint8"}
 
     def _is_mine(self, prefix: str, scale: base.TensorInfo, tensors: Mapping[str, base.TensorInfo]) -> bool:
         return scale.dtype == "U8" and f"{prefix}.weight_global_scale" not in tensors
