@@ -32,14 +32,19 @@ def calibrate_command(
     threads: int = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores)."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Samples per forward."),
     offload_dir: Path = typer.Option(None, "--offload-dir", help="Spill activations to this directory."),
+    lora: Path = typer.Option(
+        None, "--lora", help="PEFT LoRA adapter directory, merged into the weights as they are read."),
 ) -> None:
     """Collect activation statistics of every linear input (Σxxᵀ, Σ|x|, Σx², max|x|), one layer at a time."""
     from qconvert.formats.packed.dense import dense_note, dense_source
     from qconvert.load import open_checkpoint
+    from qconvert.load.lora import lora_note, lora_source
     from qconvert.pipelines.calibrate import CalibrateOptions, calibrate_to_file
 
     ckpt = dense_source(open_checkpoint(model))
     print_note(dense_note(ckpt))
+    ckpt = lora_source(ckpt, lora)  # merged before anything else reads a weight
+    print_note(lora_note(ckpt))
     with progress_bar(eta=True) as bar:
         bar.update(text="loading")
 

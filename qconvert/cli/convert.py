@@ -73,6 +73,8 @@ def convert_command(
     allow_requantize: bool = typer.Option(
         False, "--allow-requantize", help="Accept an already-quantized GGUF (dequantized first)."),
     dtype: str = typer.Option(None, "--dtype", help="--to hf: bf16 (default), f16 or f32."),
+    lora: Path = typer.Option(
+        None, "--lora", help="PEFT LoRA adapter directory, merged into the weights as they are read."),
 ) -> None:
     """Convert a checkpoint to GGUF for llama.cpp in one step (convert_hf_to_gguf.py + llama-quantize)."""
     from rich.console import Console
@@ -90,7 +92,7 @@ def convert_command(
         leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
         token_embedding_type=token_embedding_type, tensor_types=list(tensor_type or []),
         override_kv=list(override_kv or []), dry_run=dry_run, threads=threads, pre_tokenizer=pre_tokenizer,
-        allow_requantize=allow_requantize)
+        allow_requantize=allow_requantize, lora=lora)
     out = Console(highlight=False)
     if not out.is_terminal:  # piped: wide enough that tensor names are not cut
         out = Console(highlight=False, width=160, color_system=None)

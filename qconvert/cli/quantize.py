@@ -164,6 +164,8 @@ def quantize_command(
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON summary object instead of the table."),
+    lora: Path = typer.Option(
+        None, "--lora", help="PEFT LoRA adapter directory, merged into the weights as they are read."),
 ) -> None:
     """Quantize to packed safetensors for vLLM, SGLang and transformers (GPTQ, AWQ, FP8;
     compressed-tensors)."""
@@ -189,6 +191,7 @@ def quantize_command(
         quantize_lm_head=quantize_lm_head,
         max_shard_bytes=parse_size(max_shard_size),
         overwrite=overwrite,
+        lora=lora,
     )
     with layer_progress("quantizing", enabled=not json_) as report:
         summary = run_quantize(opts, report)

@@ -52,6 +52,7 @@ class ConvertOptions:
     threads: int | None = None
     pre_tokenizer: str | None = None
     allow_requantize: bool = False
+    lora: Path | None = None                                # PEFT adapter merged into the base on read
 
 
 @dataclass
@@ -173,14 +174,20 @@ def _open_source(model: str, opts: ConvertOptions) -> _Source:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise BadInput("no such GGUF file", path)
+        if opts.lora is not None:
+            raise BadInput("--lora merges into an HF checkpoint; a GGUF input takes the adapter in llama.cpp "
+                           "(convert ADAPTER_DIR --to gguf --base MODEL writes it)", path)
         src = read_gguf_source(path)
         facts = _facts(src.arch, src.header)
         return _Source(str(path), path.stem, src.arch, facts, src.header, src.tensors, src)
     from qconvert.formats.packed.dense import dense_note, dense_source
     from qconvert.load import open_checkpoint
+    from qconvert.load.lora import lora_note, lora_source
 
     # a quantized source is read as its dequantized checkpoint: the same tensors, so the same bytes out
     ckpt = dense_source(open_checkpoint(model))
+    note = dense_note(ckpt)
+    ckpt = lora_source(ckpt, opts.lora)  # the adapter merged before anything else reads a weight
     cfg = text_config(ckpt.config)
     if not cfg:
         raise BadInput("no config.json next to the weights: cannot tell the architecture", ckpt.path)
@@ -193,8 +200,9 @@ def _open_source(model: str, opts: ConvertOptions) -> _Source:
                        "checkpoint ties it to the embedding (tie_word_embeddings)", ckpt.path)
     params = parameter_counts((t.name, t.shape) for t in planned)
     header = build_header(spec, cfg, ckpt.path, ckpt.name, params, tok)
+    notes = [n for n in (note, lora_note(ckpt)) if n]
     return _Source(str(ckpt.path), ckpt.name, spec.name, _facts(spec.name, header), header, planned,
-                   note=dense_note(ckpt))
+                   note="; ".join(notes) or None)
 
 
 def _facts(arch: str, header: GGUFOutput) -> ModelFacts:

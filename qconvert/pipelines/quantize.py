@@ -54,6 +54,7 @@ class QuantizeOptions:
     quantize_lm_head: bool = False
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False
+    lora: Path | None = None  # PEFT adapter merged into the base on read
 
 
 @dataclass
@@ -279,7 +280,12 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     entry = find_method(opts.method)
     config = entry.make_config(opts.options)
     config.check()
+    from qconvert.load.lora import lora_note, lora_source
+
     ckpt = dense_source(open_checkpoint(opts.model))  # a quantized source: its dequantized checkpoint
+    notes = [dense_note(ckpt)]
+    ckpt = lora_source(ckpt, opts.lora)  # before anything else: every later stage sees the merged weights
+    notes.append(lora_note(ckpt))
     shape_note = check_checkpoint_shapes(ckpt)
     plan = plan_quantization(ckpt, opts, config)
     results: list[LayerResult] = []
@@ -306,7 +312,7 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     fmt_name = plan.fmt.name
     return QuantizeSummary(str(opts.output), opts.method, fmt_name, results, plan.skipped, source_bytes,
                            output_bytes, time.monotonic() - t0, scheme=getattr(config, "scheme", None) or "",
-                           notes=tuple(n for n in (dense_note(ckpt), shape_note) if n))
+                           notes=tuple(n for n in (*notes, shape_note) if n))
 
 
 def _nothing_left(p: LayerPlan, w: torch.Tensor) -> tuple[Quantized, float]:

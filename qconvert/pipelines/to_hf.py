@@ -23,6 +23,7 @@ from qconvert.errors import BadInput
 from qconvert.load.gguf_file import GGML_TYPES, GGUFFile, open_gguf
 
 DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
+CHUNK_ELEMENTS = 1 << 22  # dequantized per step (16 MiB of float32)
 ProgressFn = Callable[[str, int, int], None]  # (hf name, groups done, total)
 
 
@@ -64,10 +65,16 @@ def _reader(gf: GGUFFile) -> Callable[[str], np.ndarray]:
     known = _dequantizable()
 
     def read(name: str) -> np.ndarray:
+        # in row chunks into one float32 array: the reference dequantizers make several temporaries of
+        # their input's size, which for a whole 32000 x 2048 embedding would be ~1 GB
         t = gf.tensors[name]
-        x = dequantize(gf.read_raw(name), known[t.type_id]).reshape(t.shape)
+        raw = gf.read_raw(name)
+        out = np.empty((raw.shape[0], t.ne[0] if t.ne else 1), dtype=np.float32)
+        step = max(1, CHUNK_ELEMENTS // max(1, out.shape[1]))
+        for i in range(0, raw.shape[0], step):
+            out[i:i + step] = dequantize(raw[i:i + step], known[t.type_id])
         gf.release(name)
-        return x
+        return out.reshape(t.shape)
     return read
 
 
@@ -114,13 +121,32 @@ def _generation_config(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
 
 
+def _write_group(w: Any, g: HFGroup, dtype: str) -> int:
+    """Read one group, round each array in place (every array a group returns is its own: chunked reads,
+    transforms, slices of a stack read for it) and write it. A function of its own so that nothing of this
+    group is alive while the next one is read (two embeddings at once would double the peak)."""
+    import torch
+
+    from qconvert.load.dtypes import TORCH_FLOATS, round_float32
+
+    arrays = g.read()
+    for k, (hf, shape) in enumerate(g.outputs):
+        x = np.ascontiguousarray(arrays[k], dtype=np.float32)
+        flat = x.reshape(-1)
+        for i in range(0, flat.size, CHUNK_ELEMENTS):  # round_float32's temporaries are its input's size
+            round_float32(flat[i:i + CHUNK_ELEMENTS], dtype)
+        arrays[k] = None  # the writer copies the bytes out; drop each array once written
+        if x.shape != shape:
+            raise RuntimeError(f"{hf}: read {x.shape}, planned {shape}")
+        w.add(hf, torch.from_numpy(x).to(TORCH_FLOATS[dtype]))
+        del x
+    return len(g.outputs)
+
+
 def convert_to_hf(model: str | Path, output: Path, dtype: str = "bf16",
                   progress: ProgressFn | None = None) -> HFResult:
     """Write the HF checkpoint of a GGUF file into `output` (a new directory, swapped in when complete)."""
-    import torch
-
     from qconvert.formats.safetensors_out import CheckpointWriter
-    from qconvert.load.dtypes import TORCH_FLOATS, round_float32
 
     start = time.perf_counter()
     if dtype not in DTYPES:
@@ -132,12 +158,7 @@ def convert_to_hf(model: str | Path, output: Path, dtype: str = "bf16",
     try:
         with CheckpointWriter(output) as w:
             for i, g in enumerate(p.groups):
-                for (hf, shape), x in zip(g.outputs, g.read(), strict=True):
-                    x = round_float32(np.array(x, dtype=np.float32, order="C"), name)
-                    if x.shape != shape:
-                        raise RuntimeError(f"{hf}: read {x.shape}, planned {shape}")
-                    w.add(hf, torch.from_numpy(x).to(TORCH_FLOATS[name]))
-                    result.n_tensors += 1
+                result.n_tensors += _write_group(w, g, name)
                 if progress is not None:
                     progress(g.outputs[-1][0], i + 1, len(p.groups))
             w.write_json("config.json", p.config)
