@@ -104,6 +104,11 @@ def quantize_command(
         "ALPHA (0-1; llm-compressor's int8 example uses 0.8) from the calibration inputs' max |x| "
         "(--dataset or --stats), folded into the norms before q/k/v and gate/up."
     ),
+    kv_cache: str = typer.Option(
+        None, "--kv-cache", metavar="fp8", help="FP8 KV cache: per-tensor k_scale / v_scale of every "
+        "attention layer from the keys after RoPE and the values over --dataset (compressed-tensors "
+        "kv_cache_scheme, as llm-compressor writes it; any weight scheme)."
+    ),
     bits: int = typer.Option(None, "--bits", help="Weight bits: 2, 3, 4 or 8 (awq: 4); default 4."),
     group_size: int = typer.Option(
         None, "--group-size", help="Input columns per scale: 32, 64, 128 or -1 (per row); default 128."
@@ -175,7 +180,7 @@ def quantize_command(
         "true_sequential": true_sequential, "dataset": dataset, "num_samples": num_samples,
         "seq_len": seq_len, "stats": stats, "device": device, "calib_dtype": calib_dtype,
         "scheme": scheme.value if scheme is not None else None, "percentile": percentile,
-        "smoothquant": smoothquant,
+        "smoothquant": smoothquant, "kv_cache": kv_cache,
     }
     from qconvert.formats.safetensors_out import parse_size
     from qconvert.pipelines.quantize import QuantizeOptions, run_quantize

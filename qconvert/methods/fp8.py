@@ -60,9 +60,10 @@ class Config(CalibrationOptions):
                     "--scheme static needs activation statistics: --dataset FILE.txt|.jsonl|.parquet|hf:NAME "
                     "(or --stats FILE from 'qconvert calibrate')"
                 )
-        elif self.dataset or self.stats:
+        elif (self.dataset or self.stats) and not self.kv_cache:
             raise BadInput(
-                f"--scheme {self.scheme} needs no data; --dataset/--stats only serve --scheme static"
+                f"--scheme {self.scheme} needs no data; --dataset/--stats only serve --scheme static "
+                "and --kv-cache"
             )
         elif self.percentile != 100:
             raise BadInput("--percentile only applies to --scheme static")

@@ -94,6 +94,7 @@ class CalibrationOptions:
     seq_len: int = 512
     device: str = "auto"  # auto (GPU if present), cpu, cuda, cuda:N
     calib_dtype: str = "bf16"  # the forward's dtype (Hessians and sums stay float32)
+    kv_cache: str | None = None  # fp8: k/v scales from the calibration data (the shell computes them)
 
     def check_calibration(self) -> None:
         from qconvert.calib.runner import resolve_device, resolve_dtype

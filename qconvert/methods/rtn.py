@@ -42,19 +42,20 @@ class Config(IntOptions, CalibrationOptions):
         if not self.needs_data:
             if self.dataset or self.stats:
                 raise BadInput(f"--method rtn --scheme {self.scheme or 'int'} needs no data; "
-                               "--dataset/--stats serve --smoothquant and --scheme nvfp4")
+                               "--dataset/--stats serve --smoothquant, --scheme nvfp4 and --kv-cache")
             return
         if self.dataset and self.stats:
             raise BadInput("give either --dataset (calibrate now) or --stats (a 'qconvert calibrate' file)")
         if not self.dataset and not self.stats:
-            what = "--smoothquant" if self.smoothquant is not None else f"--scheme {self.scheme}"
+            what = ("--smoothquant" if self.smoothquant is not None else "--kv-cache fp8" if self.kv_cache
+                    else f"--scheme {self.scheme}")
             raise BadInput(f"{what} needs activation statistics: --dataset FILE.txt|.jsonl|.parquet|"
                            "hf:NAME (or --stats FILE from 'qconvert calibrate')")
         self.check_calibration()
 
     @property
     def needs_data(self) -> bool:
-        return self.smoothquant is not None or self.scheme == "nvfp4"
+        return self.smoothquant is not None or self.scheme == "nvfp4" or self.kv_cache is not None
 
     def pack_options(self, lm_head: bool) -> PackOptions:
         return PackOptions(method="rtn", lm_head=lm_head)

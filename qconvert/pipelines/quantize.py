@@ -288,6 +288,7 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     notes.append(lora_note(ckpt))
     shape_note = check_checkpoint_shapes(ckpt)
     plan = plan_quantization(ckpt, opts, config)
+    kv_cache = _plan_kv_cache(ckpt, plan, config)
     results: list[LayerResult] = []
 
     with CheckpointWriter(opts.output, max_shard_bytes=opts.max_shard_bytes, overwrite=opts.overwrite) as out:
@@ -305,6 +306,8 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
 
         job = Job(ckpt, config, plan.layers, plan.n_decoder_layers, emit, write, progress)
         entry.load().run(job)
+        if kv_cache:
+            _write_kv_scales(out, ckpt, plan, config)
         job.stream(_nothing_left)  # whatever the method did not write, as it is, in checkpoint order
         _write_side_files(out, ckpt, plan)
         output_bytes = out.total_bytes
@@ -313,6 +316,37 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     return QuantizeSummary(str(opts.output), opts.method, fmt_name, results, plan.skipped, source_bytes,
                            output_bytes, time.monotonic() - t0, scheme=getattr(config, "scheme", None) or "",
                            notes=tuple(n for n in (*notes, shape_note) if n))
+
+
+def _plan_kv_cache(ckpt: Checkpoint, plan: Plan, config: Any) -> bool:
+    """--kv-cache fp8: refused where it cannot be written (before any work); else kv_cache_scheme goes into
+    the config (calib/kvcache.py)."""
+    kv = getattr(config, "kv_cache", None)
+    if kv is None:
+        return False
+    from qconvert.calib import kvcache
+
+    if kv != "fp8":
+        raise BadInput(f"--kv-cache {kv!r}: the one KV-cache scheme is fp8")
+    if plan.quantization_config.get("quant_method") != "compressed-tensors":
+        raise BadInput(f"--kv-cache fp8 is compressed-tensors' kv_cache_scheme; --format {plan.fmt.name} "
+                       "has none (use --format compressed-tensors)")
+    kvcache.check_model(ckpt.tensors, ckpt.path)
+    if not getattr(config, "dataset", None):
+        raise BadInput("--kv-cache fp8 needs --dataset: the keys after RoPE and the values come from a "
+                       "calibration pass (a stats file does not hold them)")
+    plan.quantization_config["kv_cache_scheme"] = dict(kvcache.KV_CACHE_SCHEME)
+    return True
+
+
+def _write_kv_scales(out: CheckpointWriter, ckpt: Checkpoint, plan: Plan, config: Any) -> None:
+    from qconvert.calib import kvcache
+    from qconvert.load.dtypes import TORCH_BY_NAME
+
+    dtype = TORCH_BY_NAME[_model_dtype(ckpt, [p.weight for p in plan.layers])]
+    scales = kvcache.kv_scales(ckpt, config.tokens(ckpt), dtype, config.device, config.calib_dtype)
+    for name, t in scales.items():
+        out.add(name, t)
 
 
 def _nothing_left(p: LayerPlan, w: torch.Tensor) -> tuple[Quantized, float]:
