@@ -54,6 +54,7 @@ RECIPES = {
     "wheel": "wheel-1",
     "sdist": "sdist-1",
     "llamacpp-src": "llamacpp-src-1+sdist-1",
+    "llamacpp-lora": "llamacpp-lora-1+sdist-1",
     "gguf": "gguf-1",
     "smollm2": "smollm2-2",
     "text": f"text-2-py{sys.version_info.major}.{sys.version_info.minor}",
@@ -992,6 +993,26 @@ def llamacpp_source() -> Path:
     """vendor/llama.cpp of the sdist, unpacked under <cache>/llama.cpp-src/ORACLE_VERSION: the converter
     (convert_hf_to_gguf.py, conversion/, gguf-py/) and the C++ sources the reference notes cite."""
     return ensure(cache_root() / "llama.cpp-src" / ORACLE_VERSION, RECIPES["llamacpp-src"], _unpack_llamacpp)
+
+
+def _unpack_lora_converter(tmp: Path) -> None:
+    import tarfile
+
+    name = f"llama_cpp_python-{ORACLE_VERSION}/vendor/llama.cpp/convert_lora_to_gguf.py"
+    tmp.mkdir(parents=True)
+    with tarfile.open(llamacpp_sdist()) as tf:
+        member = tf.getmember(name)
+        data = tf.extractfile(member)
+        assert data is not None
+        (tmp / "convert_lora_to_gguf.py").write_bytes(data.read())
+
+
+def llamacpp_lora_converter() -> Path:
+    """The sdist's convert_lora_to_gguf.py (under <cache>/llama.cpp-lora/ORACLE_VERSION), run against
+    llamacpp_source()'s conversion/ and gguf-py/ (tests/oracle/convert_lora.py)."""
+    target = ensure(cache_root() / "llama.cpp-lora" / ORACLE_VERSION, RECIPES["llamacpp-lora"],
+                    _unpack_lora_converter)
+    return target / "convert_lora_to_gguf.py"
 
 
 # ---------------------------------------------------------------- command line

@@ -144,6 +144,19 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def lora_b_transform(spec: ArchSpec, cfg: dict, hf_name: str) -> Transform | None:
+    """What _transform does to a Linear weight, as it acts on a LoRA adapter's B [out, r] (W = B @ A: a row
+    permutation of W permutes B's rows and leaves A alone, as convert_lora_to_gguf.py's LoraTorchTensor
+    does); BadInput for a weight whose forward transform is no row permutation (nothing else reaches a
+    Linear of a dense family)."""
+    if spec.mla and hf_name.endswith("kv_b_proj.weight"):
+        raise BadInput(f"LoRA target {hf_name}: deepseek2 splits kv_b_proj into attn_k_b / attn_v_b, which "
+                       "a LoRA adapter GGUF cannot express")
+    if spec.drop_lm_head and hf_name == _LM_HEAD_WEIGHT:
+        raise BadInput(f"LoRA target {hf_name}: {spec.name} writes no output.weight (tied to the embedding)")
+    return _transform(spec, cfg, hf_name, None)
+
+
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """The inverse of permute_rows: llama.cpp's interleaved rotary rows back to HF's split halves."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -75,6 +75,9 @@ def convert_command(
     dtype: str = typer.Option(None, "--dtype", help="--to hf: bf16 (default), f16 or f32."),
     lora: Path = typer.Option(
         None, "--lora", help="PEFT LoRA adapter directory, merged into the weights as they are read."),
+    base: str = typer.Option(
+        None, "--base", help="MODEL is a PEFT LoRA adapter: write it as a llama.cpp adapter GGUF for this "
+        "base (HF checkpoint; --type F32, F16 or BF16)."),
 ) -> None:
     """Convert a checkpoint to GGUF for llama.cpp in one step (convert_hf_to_gguf.py + llama-quantize)."""
     from rich.console import Console
@@ -83,6 +86,8 @@ def convert_command(
 
     if to.lower() == "hf":
         return _to_hf(model, output, dtype)
+    if base is not None:
+        return _lora_gguf(model, base, output, type_)
     if to.lower() != "gguf":
         raise BadInput(f"--to {to!r}: gguf or hf (packed safetensors: qconvert quantize)")
     if dtype is not None:
@@ -136,3 +141,15 @@ def _to_hf(model: str, output: Path | None, dtype: str | None) -> None:
     Console(highlight=False).print(
         f"{result.architecture}: {result.n_tensors} tensors ({types} in the GGUF) -> {result.dtype} "
         f"{_mib(result.total_bytes)} in {result.output} · {result.seconds:.1f} s")
+
+
+def _lora_gguf(adapter: str, base: str, output: Path | None, type_: str | None) -> None:
+    """PEFT adapter -> llama.cpp LoRA adapter GGUF (pipelines/lora_gguf.py)."""
+    from rich.console import Console
+
+    from qconvert.pipelines.lora_gguf import convert_lora
+
+    r = convert_lora(adapter, base, output, type_)
+    Console(highlight=False).print(
+        f"{r.architecture} LoRA adapter: {r.n_pairs} Linears, r={r.rank}, alpha={r.alpha:g}, {r.file_type} "
+        f"{_mib(r.nbytes)} -> {r.output} · {r.seconds:.1f} s (llama.cpp: --lora {r.output.name})")

@@ -27,10 +27,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # options that change what a merge is; the adapter is refused when one of them is set
-_UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
+_UNSUPPORTED = {"target_parameters": "target_parameters (nn.Parameter targets, e.g. fused experts)",
+                "use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
                 "lora_bias": "lora_bias", "modules_to_save": "modules_to_save (full weights in the adapter)",
                 "alpha_pattern": "alpha_pattern",
-                "target_parameters": "target_parameters (nn.Parameter targets)",
                 "layer_replication": "layer_replication", "trainable_token_indices": "trainable tokens",
                 "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA"}
 
@@ -116,7 +116,7 @@ def open_lora(path: str | Path) -> LoraAdapter:
     return LoraAdapter(path, cfg, pairs, tensors)
 
 
-def _check(base: Any, adapter: LoraAdapter) -> None:
+def check_adapter(base: Any, adapter: LoraAdapter) -> None:
     """Every target a 2-D float Linear of the base, A [r, in] and B [out, r] fitting it."""
     for weight, pair in adapter.pairs.items():
         if weight not in base.tensors:
@@ -140,7 +140,7 @@ class LoraView(TensorTable):
     """The Checkpoint interface over `base` with the adapter's Linears merged on read."""
 
     def __init__(self, base: Any, adapter: LoraAdapter):
-        _check(base, adapter)
+        check_adapter(base, adapter)
         self.source = base
         self.adapter = adapter
         self.path = base.path

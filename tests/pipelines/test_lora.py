@@ -50,12 +50,12 @@ def make_adapter(base: Path, out: Path, targets: list[str], seed: int = 0, **kw)
     return out
 
 
-def peft_merged(base: Path, adapter: Path, out: Path) -> Path:
+def peft_merged(base: Path, adapter: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """PEFT's own merge_and_unload of the adapter, saved as a checkpoint with the base's side files."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(out)
     for f in base.iterdir():
@@ -174,3 +174,118 @@ def test_unsupported_adapters(lora_case, synthetic_dir, tmp_path, capsys):
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     _refused(capsys, tmp_path, base, dora, "use_dora is set")
     _refused(capsys, tmp_path, base, tmp_path, "not a PEFT adapter directory")
+
+
+# ---------------------------------------------------------------- the adapter as a llama.cpp LoRA GGUF
+
+def _llama(path: Path, lora: Path | None = None):
+    """llama_cpp.Llama without extra buffer types (AMX repacking segfaults here; test_convert's _llama)."""
+    import llama_cpp.llama_cpp as lib
+    from llama_cpp import Llama
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True,
+                     verbose=False)
+    finally:
+        lib.llama_model_default_params = default
+
+
+def _llama_logits(path: Path, lora: Path | None = None) -> np.ndarray:
+    llm = _llama(path, lora)
+    llm.eval(TOKENS)
+    out = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_oracle(fixtures_lib):
+    """(convert_lora_to_gguf.py, the sdist's llama.cpp tree)."""
+    return fixtures_lib.llamacpp_lora_converter(), fixtures_lib.llamacpp_source()
+
+
+@pytest.mark.parametrize("outtype", ["f32", "bf16"])
+def test_adapter_gguf_is_convert_lora_to_gguf(outtype, lora_case, lora_oracle, tmp_path, capsys):
+    from tests.oracle.convert_lora import convert_lora_to_gguf
+
+    base, adapter, _ = lora_case
+    ref = convert_lora_to_gguf(*lora_oracle, adapter, base, tmp_path / "ref.gguf", outtype)
+    ours = tmp_path / "ours.gguf"
+    code, out, _ = run_cli(capsys, "convert", adapter, "--to", "gguf", "--base", base, "--type", outtype,
+                           "-o", ours)
+    assert code == 0 and "llama LoRA adapter: 28 Linears, r=8, alpha=16" in out
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+def test_qwen2_adapter_gguf_is_convert_lora_to_gguf(synthetic_dir, lora_oracle, tmp_path, capsys):
+    """Attention-only targets with biases in the base (qwen2), no Q/K permutation."""
+    from tests.oracle.convert_lora import convert_lora_to_gguf
+
+    base = synthetic_dir("qwen2")
+    adapter = make_adapter(base, tmp_path / "adapter", ["q_proj", "v_proj"], seed=3)
+    ref = convert_lora_to_gguf(*lora_oracle, adapter, base, tmp_path / "ref.gguf")
+    ours = tmp_path / "ours.gguf"
+    assert run_cli(capsys, "convert", adapter, "--to", "gguf", "--base", base, "-o", ours)[0] == 0
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+def test_llama_cpp_applies_the_adapter_as_the_merged_model(lora_case, tmp_path):
+    """llama.cpp with --lora on the base gives the logits of the merged model. llama.cpp adds B(Ax) to each
+    Linear's output in float32, so the merged model it is held to is merged in float32 too (PEFT's
+    merge_and_unload on the float32 base; a bf16 merge rounds W + BA, which moves logits by ~1 %)."""
+    from qconvert.pipelines.lora_gguf import convert_lora
+
+    base, adapter, _ = lora_case
+    merged = peft_merged(base, adapter, tmp_path / "merged", torch.float32)
+    base_gguf = convert(str(base), ConvertOptions(file_type="F32", output=tmp_path / "base.gguf")).output
+    lora_gguf = convert_lora(adapter, base, tmp_path / "lora.gguf").output
+    merged_gguf = convert(str(merged), ConvertOptions(file_type="F32", output=tmp_path / "m.gguf")).output
+    plain, want = _llama_logits(base_gguf), _llama_logits(merged_gguf)
+    got = _llama_logits(base_gguf, lora_gguf)
+    err = np.abs(got - want).max()
+    assert err < 1e-3 * np.abs(want).max(), err
+    assert np.abs(plain - want).max() > 100 * err  # the adapter does change the model
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_adapter_gguf_refusals(lora_case, synthetic_dir, tmp_path, capsys):
+    base, adapter, _ = lora_case
+    out = tmp_path / "out.gguf"
+    capsys.readouterr()
+    narrow = _edited(adapter, tmp_path / "narrow", lambda t: {
+        k: (v[:, :128].contiguous() if ".lora_A." in k else v) for k, v in t.items()})
+    for bad, expect in ((narrow, "an adapter for another base model"),):
+        code, _, err = run_cli(capsys, "convert", bad, "--to", "gguf", "--base", base, "-o", out)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
+    moe = synthetic_dir("qwen3_moe")
+    # PEFT on transformers 5 targets the fused expert parameters (target_parameters): refused on read
+    fused = make_adapter(moe, tmp_path / "fused", ["gate_proj", "up_proj"])
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "convert", fused, "--to", "gguf", "--base", moe, "-o", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "target_parameters" in err, err
+    # per-expert Linears (the hub layout) merge, but have no LoRA GGUF form: the GGUF stacks them
+    experts = tmp_path / "experts"
+    experts.mkdir()
+    shutil.copy2(adapter / "adapter_config.json", experts)
+    gen = torch.Generator().manual_seed(0)
+    save_file({f"base_model.model.model.layers.0.mlp.experts.{x}.gate_proj.lora_{k}.weight":
+               torch.randn(shape, generator=gen) for x in range(8) for k, shape in (("A", (8, 256)),
+                                                                                   ("B", (256, 8)))},
+              experts / "adapter_model.safetensors")
+    code, _, err = run_cli(capsys, "convert", experts, "--to", "gguf", "--base", moe, "-o", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "expert Linears" in err, err
+    rs = tmp_path / "rs"
+    shutil.copytree(adapter, rs)
+    cfg = json.loads((rs / "adapter_config.json").read_text())
+    (rs / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    code, _, err = run_cli(capsys, "convert", rs, "--to", "gguf", "--base", base, "-o", out)
+    assert code == 2 and "use_rslora" in err
+    assert not out.exists()
