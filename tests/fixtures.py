@@ -15,6 +15,8 @@ Artefacts (under <cache>/fixtures):
                                     gemma3, phi3) with a small BPE tokenizer trained on calib.txt
   synthetic/<moe arch>/             the same for the MoE families (MOE_ARCHS: qwen3_moe, ...), experts per
                                     expert as on the hub
+  synthetic/gpt_oss-{bf16,mxfp4}/   gpt-oss (GptOssForCausalLM), experts fused as transformers holds them: as
+                                    openai/gpt-oss-* ship them (MXFP4 *_blocks / *_scales) and dequantized
   ../llama.cpp-src/<version>/       vendor/llama.cpp of the llama-cpp-python sdist (its converter)
   bench/llama-1b/                   ~1.1B-parameter seeded llama, benchmarks only (bench-1b), streamed
   bench/qwen3-moe-2b/               ~1.9B-parameter seeded qwen3_moe (32 experts), benchmarks only (bench-moe)
@@ -572,6 +574,14 @@ MOE_EXTRA: dict[str, dict] = {
 }
 
 
+# gpt-oss: 4 experts of 256 (x@W orientation, gate/up interleaved), biases everywhere, attention sinks; a
+# sliding window of 4 so that the 8-token logits test crosses it on the sliding (even) layers; untied as on
+# the hub (llama.cpp's gpt-oss loader requires output.weight), the hub's context (yarn x32 from 4096)
+GPT_OSS_EXTRA = {"intermediate_size": 256, "num_local_experts": 4, "num_experts_per_tok": 2,
+                 "sliding_window": 4, "max_position_embeddings": 131072, "tie_word_embeddings": False}
+GPT_OSS_FORMS = ("bf16", "mxfp4")
+
+
 def synthetic_config(arch: str, *, tied: bool = True, vocab_size: int = SYN_VOCAB):
     """A small config: hidden 256, intermediate 768, 4 layers, 4 heads of 64, 2 KV heads (GQA)."""
     from transformers import AutoConfig
@@ -601,6 +611,7 @@ def synthetic_config(arch: str, *, tied: bool = True, vocab_size: int = SYN_VOCA
         "gemma3": {"query_pre_attn_scalar": 64, "sliding_window": 512, "sliding_window_pattern": 2},
         "phi3": {},
         **MOE_EXTRA,
+        "gpt_oss": GPT_OSS_EXTRA,
     }[arch]
     model_type = "gemma3_text" if arch == "gemma3" else arch
     cfg = AutoConfig.for_model(model_type, **{**common, **extra})
@@ -623,12 +634,19 @@ def _shape_weights(model, arch: str, seed: int) -> None:
         for name, p in sorted(model.named_parameters()):
             if p.ndim == 1 and "norm" in name:
                 val = norm_base + 0.1 * torch.randn(p.shape, generator=gen)
+            elif name.endswith("self_attn.sinks"):  # gpt-oss: one logit per head, O(1) in the real models
+                val = torch.randn(p.shape, generator=gen)
             elif p.ndim == 1:
                 val = 0.02 * torch.randn(p.shape, generator=gen)
             else:
-                fan_in = p.shape[-1]  # in-features: the last axis of Linears and of 3-D expert stacks
+                # in-features: the last axis of Linears and of 3-D expert stacks, but axis 1 of gpt-oss's
+                # x@W experts ([E, H, 2I] gate_up_proj, [E, I, H] down_proj)
+                axis = 1 if p.ndim == 3 and arch == "gpt_oss" else p.ndim - 1
+                fan_in = p.shape[axis]
                 col = torch.exp(0.6 * torch.randn(fan_in, generator=gen))
-                val = torch.randn(p.shape, generator=gen) * col / math.sqrt(fan_in)
+                shape = [1] * p.ndim
+                shape[axis] = fan_in
+                val = torch.randn(p.shape, generator=gen) * col.reshape(shape) / math.sqrt(fan_in)
             p.copy_(val.to(p.dtype))
 
 
@@ -671,6 +689,114 @@ def synthetic_variants() -> list[tuple[str, bool, bool]]:
     """(arch, sharded, tied) of every prebuilt synthetic checkpoint."""
     dense = [(a, False, True) for a in ARCHS] + [("llama", True, True), ("llama", False, False)]
     return dense + [(a, False, True) for a in MOE_ARCHS]
+
+
+# ---------------------------------------------------------------- gpt-oss, bf16 and MXFP4
+
+
+def _mxfp4_rows(rows):
+    """float32 rows [..., K] -> ggml MXFP4 blocks uint8 [..., K/32, 17] (E8M0 byte, then 16 nibble bytes),
+    by qconvert's MXFP4 kernel (byte-identical to ggml's quantize_row_mxfp4_ref)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+
+    from qconvert.kernels import quantize
+
+    q = quantize(np.ascontiguousarray(rows, dtype=np.float32), GGMLQuantizationType.MXFP4)
+    return q.reshape(*rows.shape[:-1], rows.shape[-1] // 32, 17)
+
+
+def _mxfp4_values(blocks):
+    """ggml MXFP4 blocks [..., G, 17] -> float32 [..., G*32] (ggml's dequantize_row_mxfp4)."""
+    from gguf import GGMLQuantizationType
+
+    from qconvert.kernels import dequantize
+
+    g = blocks.shape[-2]
+    return dequantize(blocks.reshape(-1, 17), GGMLQuantizationType.MXFP4).reshape(*blocks.shape[:-2], g * 32)
+
+
+def ggml_to_hf_mxfp4(blocks):
+    """ggml MXFP4 blocks [..., G, 17] -> (HF *_blocks uint8 [..., G, 16], *_scales uint8 [..., G]): the same
+    E8M0 exponents (both decode 2^(e-127) x E2M1); ggml keeps element j in the low nibble of byte j and j+16
+    in its high nibble, HF (transformers' _convert_moe_packed_tensors) element 2i low and 2i+1 high."""
+    import numpy as np
+
+    qs = blocks[..., 1:]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # [..., G, 32] in element order
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8), blocks[..., 0].copy()
+
+
+def _gpt_oss_experts_to_mxfp4(model) -> None:
+    """Round every expert weight to what its MXFP4 blocks hold, so the bf16 and MXFP4 forms are one model:
+    blocks run along the input axis ([out, in] orientation, as the hub stores them)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                w = p.detach().float().transpose(1, 2).numpy()  # [E, out, in]
+                back = _mxfp4_values(_mxfp4_rows(w))
+                p.copy_(torch.from_numpy(back).transpose(1, 2).to(p.dtype))
+
+
+def _build_gpt_oss_bf16(tmp: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok_dir = synthetic_tokenizer_dir("smollm")
+    seed = synthetic_seed("gpt_oss")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(synthetic_config("gpt_oss"), dtype=torch.float32)
+    _shape_weights(model, "gpt_oss", seed)
+    _gpt_oss_experts_to_mxfp4(model)
+    model = model.to(torch.bfloat16)  # exact: MXFP4 values have two significant bits
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(tmp)
+    for f in sorted(tok_dir.iterdir()):
+        shutil.copy2(f, tmp / f.name)
+
+
+# what openai/gpt-oss-20b's config.json says (the modules its MXFP4 quantization leaves in bf16)
+GPT_OSS_QUANT_CONFIG = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                   "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+
+
+def _build_gpt_oss_mxfp4(tmp: Path) -> None:
+    """The bf16 form with each fused expert tensor as MXFP4 blocks and scales, the hub's layout:
+    ``<p>_blocks`` uint8 [E, out, in/32, 16] and ``<p>_scales`` uint8 [E, out, in/32] (gate/up rows
+    interleaved as gate_up_proj's columns are), biases unchanged; quantization_config quant_method mxfp4."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = gpt_oss_dir("bf16")
+    tmp.mkdir()
+    for f in sorted(src.iterdir()):
+        shutil.copy2(f, tmp / f.name)
+    tensors = load_file(str(src / "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[name] = t
+            continue
+        blocks, scales = ggml_to_hf_mxfp4(_mxfp4_rows(t.float().transpose(1, 2).numpy()))
+        out[f"{name}_blocks"] = torch.from_numpy(blocks)
+        out[f"{name}_scales"] = torch.from_numpy(scales)
+    save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["quantization_config"] = GPT_OSS_QUANT_CONFIG
+    _write_json(tmp / "config.json", cfg)
+
+
+def gpt_oss_dir(form: str = "bf16") -> Path:
+    """The synthetic gpt-oss checkpoint: "bf16" (fused experts as bf16 tensors, what transformers 5 saves and
+    the dequantized re-uploads hold) or "mxfp4" (the same values as the hub's MXFP4 blocks and scales)."""
+    if form not in GPT_OSS_FORMS:
+        raise ValueError(f"unknown gpt-oss form {form!r}; choose from {', '.join(GPT_OSS_FORMS)}")
+    config = json.dumps(synthetic_config("gpt_oss").to_dict(), sort_keys=True, default=str)
+    recipe = f"{RECIPES['synthetic']}+gpt-oss-1+config-{zlib.crc32(config.encode()):08x}"
+    build = _build_gpt_oss_bf16 if form == "bf16" else _build_gpt_oss_mxfp4
+    return ensure(fixtures_root() / "synthetic" / f"gpt_oss-{form}", recipe, build)
 
 
 # ---------------------------------------------------------------- big synthetic llama (benchmarks only)
@@ -1041,6 +1167,8 @@ def build_synthetic() -> None:
     for arch, sharded, tied in synthetic_variants():
         label = f"synthetic {arch} sharded={sharded} tied={tied}"
         _timed(label, lambda a=arch, s=sharded, t=tied: synthetic_dir(a, sharded=s, tied=t))
+    for form in GPT_OSS_FORMS:
+        _timed(f"synthetic gpt_oss {form}", lambda f=form: gpt_oss_dir(f))
 
 
 TARGETS: dict[str, Callable[[], object]] = {

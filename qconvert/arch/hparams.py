@@ -322,6 +322,19 @@ def cfg_olmoe(kv: GGUFKVs) -> dict:
     return out
 
 
+def hp_gpt_oss(cfg: dict, w: Any) -> None:
+    """GptOssModel: the generic block, the sliding window and the expert width (= intermediate_size). The
+    converter writes no sliding-window pattern: llama.cpp's loader defaults to 2 (even layers sliding), which
+    is transformers' default layer_types; any other layer_types is written as the pattern array, which the
+    loader reads first (load_swa_pattern), instead of converting to a model that attends wrongly."""
+    hp_text(cfg, w)
+    w.add_sliding_window(cfg["sliding_window"])
+    w.add_expert_feed_forward_length(cfg["intermediate_size"])
+    swa = [t == "sliding_attention" for t in cfg.get("layer_types") or []]
+    if swa and swa != [i % 2 == 0 for i in range(len(swa))]:
+        w.add_sliding_window_pattern(swa)
+
+
 def hp_gemma(cfg: dict, w: Any) -> None:
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])

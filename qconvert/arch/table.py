@@ -34,6 +34,9 @@ class Experts:
     # transformers 5's own parameters, ``<module>.gate_up_proj`` [E, 2I, H] (gate rows first) and
     # ``<module>.down_proj`` [E, H, I], accepted as Qwen2MoeModel accepts them
     fused: bool = True
+    # gpt-oss: only fused parameters, in x@W orientation (gate_up_proj [E, H, 2I] with gate/up interleaved
+    # columns, down_proj [E, I, H]) with biases, or as MXFP4 ``*_blocks`` / ``*_scales`` (GptOssModel)
+    interleaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,17 +104,24 @@ _MIXTRAL = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama, vocab=_LLAMA.vo
                     experts=Experts("block_sparse_moe.experts", "w1", "w3", "w2", fused=False),
                     hf_config=hp.cfg_llama, hf_modules=(("ffn_gate_inp", "block_sparse_moe.gate"),))
 
+# gpt-oss: MoE with biases everywhere, attention sinks and an even-layers sliding window; the experts are
+# fused (or MXFP4 blocks, copied as they are); llama.cpp's loader requires output.weight
+_GPT_OSS = ArchSpec("gpt-oss", gguf.MODEL_ARCH.GPT_OSS, hp.hp_gpt_oss, vocab=vocab.Vocab(("gpt2",)),
+                    block=None, experts=Experts(interleaved=True), needs_output=True)
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA, "MistralForCausalLM": _LLAMA, "Qwen2ForCausalLM": _QWEN2,
     "Qwen3ForCausalLM": _QWEN3, "GemmaForCausalLM": _GEMMA, "Gemma2ForCausalLM": _GEMMA2,
     "Gemma3ForCausalLM": _GEMMA3, "Phi3ForCausalLM": _PHI3, "Qwen3MoeForCausalLM": _QWEN3MOE,
     "OlmoeForCausalLM": _OLMOE, "Qwen2MoeForCausalLM": _QWEN2MOE, "MixtralForCausalLM": _MIXTRAL,
     "DeepseekV3ForCausalLM": _DEEPSEEK2,
+    "GptOssForCausalLM": _GPT_OSS,
 }
 MODEL_TYPES: dict[str, ArchSpec] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2, "qwen3": _QWEN3, "gemma": _GEMMA,
     "gemma2": _GEMMA2, "gemma3_text": _GEMMA3, "gemma3": _GEMMA3, "phi3": _PHI3, "qwen3_moe": _QWEN3MOE,
     "olmoe": _OLMOE, "qwen2_moe": _QWEN2MOE, "mixtral": _MIXTRAL, "deepseek_v3": _DEEPSEEK2,
+    "gpt_oss": _GPT_OSS,
 }
 # families whose decoder blocks methods (AWQ) can walk, in table order
 BLOCK_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in MODEL_TYPES.values() if s.block))

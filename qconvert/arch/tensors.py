@@ -76,6 +76,9 @@ class PlannedTensor:
     source: str | None              # HF tensor name (None for generated tensors)
     read: Callable[[], np.ndarray] = field(repr=False)
     dtype: str = "F32"              # source dtype name ("BF16", "F16", "F32", or a GGML type for GGUF input)
+    # a tensor the checkpoint already holds as GGML blocks (gpt-oss's MXFP4 experts; dtype names the type):
+    # those bytes, uint8 [rows, row bytes], copied as they are when the output keeps the type
+    raw: Callable[[], np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -218,6 +221,9 @@ def _transform(spec: ArchSpec, cfg: dict, hf_name: str, n_vocab_real: int | None
 def _hf_name(name: str) -> str:
     # SmolVLM-style text towers are stored under text_model.
     name = name.replace("text_model.", "") if "text_model." in name else name
+    # GptOssModel.filter_tensors: the attention sinks are a parameter of their own (attn_sinks.weight)
+    if name.endswith(".self_attn.sinks"):
+        return name + ".weight"
     # ModelBase.filter_tensors: DeepSeek/GLM's router correction bias is a .bias of its own module
     return name.replace("e_score_correction_bias", "e_score_correction.bias")
 
@@ -335,6 +341,8 @@ def plan_experts(ckpt: Any, spec: ArchSpec, cfg: dict,
     if not n:
         raise BadInput(f"{spec.name}: config.json names no expert count (num_experts / num_local_experts)",
                        ckpt.path)
+    if ex.interleaved:
+        return plan_interleaved_experts(ckpt, spec, cfg, tmap, n)
     per_expert, fused = _expert_patterns(ex)
     groups: dict[tuple[str, str], dict[int, str]] = {}
     planned: list[PlannedTensor] = []
@@ -436,3 +444,150 @@ def _check_expert_shapes(planned: list[PlannedTensor], ckpt: Any) -> None:
             if o is not None and o.shape != (t.shape[0], t.shape[2], t.shape[1]):
                 raise BadInput(f"{o.source} gives {other} {list(o.shape)} but {t.source} gives ffn_down_exps "
                                f"{list(t.shape)}: expected [E, I, H] against [E, H, I]", ckpt.path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gpt-oss: fused x@W experts with gate/up interleaved, their biases, or MXFP4 blocks (GptOssModel)
+
+_PARTS = ("", "_bias", "_blocks", "_scales")
+
+
+def _interleaved_pattern(ex: Experts) -> re.Pattern[str]:
+    return re.compile(r"^(?P<pre>(?:.*\.)?layers\.\d+\." + re.escape(ex.module) +
+                      r")\.(?P<proj>gate_up_proj|down_proj)(?P<part>_bias|_blocks|_scales)?$")
+
+
+def plan_interleaved_experts(ckpt: Any, spec: ArchSpec, cfg: dict, tmap: gguf.TensorNameMap,
+                             n: int) -> tuple[list[PlannedTensor], set[str]]:
+    """gpt-oss's experts as GptOssModel writes them: gate_up_proj [E, H, 2I] transposed and split into the
+    even (gate) and odd (up) rows, down_proj [E, I, H] transposed, the biases split alike; MXFP4 blocks and
+    scales repacked into ggml MXFP4 tensors without touching a value. Checked before anything is read."""
+    pattern = _interleaved_pattern(spec.experts)  # type: ignore[arg-type]
+    layers: dict[str, dict[tuple[str, str], str]] = {}
+    for raw in ckpt.tensors:
+        if (m := pattern.match(_hf_name(raw))) is not None:
+            layers.setdefault(m["pre"], {})[(m["proj"], m["part"] or "")] = raw
+    planned: list[PlannedTensor] = []
+    for pre, parts in layers.items():
+        for proj in ("gate_up_proj", "down_proj"):
+            planned += _interleaved(ckpt, spec, cfg, tmap, pre, proj, parts, n)
+    _check_expert_shapes(planned, ckpt)
+    return planned, {raw for parts in layers.values() for raw in parts.values()}
+
+
+def _gguf_name(spec: ArchSpec, tmap: gguf.TensorNameMap, pre: str, proj: str, part: str, ckpt: Any) -> str:
+    ex = spec.experts
+    assert ex is not None
+    hf_proj = {"gate": ex.gate, "up": ex.up, "down": ex.down}[proj]
+    name = tmap.get_name(f"{pre}.{hf_proj}.{part}", try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise BadInput(f"cannot map expert tensor {pre}.{hf_proj}.{part} to a {spec.name} GGUF tensor",
+                       ckpt.path)
+    return name
+
+
+def _interleaved(ckpt: Any, spec: ArchSpec, cfg: dict, tmap: gguf.TensorNameMap, pre: str, proj: str,
+                 parts: dict[tuple[str, str], str], n: int) -> list[PlannedTensor]:
+    have = {part: parts[(proj, part)] for part in _PARTS if (proj, part) in parts}
+    where = f"{pre}.{proj}"
+    if "" in have and ("_blocks" in have or "_scales" in have):
+        raise BadInput(f"{where} is there both as a tensor and as MXFP4 blocks/scales", ckpt.path)
+    if ("_blocks" in have) != ("_scales" in have):
+        missing = "_scales" if "_blocks" in have else "_blocks"
+        raise BadInput(f"{where}{missing} is missing (MXFP4 experts need both _blocks and _scales)",
+                       ckpt.path)
+    if "" not in have and "_blocks" not in have:
+        raise BadInput(f"{where} is missing (neither the tensor nor its MXFP4 _blocks/_scales)", ckpt.path)
+    hidden = int(cfg["hidden_size"])
+    out = _mxfp4_experts(ckpt, spec, tmap, pre, proj, have, n, hidden) if "_blocks" in have else \
+        _dense_experts(ckpt, spec, tmap, pre, proj, have[""], n, hidden)
+    if "_bias" in have:
+        out += _expert_biases(ckpt, spec, tmap, pre, proj, have["_bias"], n, hidden)
+    return out
+
+
+def _halves(proj: str) -> list[tuple[str, slice]]:
+    """The GGUF projections a fused gpt-oss tensor holds, with their rows: gate even, up odd."""
+    return [("down", slice(None))] if proj == "down_proj" else [("gate", slice(0, None, 2)),
+                                                                ("up", slice(1, None, 2))]
+
+
+def _dense_experts(ckpt: Any, spec: ArchSpec, tmap: gguf.TensorNameMap, pre: str, proj: str, raw: str, n: int,
+                   hidden: int) -> list[PlannedTensor]:
+    info = ckpt.tensors[raw]
+    shape = tuple(info.shape)
+    gate_up = proj == "gate_up_proj"
+    ok = len(shape) == 3 and shape[0] == n and shape[1 if gate_up else 2] == hidden and \
+        (not gate_up or shape[2] % 2 == 0)
+    if not ok:
+        want = "[E, H, 2*I]" if gate_up else "[E, I, H]"
+        raise BadInput(f"fused expert tensor {raw} has shape {list(shape)}, expected {want} with E={n}, "
+                       f"H={hidden}", ckpt.path)
+    rows = shape[2] // 2 if gate_up else shape[2]  # [out, in] after the transpose
+
+    def part(sel: slice) -> Callable[[], np.ndarray]:
+        return lambda: np.ascontiguousarray(
+            np.asarray(ckpt.read_numpy(raw), dtype=np.float32).transpose(0, 2, 1)[:, sel, :])
+
+    return [PlannedTensor(_gguf_name(spec, tmap, pre, p, "weight", ckpt), (n, rows, shape[1]), raw, part(sel),
+                          str(info.dtype).upper()) for p, sel in _halves(proj)]
+
+
+def _expert_biases(ckpt: Any, spec: ArchSpec, tmap: gguf.TensorNameMap, pre: str, proj: str, raw: str, n: int,
+                   hidden: int) -> list[PlannedTensor]:
+    info = ckpt.tensors[raw]
+    shape = tuple(info.shape)
+    gate_up = proj == "gate_up_proj"
+    if len(shape) != 2 or shape[0] != n or (shape[1] % 2 if gate_up else shape[1] != hidden):
+        want = "[E, 2*I]" if gate_up else "[E, H]"
+        raise BadInput(f"expert bias {raw} has shape {list(shape)}, expected {want} with E={n}, H={hidden}",
+                       ckpt.path)
+    width = shape[1] // 2 if gate_up else shape[1]
+
+    def part(sel: slice) -> Callable[[], np.ndarray]:
+        return lambda: np.ascontiguousarray(np.asarray(ckpt.read_numpy(raw), dtype=np.float32)[:, sel])
+
+    return [PlannedTensor(_gguf_name(spec, tmap, pre, p, "bias", ckpt), (n, width), raw, part(sel),
+                          str(info.dtype).upper()) for p, sel in _halves(proj)]
+
+
+def _mxfp4_experts(ckpt: Any, spec: ArchSpec, tmap: gguf.TensorNameMap, pre: str, proj: str,
+                   have: dict[str, str], n: int, hidden: int) -> list[PlannedTensor]:
+    """MXFP4 ``_blocks`` uint8 [E, out, in/32, 16] and ``_scales`` uint8 [E, out, in/32] ([out, in]
+    orientation, gate/up rows interleaved) -> ggml MXFP4 [E, rows, in] per projection."""
+    from qconvert.kernels.ggml.fp4_blocks import from_hf_mxfp4
+    from qconvert.kernels.registry import dequantize
+
+    braw, sraw = have["_blocks"], have["_scales"]
+    b, s = ckpt.tensors[braw], ckpt.tensors[sraw]
+    bshape, sshape = tuple(b.shape), tuple(s.shape)
+    gate_up = proj == "gate_up_proj"
+    for raw, info in ((braw, b), (sraw, s)):
+        if str(info.dtype).upper() != "U8":
+            raise BadInput(f"MXFP4 tensor {raw} is {info.dtype}, expected U8", ckpt.path)
+    ok = len(bshape) == 4 and bshape[-1] == 16 and bshape[0] == n and bshape[:3] == sshape and \
+        (bshape[2] * 32 == hidden if gate_up else bshape[1] == hidden) and (not gate_up or bshape[1] % 2 == 0)
+    if not ok:
+        want = "[E, 2*I, H/32, 16]" if gate_up else "[E, H, I/32, 16]"
+        raise BadInput(f"MXFP4 experts {braw} {list(bshape)} / {sraw} {list(sshape)}: expected blocks {want} "
+                       f"and scales of the blocks' first three dimensions, with E={n}, H={hidden}", ckpt.path)
+    cols = bshape[2] * 32
+
+    def raw_part(sel: slice) -> Callable[[], np.ndarray]:
+        def read() -> np.ndarray:
+            q = from_hf_mxfp4(np.asarray(ckpt.read_numpy(braw))[:, sel],
+                              np.asarray(ckpt.read_numpy(sraw))[:, sel])
+            return q.reshape(-1, q.shape[-2] * 17)
+        return read
+
+    def values(raw: Callable[[], np.ndarray], shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+        # exact in float32 (E2M1 x 2^k): what llama-quantize dequantizes before requantizing
+        return lambda: dequantize(raw(), gguf.GGMLQuantizationType.MXFP4).reshape(shape)
+
+    out = []
+    shape = (n, bshape[1] // 2 if gate_up else bshape[1], cols)
+    for p, sel in _halves(proj):
+        raw = raw_part(sel)
+        name = _gguf_name(spec, tmap, pre, p, "weight", ckpt)
+        out.append(PlannedTensor(name, shape, braw, values(raw, shape), "MXFP4", raw))
+    return out

@@ -243,10 +243,35 @@ def mixture_options(opts: ConvertOptions, has_imatrix: bool) -> Any:
 
 
 def _choices(src: _Source, mix: Any) -> list[Any]:
-    from qconvert.formats.gguf.mixture import choose_types
+    from qconvert.formats.gguf.mixture import choose_types, is_quantized
 
     items = [(t.name, t.ne, _kept_type(t, src)) for t in src.tensors]
-    return choose_types(items, src.facts, mix)
+    choices = choose_types(items, src.facts, mix)
+    if is_quantized(mix.file_type.default):
+        return choices
+    by_name = {t.name: t for t in src.tensors}
+    return [_keep_native(c, by_name[c.name]) for c in choices]
+
+
+def _keep_native(choice: Any, t: PlannedTensor) -> Any:
+    """An F32/F16/BF16 file keeps the checkpoint's own GGML blocks (gpt-oss's MXFP4 experts) as they are:
+    convert_hf_to_gguf.py writes them raw whatever --outtype says."""
+    from qconvert.formats.gguf.mixture import TensorChoice
+
+    if t.raw is None or not choice.quantized:
+        return choice
+    return TensorChoice(choice.name, Q[t.dtype], False, False, f"kept: the checkpoint's own {t.dtype} blocks")
+
+
+def _file_type_id(src: _Source, mix: Any) -> int:
+    """general.file_type: an F32/F16/BF16 file of a checkpoint with MXFP4 experts is MOSTLY_MXFP4_MOE, as
+    the converter labels it (ModelBase.prepare_metadata); otherwise the file type's own id."""
+    from qconvert.formats.gguf.mixture import is_quantized
+
+    if not is_quantized(mix.file_type.default) and any(t.raw is not None and t.dtype == "MXFP4"
+                                                       for t in src.tensors):
+        return int(gguf.LlamaFileType.MOSTLY_MXFP4_MOE)
+    return int(mix.file_type.ftype)
 
 
 def _opt_type(name: str | None, option: str) -> Q | None:
@@ -257,6 +282,8 @@ def _kept_type(t: PlannedTensor, src: _Source) -> Q:
     """Type of a tensor that is not quantized: what our BF16 file (or the input GGUF) holds for it."""
     if src.gguf is not None:
         return src.gguf.raw[t.name][0]
+    if t.raw is not None:
+        return Q[t.dtype]
     if written_as_f32(t.name, t.shape):
         return Q.F32
     return Q.F16 if t.dtype == "F16" else (Q.F32 if t.dtype == "F32" else Q.BF16)
@@ -314,6 +341,11 @@ def _prepare(t: PlannedTensor, r: TensorRecord, src: _Source, opts: ConvertOptio
             return np.asarray(raw).view(np.uint8)  # unchanged: copied as is, like llama-quantize
         if raw_type not in FLOAT_TYPES and not opts.allow_requantize:
             raise BadInput(f"tensor {t.name} is already {raw_type.name}; pass --allow-requantize", src.label)
+    if t.raw is not None and Q[t.dtype] == r.qtype:
+        # the checkpoint's own blocks (gpt-oss's MXFP4 experts): copied, never dequantized and requantized.
+        # Any other type requantizes their exact float32 values, as llama-quantize --allow-requantize does:
+        # these blocks are the model's own precision, so no flag is asked for
+        return t.raw()
     x = t.read()
     if x.shape != t.shape:
         raise BadInput(f"tensor {t.source or t.name} has shape {x.shape}, expected {t.shape}", src.label)
@@ -388,7 +420,7 @@ def _write(src: _Source, records: list[TensorRecord], imx: Any, mix: Any, overri
         raise BadInput("output would overwrite the input", target)
     if imx is not None:
         overrides = overrides + _imatrix_kvs(imx, Path(opts.imatrix))
-    src.header.finalize_kv(int(mix.file_type.ftype), overrides)
+    src.header.finalize_kv(_file_type_id(src, mix), overrides)
     if (problem := llama_load_problem(src.header.kv())) is not None:
         raise BadInput(problem, src.label)
     for r in records:

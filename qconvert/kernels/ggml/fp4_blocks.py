@@ -147,3 +147,17 @@ class NVFP4(BlockKernel):
     def dequantize_blocks(cls, b):
         d = np.repeat(UE4M3_HALF[b[:, :4]], 16, axis=1)
         return fp4.KVALUES_GGML[_unpack(b[:, 4:], 8)] * d
+
+
+def from_hf_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """transformers' / OpenAI's MXFP4 layout -> ggml MXFP4 blocks, moving bits (GptOssModel.repack_mxfp4):
+    ``blocks`` uint8 [..., G, 16] hold element 2i in the low nibble of byte i and 2i+1 in the high one,
+    ``scales`` uint8 [..., G] the E8M0 exponents; both decode 2^(e-127) x E2M1 as ggml does, so the exponent
+    byte is kept and only the nibbles move (ggml: element j low, j+16 high). Returns uint8 [..., G, 17]."""
+    codes = np.empty((*blocks.shape[:-1], 32), dtype=np.uint8)
+    codes[..., 0::2] = blocks & 0xF
+    codes[..., 1::2] = blocks >> 4
+    out = np.empty((*blocks.shape[:-1], 17), dtype=np.uint8)
+    out[..., 0] = scales
+    out[..., 1:] = codes[..., :16] | (codes[..., 16:] << 4)
+    return out
