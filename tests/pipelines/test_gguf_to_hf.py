@@ -24,6 +24,7 @@ from tests.helpers import read_tensors
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
          "qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3"]
 TOKENS = [1, 17, 400, 1021, 33, 2048, 5, 900]
+TEXT = "Hello world! The 3 quick brown foxes jumped over 1234 lazy dogs, didn't they?\n  Indented."
 # what the GGUF itself holds differently from config.json: olmoe's converter forces rms_norm_eps 1e-5
 GGUF_CONFIG = {"olmoe": {"rms_norm_eps": 1e-5}}
 
@@ -209,3 +210,35 @@ def test_cli_writes_the_checkpoint(synthetic_dir, tmp_path, capsys):
     assert code == 2 and "-o DIR" in err
     code, _, err = run_cli(capsys, "convert", src, "--to", "hf", "-o", tmp_path / "x", "--dtype", "int8")
     assert code == 2 and "--dtype" in err and not (tmp_path / "x").exists()
+
+
+def test_sentencepiece_vocabulary(synthetic_dir, calib_text, tmp_path):
+    """A SentencePiece ("llama") vocabulary (gemma with a tokenizer.model) comes back as a tokenizer.json that
+    splits text as the SentencePiece model does (transformers' GGUF tokenizer builders)."""
+    import shutil
+
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    model = tmp_path / "gemma"
+    shutil.copytree(synthetic_dir("gemma"), model)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / f).unlink()
+    spm.SentencePieceTrainer.train(
+        input=str(calib_text), model_prefix=str(model / "tokenizer"), vocab_size=1000, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, bos_id=2, eos_id=1, unk_id=3, pad_id=0, input_sentence_size=20000,
+        minloglevel=2)
+    gguf_path = _bf16_gguf(model, tmp_path / "g.gguf")
+    out = convert_to_hf(gguf_path, tmp_path / "hf").output
+    sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    for text in calib_text.read_text(encoding="utf-8").split("\n\n")[:50]:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), text[:80]
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(out)
+    assert auto(TEXT, add_special_tokens=False).input_ids == sp.encode(TEXT)
+    # BOS added as llama.cpp adds it to a SentencePiece vocabulary: the GGUF's bos_token_id
+    bos = int(gguf.GGUFReader(gguf_path).fields["tokenizer.ggml.bos_token_id"].contents())
+    assert auto(TEXT).input_ids == [bos, *sp.encode(TEXT)]

@@ -414,8 +414,10 @@ def hf_tokenizer_files(kv: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     model, pre = kv.get("tokenizer.ggml.model"), kv.get("tokenizer.ggml.pre", "default")
+    if model == "llama":
+        return _spm_files(kv), None
     if model != "gpt2":
-        return {}, (f"tokenizer model {model!r} (only gpt2 byte-level BPE is rebuilt): "
+        return {}, (f"tokenizer model {model!r} (gpt2 and llama vocabularies are rebuilt): "
                     "no tokenizer.json written")
     parts = _pre_tokenizer(str(pre))
     if parts is None:
@@ -467,3 +469,46 @@ def _tokenizer_configs(kv: dict[str, Any], tokens: list[str], types: list[int], 
     if (template := kv.get("tokenizer.chat_template")) is not None:
         config["chat_template"] = str(template)
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
+
+
+def _spm_files(kv: dict[str, Any]) -> dict[str, Any]:
+    """A SentencePiece ("llama") vocabulary through transformers' own GGUF tokenizer builders (its GGUF
+    loader's: byte-fallback BPE from the pieces, merges from the scores; gemma's and phi3's quirks)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    renames = GGUF_TOKENIZER_MAPPING["tokenizer"]
+    tokenizer_dict = {name: kv[f"tokenizer.{key}"] for key, name in renames.items()
+                      if f"tokenizer.{key}" in kv}
+    tokenizer_dict = {k: (list(v) if isinstance(v, list | tuple) or hasattr(v, "tolist") else v)
+                      for k, v in tokenizer_dict.items()}
+    if "token_type" in tokenizer_dict:
+        tokenizer_dict["token_type"] = [int(t) for t in tokenizer_dict["token_type"]]
+    if "scores" in tokenizer_dict:
+        tokenizer_dict["scores"] = [float(x) for x in tokenizer_dict["scores"]]
+    tok, _ = convert_gguf_tokenizer(str(kv.get("general.architecture")), tokenizer_dict)
+    tokens = list(kv["tokenizer.ggml.tokens"])
+    types = [int(t) for t in kv.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))]
+    configs = _tokenizer_configs(kv, tokens, types, "default")
+    cfg = configs["tokenizer_config.json"]
+    cfg.setdefault("add_bos_token", True)  # llama.cpp's default for a SentencePiece vocabulary
+    _special_template(tok, kv, tokens, bool(cfg["add_bos_token"]), bool(cfg.get("add_eos_token")))
+    return {"tokenizer.json": tok, **configs}
+
+
+def _special_template(tok: Any, kv: dict[str, Any], tokens: list[str], bos: bool, eos: bool) -> None:
+    """BOS / EOS added as llama.cpp adds them (tokenizer.json's post-processor: what the fast tokenizer
+    reads; tokenizer_config's add_bos_token alone it ignores)."""
+    from tokenizers import processors
+
+    ids = {k: kv.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
+    pre = [tokens[int(ids["bos"])]] if bos and ids["bos"] is not None else []
+    post = [tokens[int(ids["eos"])]] if eos and ids["eos"] is not None else []
+    if not pre and not post:
+        return
+    special = [(t, tokens.index(t)) for t in dict.fromkeys(pre + post)]
+    single = " ".join([*pre, "$A", *post])
+    pair = " ".join([*pre, "$A", *post, *pre, "$B", *post])
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
