@@ -78,6 +78,13 @@ def convert_command(
     base: str = typer.Option(
         None, "--base", help="MODEL is a PEFT LoRA adapter: write it as a llama.cpp adapter GGUF for this "
         "base (HF checkpoint; --type F32, F16 or BF16)."),
+    target_bpw: float = typer.Option(
+        None, "--target-bpw", help="Choose each tensor's type for the least imatrix-weighted error at this "
+        "many bits per weight (needs --imatrix; --type is the base mixture)."),
+    target_size: str = typer.Option(
+        None, "--target-size", help="As --target-bpw, to a file size: bytes or 2.1GB, 900MiB."),
+    save_config: Path = typer.Option(
+        None, "--save-config", help="Write the size target's plan as a YAML recipe (--config reuses it)."),
 ) -> None:
     """Convert a checkpoint to GGUF for llama.cpp in one step (convert_hf_to_gguf.py + llama-quantize)."""
     from rich.console import Console
@@ -97,7 +104,8 @@ def convert_command(
         leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
         token_embedding_type=token_embedding_type, tensor_types=list(tensor_type or []),
         override_kv=list(override_kv or []), dry_run=dry_run, threads=threads, pre_tokenizer=pre_tokenizer,
-        allow_requantize=allow_requantize, lora=lora)
+        allow_requantize=allow_requantize, lora=lora, target_bpw=target_bpw, target_size=target_size,
+        save_config=save_config)
     out = Console(highlight=False)
     if not out.is_terminal:  # piped: wide enough that tensor names are not cut
         out = Console(highlight=False, width=160, color_system=None)

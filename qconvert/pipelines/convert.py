@@ -27,7 +27,7 @@ from qconvert.errors import BadInput
 from qconvert.formats.gguf.metadata import build_header, parameter_counts, tokenizer_kvs
 from qconvert.formats.gguf.reader import GGUFSource, read_gguf_source
 from qconvert.formats.gguf.tokenizer import llama_load_problem
-from qconvert.formats.gguf.writer import GGUFOutput, tensor_nbytes, write_gguf
+from qconvert.formats.gguf.writer import GGUFOutput, header_nbytes, tensor_nbytes, write_gguf
 from qconvert.formats.output import check_output_path
 from qconvert.kernels import FLOAT_TYPES, quantize
 from qconvert.load.config import text_config
@@ -53,6 +53,9 @@ class ConvertOptions:
     pre_tokenizer: str | None = None
     allow_requantize: bool = False
     lora: Path | None = None                                # PEFT adapter merged into the base on read
+    target_bpw: float | None = None                         # choose tensor types to this size (budget.py)
+    target_size: str | None = None                          # file size: bytes or "2.1GB", "900MiB"
+    save_config: Path | None = None                         # write the chosen mixture as a YAML recipe
 
 
 @dataclass
@@ -386,6 +389,60 @@ def _stream(src: _Source, records: list[TensorRecord], imx: Any, opts: ConvertOp
             progress(r, i + 1, len(records))
 
 
+def _check_budget_options(opts: ConvertOptions, has_imatrix: bool) -> None:
+    if opts.target_bpw is None and opts.target_size is None:
+        if opts.save_config is not None:
+            raise BadInput("--save-config writes the plan of --target-bpw / --target-size; give one of them")
+        return
+    if opts.target_bpw is not None and opts.target_size is not None:
+        raise BadInput("give --target-bpw or --target-size, not both")
+    if opts.target_bpw is not None and not 1.0 <= opts.target_bpw <= 16.0:
+        raise BadInput(f"--target-bpw {opts.target_bpw}: expected bits per weight between 1 and 16")
+    if not has_imatrix:
+        raise BadInput("--target-bpw / --target-size weigh each tensor's error by the importance matrix: "
+                       "make one with `qconvert imatrix MODEL --dataset TEXT -o imatrix.gguf` and pass "
+                       "--imatrix")
+    if opts.save_config is not None:
+        check_output_path(Path(opts.save_config))
+
+
+def _fit_to_budget(src: _Source, mix: Any, choices: list[Any], imx: Any, opts: ConvertOptions) -> Any:
+    """MixtureOptions whose exact-name tensor_types give the budget's types (formats/gguf/budget.py);
+    the tensors it leaves alone keep llama-quantize's choice."""
+    from dataclasses import replace
+
+    from qconvert.formats.gguf import budget
+
+    if mix.pure:
+        raise BadInput("--pure gives every tensor one type; it cannot be combined with a size target")
+    records = _records(src, choices)
+    free = [r for r, c in zip(records, choices, strict=True)
+            if r.quantized and r.name not in budget.PINNED_NAMES and not c.reason.startswith("--")
+            and _imatrix_for(imx, r) is not None]
+    free_names = {r.name for r in free}
+    fixed = sum(r.nbytes for r in records if r.name not in free_names)
+    if opts.target_bpw is not None:
+        total = int(opts.target_bpw * sum(r.n_elements for r in records) / 8)
+        target = f"--target-bpw {opts.target_bpw}"
+    else:
+        size = budget.parse_size(str(opts.target_size))
+        # worst-case padding per tensor and room for the KVs the writer adds (file type, imatrix, overrides)
+        header = header_nbytes(src.header, [(r.name, r.ne) for r in records]) + 4096
+        total = size - header - 31 * len(records)
+        target = f"--target-size {opts.target_size}"
+    by_name = {t.name: t for t in src.tensors}
+    jobs = [partial(_prepare, by_name[r.name], r, src, opts) for r in free]
+    measured = [budget.measure_tensor(r.name, x, r.ne, _imatrix_for(imx, r), opts.threads)
+                for r, x in zip(free, _prefetched(jobs), strict=True)]
+    assignment = budget.allocate(measured, total - fixed)
+    patterns = [(f"^{re.escape(name)}$", c.qtype) for name, c in assignment.items()]
+    if opts.save_config is not None:
+        comment = (f"qconvert convert {target} --type {mix.file_type.name} --imatrix {opts.imatrix}\n"
+                   f"reproduce with: qconvert convert MODEL --config THIS_FILE --imatrix {opts.imatrix}")
+        budget.write_recipe(Path(opts.save_config), budget.recipe(mix.file_type.name, assignment, comment))
+    return replace(mix, tensor_types=list(mix.tensor_types) + patterns)
+
+
 def default_output(name: str, file_type_name: str) -> Path:
     return Path.cwd() / f"{Path(name).name}-{file_type_name}.gguf"
 
@@ -400,9 +457,13 @@ def convert(model: str, opts: ConvertOptions, progress: ProgressFn | None = None
     if target is not None:
         check_output_path(target)
     imx = _imatrix(opts)
+    _check_budget_options(opts, imx is not None)
     mix = mixture_options(opts, imx is not None)
     src = _open_source(model, opts)
     choices = _choices(src, mix)
+    if opts.target_bpw is not None or opts.target_size is not None:
+        mix = _fit_to_budget(src, mix, choices, imx, opts)
+        choices = _choices(src, mix)
     records = _records(src, choices)
     _check_imatrix(records, choices, imx, mix)
     result = ConvertResult(src.label, None, mix.file_type.name, records, note=src.note)

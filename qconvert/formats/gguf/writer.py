@@ -78,6 +78,18 @@ class GGUFOutput(gguf.GGUFWriter):
         return nbytes
 
 
+def header_nbytes(out: GGUFOutput, tensors: Iterable[tuple[str, tuple[int, ...]]]) -> int:
+    """Bytes before the first tensor's data: fixed header, the KVs as they stand, one info per tensor
+    (name, ne), padded to the alignment. Packs the KVs as GGUFWriter.write_kv_data_to_file does."""
+    n = 4 + 4 + 8 + 8  # magic, version, tensor count, kv count
+    for key, val in out.kv().items():
+        n += len(out._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False))
+        n += len(out._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
+    for name, ne in tensors:
+        n += 8 + len(name.encode("utf-8")) + 4 + 8 * len(ne) + 4 + 8
+    return gguf.GGUFWriter.ggml_pad(n, out.data_alignment)
+
+
 def write_gguf(out: GGUFOutput, target: Path, tensors: Iterable[np.ndarray]) -> None:
     """Write header, then each tensor's bytes as they come, to a temp file renamed on success.
 
