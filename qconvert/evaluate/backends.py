@@ -285,9 +285,20 @@ class HFBackend:
 
 
 def _attn(config: dict) -> str:
-    # sdpa has no logit soft-capping (gemma2); eager is what transformers itself requires for it
+    # sdpa has no logit soft-capping (gemma2); eager is what transformers itself requires for it, and for
+    # models whose class has no sdpa path at all (gpt-oss: attention sinks)
     text = text_config(config)
-    return "eager" if text.get("attn_logit_softcapping") else "sdpa"
+    return "eager" if text.get("attn_logit_softcapping") or not _supports_sdpa(text) else "sdpa"
+
+
+def _supports_sdpa(text: dict) -> bool:
+    """The causal-LM class's own _supports_sdpa (True for a model_type transformers does not map)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(text.get("model_type")))
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    return bool(getattr(cls, "_supports_sdpa", True))
 
 
 def _load_transformers(ckpt, method: str | None, emulate: bool = False):
@@ -302,6 +313,10 @@ def _load_transformers(ckpt, method: str | None, emulate: bool = False):
 
         # dense at load: the default mode emulates activation quantization and fails on asym packs (§5.3)
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    elif method == "mxfp4":  # gpt-oss's experts: dequantized in float32 at load (exact), no triton kernels
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     elif method is not None and method not in ("fp8", "compressed-tensors"):
         raise BadInput(f"transformers cannot load {method} checkpoints on CPU here; use --loader unpack",
                        ckpt.path)

@@ -280,10 +280,14 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     entry = find_method(opts.method)
     config = entry.make_config(opts.options)
     config.check()
+    from qconvert.formats.packed.mxfp4_experts import mxfp4_experts_source
     from qconvert.load.lora import lora_note, lora_source
 
-    ckpt = dense_source(open_checkpoint(opts.model))  # a quantized source: its dequantized checkpoint
-    notes = [dense_note(ckpt)]
+    # gpt-oss's MXFP4 experts as the bf16 values transformers dequantizes them to (the output is an ordinary
+    # checkpoint of them); a quantized source: its dequantized checkpoint
+    raw = mxfp4_experts_source(open_checkpoint(opts.model))
+    ckpt = dense_source(raw)
+    notes = [getattr(raw, "note", None), dense_note(ckpt)]
     ckpt = lora_source(ckpt, opts.lora)  # before anything else: every later stage sees the merged weights
     notes.append(lora_note(ckpt))
     shape_note = check_checkpoint_shapes(ckpt)

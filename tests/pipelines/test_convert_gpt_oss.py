@@ -221,3 +221,57 @@ def test_bad_mxfp4_experts_exit_2_from_the_cli(gpt_oss, capsys, tmp_path):
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert "gate_up_proj_scales is missing" in err
     assert list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------- quantize and eval
+
+def _read_all(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_rtn_quantize_reads_mxfp4_experts_as_their_bf16_values(gpt_oss, quantize_cli, tmp_path):
+    """rtn quantizes the attention Linears and keeps the routers and the fused experts; an MXFP4 source's
+    experts are written as the bf16 values transformers dequantizes them to, not as blocks under the output
+    method's quantization_config: both forms give the same checkpoint, bit for bit."""
+    import torch
+
+    outs = {}
+    for form in FORMS:
+        code, out, err = quantize_cli(gpt_oss(form), "--method", "rtn", "-o", tmp_path / form)
+        assert code == 0, err
+        outs[form] = _read_all(tmp_path / form)
+        cfg = json.loads((tmp_path / form / "config.json").read_text())
+        assert cfg["quantization_config"]["quant_method"] == "gptq"
+    assert ("dequantized 8 MXFP4 expert tensors to bf16" in out), out
+    a, b = outs["bf16"], outs["mxfp4"]
+    assert sorted(a) == sorted(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert "model.layers.0.self_attn.q_proj.qweight" in a and "model.layers.0.mlp.router.weight" in a
+    dense = _read_all(gpt_oss("bf16"))
+    name = "model.layers.3.mlp.experts.gate_up_proj"
+    assert torch.equal(a[name], dense[name])
+    assert not [k for k in a if k.endswith(("_blocks", "_scales"))]
+
+
+def test_rtn_quantize_refuses_bad_mxfp4_experts(gpt_oss, quantize_cli, tmp_path):
+    model = _edit(gpt_oss("mxfp4"), tmp_path / "m",
+                  _reshape("model.layers.2.mlp.experts.down_proj_scales", lambda x: x[:, :, :4]))
+    code, out, err = quantize_cli(model, "--method", "rtn", "-o", tmp_path / "q")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "down_proj_blocks U8 [4, 256, 8, 16] / model.layers.2.mlp.experts.down_proj_scales U8 " \
+        "[4, 256, 4]" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_eval_runs_both_forms_and_their_files(gpt_oss, eval_text, tmp_path):
+    """eval loads the MXFP4 form through transformers' own dequantizer (eager attention: gpt-oss has no sdpa
+    path), the same model as the bf16 form (KL exactly 0); the GGUF runs in llama.cpp close to it."""
+    from qconvert.evaluate.run import evaluate
+
+    same = evaluate(gpt_oss("mxfp4"), eval_text, reference=gpt_oss("bf16"), ctx=64, chunks=1, threads=2)
+    assert same.kl_divergence["mean"] == 0.0 and same.top1_agreement == 1.0
+    gguf_file = _convert(gpt_oss("mxfp4"), tmp_path / "m.gguf", "F32")
+    r = evaluate(gguf_file, eval_text, reference=gpt_oss("bf16"), ctx=64, chunks=1, threads=2)
+    assert r.backend == "llama.cpp" and r.kl_divergence["mean"] < 0.05, r.kl_divergence
+    assert abs(r.perplexity / same.perplexity - 1) < 0.1
