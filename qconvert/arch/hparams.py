@@ -322,11 +322,20 @@ def cfg_olmoe(kv: GGUFKVs) -> dict:
     return out
 
 
+_GPT_OSS_SWIGLU = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}  # transformers 5.25's config keys
+
+
 def hp_gpt_oss(cfg: dict, w: Any) -> None:
     """GptOssModel: the generic block, the sliding window and the expert width (= intermediate_size). The
     converter writes no sliding-window pattern: llama.cpp's loader defaults to 2 (even layers sliding), which
     is transformers' default layer_types; any other layer_types is written as the pattern array, which the
     loader reads first (load_swa_pattern), instead of converting to a model that attends wrongly."""
+    for key, value in _GPT_OSS_SWIGLU.items():
+        if cfg.get(key, value) != value:
+            # the converter ignores these and llama.cpp's graph hardcodes gpt-oss's values
+            # (llama-graph.cpp LLM_FFN_SWIGLU_OAI_MOE): the file would run another activation
+            raise BadInput(f"gpt-oss {key} {cfg[key]} is not {value}, the value llama.cpp's gpt-oss graph "
+                           "hardcodes")
     hp_text(cfg, w)
     w.add_sliding_window(cfg["sliding_window"])
     w.add_expert_feed_forward_length(cfg["intermediate_size"])

@@ -201,6 +201,16 @@ def test_bad_mxfp4_experts_are_refused(change, match, gpt_oss, tmp_path):
     _refused(model, tmp_path, match)
 
 
+def test_other_swiglu_constants_are_refused(gpt_oss, tmp_path):
+    """transformers 5.25 reads swiglu_alpha / swiglu_limit from config.json; llama.cpp hardcodes 1.702 / 7.0
+    and the converter writes neither, so another value would run another activation."""
+    model = tmp_path / "m"
+    shutil.copytree(gpt_oss("bf16"), model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "swiglu_limit": 10.0}))
+    _refused(model, tmp_path, r"gpt-oss swiglu_limit 10\.0 is not 7\.0, the value llama\.cpp's gpt-oss graph")
+
+
 def test_bad_fused_experts_are_refused(gpt_oss, tmp_path):
     model = _edit(gpt_oss("bf16"), tmp_path / "m",
                   _reshape("model.layers.1.mlp.experts.gate_up_proj", lambda x: x.transpose(1, 2)))
