@@ -91,9 +91,18 @@ def convert_command(
 
     from qconvert.pipelines.convert import ConvertOptions, convert
 
+    # the quantizer's flags mean nothing to the two other conversions: refused, not ignored
+    quantizer_flags = {"--imatrix": imatrix, "--pure": pure, "--leave-output-tensor": leave_output_tensor,
+                       "--output-tensor-type": output_tensor_type,
+                       "--token-embedding-type": token_embedding_type, "--tensor-type": tensor_type,
+                       "--override-kv": override_kv, "--dry-run": dry_run,
+                       "--config": config, "--pre-tokenizer": pre_tokenizer, "--lora": lora,
+                       "--allow-requantize": allow_requantize, "--threads": threads}
     if to.lower() == "hf":
+        _refuse_flags("--to hf", {**quantizer_flags, "--type": type_, "--base": base})
         return _to_hf(model, output, dtype)
     if base is not None:
+        _refuse_flags("--base (a LoRA adapter GGUF)", {**quantizer_flags, "--dtype": dtype})
         return _lora_gguf(model, base, output, type_)
     if to.lower() != "gguf":
         raise BadInput(f"--to {to!r}: gguf or hf (packed safetensors: qconvert quantize)")
@@ -124,6 +133,12 @@ def convert_command(
         result = convert(model, opts, progress)
     print_note(result.note)
     out.print(_summary_table(result))
+
+
+def _refuse_flags(mode: str, flags: dict[str, object]) -> None:
+    given = [name for name, value in flags.items() if value not in (None, False, [])]
+    if given:
+        raise BadInput(f"{', '.join(given)}: not an option of {mode}")
 
 
 def _to_hf(model: str, output: Path | None, dtype: str | None) -> None:

@@ -210,6 +210,9 @@ def test_cli_writes_the_checkpoint(synthetic_dir, tmp_path, capsys):
     assert code == 2 and "-o DIR" in err
     code, _, err = run_cli(capsys, "convert", src, "--to", "hf", "-o", tmp_path / "x", "--dtype", "int8")
     assert code == 2 and "--dtype" in err and not (tmp_path / "x").exists()
+    code, _, err = run_cli(capsys, "convert", src, "--to", "hf", "-o", tmp_path / "x", "--type", "Q8_0",
+                           "--pure")
+    assert code == 2 and "--pure, --type: not an option of --to hf" in err and not (tmp_path / "x").exists()
 
 
 def test_sentencepiece_vocabulary(synthetic_dir, calib_text, tmp_path):
