@@ -591,3 +591,21 @@ def _mxfp4_experts(ckpt: Any, spec: ArchSpec, tmap: gguf.TensorNameMap, pre: str
         name = _gguf_name(spec, tmap, pre, p, "weight", ckpt)
         out.append(PlannedTensor(name, shape, braw, values(raw, shape), "MXFP4", raw))
     return out
+
+
+def expert_slot(config: dict, hf_module: str) -> tuple[str, int, int] | None:
+    """(GGUF name of the stacked tensor, expert index, expert count) of one per-expert Linear module, e.g.
+    model.layers.1.mlp.experts.3.down_proj -> ("blk.1.ffn_down_exps.weight", 3, 8); None for any other."""
+    spec = resolve(config)
+    if spec.experts is None:
+        return None
+    per_expert, _ = _expert_patterns(spec.experts)
+    m = per_expert.match(_hf_name(f"{hf_module}.weight"))
+    if m is None:
+        return None
+    cfg = text_config(config)
+    merged = f"{m['pre']}.{m['proj']}.weight"
+    name = name_map(spec.arch, n_layer(cfg)).get_name(merged, try_suffixes=(".weight",))
+    if name is None:
+        raise BadInput(f"cannot map expert Linear {hf_module!r} to a {spec.name} GGUF tensor")
+    return name, int(m["x"]), int(n_expert(cfg) or 0)

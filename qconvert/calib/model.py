@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from qconvert.arch.table import resolve
+from qconvert.calib.experts import LinearExperts, linearise
 from qconvert.errors import BadInput
 from qconvert.load.config import text_config
 from qconvert.load.quiet import one_line, quiet_transformers
@@ -44,6 +45,7 @@ class Skeleton:
     layers: nn.ModuleList
     layers_prefix: str  # e.g. "model.layers"
     lm_head: nn.Module | None
+    experts: list[LinearExperts] = field(default_factory=list)  # the MoE layers' experts, layer order
 
 
 def attn_implementation(config: dict) -> str:
@@ -56,10 +58,6 @@ def build_skeleton(ckpt, dtype: torch.dtype) -> Skeleton:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = resolve(ckpt.config, ckpt.path)  # BadInput naming the supported families for anything else
-    if spec.experts is not None:
-        # transformers keeps the experts as 3-D parameters, not Linears: the runner would miss them
-        raise BadInput(f"calibration does not handle Mixture-of-Experts checkpoints ({spec.name}) yet; "
-                       "`qconvert convert --to gguf` and the data-free methods (rtn, fp8) do", ckpt.path)
     try:
         with quiet_transformers():
             cfg = AutoConfig.from_pretrained(str(ckpt.path))
@@ -74,11 +72,13 @@ def build_skeleton(ckpt, dtype: torch.dtype) -> Skeleton:
             cfg, dtype=dtype, attn_implementation=attn_implementation(ckpt.config)
         )
     model.eval()
+    # transformers keeps routed experts as 3-D parameters, not Linears: one Linear per expert instead
+    experts = linearise(model, spec) if spec.experts is not None else []
     decoder = model.get_decoder()
     layers = decoder.layers
     prefix = next(n for n, m in model.named_modules() if m is layers)
     lm_head = model.get_output_embeddings()
-    return Skeleton(model, decoder, layers, prefix, lm_head)
+    return Skeleton(model, decoder, layers, prefix, lm_head, experts)
 
 
 def materialise(
@@ -117,8 +117,21 @@ def _set_param(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
     owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
-def linear_modules(module: nn.Module, prefix: str) -> dict[str, nn.Linear]:
-    """Full HF names (without .weight) of the nn.Linear modules inside `module`."""
+def linear_modules(module: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """Full HF names (without .weight) of the matmuls inside `module`: its nn.Linear modules and the MoE
+    routers (a module of its own holding a 2-D ``weight`` [E, H], applied as a Linear; llama-imatrix collects
+    their input too)."""
     return {
-        f"{prefix}.{n}" if n else prefix: m for n, m in module.named_modules() if isinstance(m, nn.Linear)
+        f"{prefix}.{n}" if n else prefix: m for n, m in module.named_modules()
+        if isinstance(m, nn.Linear) or _is_router(m)
     }
+
+
+def in_features(mod: nn.Module) -> int:
+    """The input width of a Linear or router."""
+    return int(mod.weight.shape[-1])
+
+
+def _is_router(mod: nn.Module) -> bool:
+    w = mod._parameters.get("weight")
+    return w is not None and w.ndim == 2 and not isinstance(mod, nn.Embedding) and hasattr(mod, "top_k")

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from qconvert.arch.tensors import LM_HEAD
-from qconvert.calib.model import Skeleton, build_skeleton, linear_modules, materialise, release
+from qconvert.calib.experts import LinearExperts
+from qconvert.calib.model import Skeleton, build_skeleton, in_features, linear_modules, materialise, release
 from qconvert.calib.stats import LinearStats, parse_kinds
 from qconvert.errors import BadInput
 from qconvert.load.config import text_config
@@ -90,6 +91,8 @@ class LayerStep:
     stats: dict[str, LinearStats]  # full linear names -> statistics (q/k/v may share one object)
     inputs: ActivationStore  # the layer's input hidden states, one entry per batch
     _run: Callable[[], list[torch.Tensor]] = field(repr=False, default=None)  # type: ignore[assignment]
+    # MoE: tokens routed to each expert ("<layer>.mlp.experts.X") in the statistics pass
+    expert_tokens: dict[str, int] = field(default_factory=dict)
 
     def forward(self) -> list[torch.Tensor]:
         """Run the layer (current weights) over all input batches; returns the outputs per batch."""
@@ -158,6 +161,7 @@ class LayerwiseRunner:
         threads: int | None = None,
         offload_dir: str | Path | None = None,
         max_activation_bytes: int | None = None,
+        all_experts: bool = False,
     ):
         self.ckpt = ckpt
         self.device = resolve_device(device)
@@ -167,6 +171,10 @@ class LayerwiseRunner:
         self.offload_dir = Path(offload_dir) if offload_dir else None
         self.max_activation_bytes = max_activation_bytes
         self.skeleton: Skeleton | None = None
+        # MoE: every expert runs on every token for its statistics (the output still follows the routing)
+        self.all_experts = all_experts
+        # MoE: tokens the router sent to each expert in the statistics pass, "<layer>.mlp.experts.X" -> n
+        self.expert_tokens: dict[str, int] = {}
 
     # -- public --------------------------------------------------------------------------------------------
     def run(
@@ -198,6 +206,8 @@ class LayerwiseRunner:
             torch.set_num_threads(self.threads)
         with torch.inference_mode(), self._spill_dir(tokens) as spill:
             sk = self.skeleton = build_skeleton(self.ckpt, self.dtype)
+            for m in sk.experts:
+                m.all_experts = self.all_experts
             self._materialise_outer(sk)
             batches = list(torch.split(tokens, self.batch_size))
             n_layers = len(sk.layers)
@@ -284,14 +294,20 @@ class LayerwiseRunner:
                     tick(b)
             return out
 
+        moe = linear_owner(layer, name, LinearExperts)
+        for m in moe.values():
+            m.routed.zero_()
         try:
             out = run_all(collect=True, limit=probe)
         finally:
             for hd in handles:
                 hd.remove()
+        routed = {f"{n}.{e}": int(c) for n, m in moe.items() for e, c in enumerate(m.routed.tolist())}
+        self.expert_tokens.update(routed)
         sink(layer_stats)
         if on_layer is not None:
-            step = LayerStep(i, name, layer, layer_stats, hidden, lambda: list(run_all(collect=False)))
+            step = LayerStep(i, name, layer, layer_stats, hidden, lambda: list(run_all(collect=False)),
+                             routed)
             if on_layer(step) or probe is not None:  # a probe pass has no complete outputs
                 out.clear()
                 out = run_all(collect=False)
@@ -411,7 +427,7 @@ def _attach_stats_hooks(linears: dict[str, nn.Linear], kinds, layer_stats: dict[
                 return
             st = layer_stats.get(name)
             if st is None:
-                st = layer_stats[name] = LinearStats(mod.in_features, kinds)
+                st = layer_stats[name] = LinearStats(in_features(mod), kinds)
             st.add(x)
             memo[id(x)] = (st, x)  # holding x keeps its id from being reused within this forward
 
@@ -419,6 +435,11 @@ def _attach_stats_hooks(linears: dict[str, nn.Linear], kinds, layer_stats: dict[
 
     handles = [m.register_forward_pre_hook(make(n, m)) for n, m in linears.items()]
     return handles, memo
+
+
+def linear_owner(module: nn.Module, prefix: str, kind: type) -> dict[str, nn.Module]:
+    """Full names of the submodules of `module` that are instances of `kind`."""
+    return {f"{prefix}.{n}" if n else prefix: m for n, m in module.named_modules() if isinstance(m, kind)}
 
 
 def _embed_name(sk: Skeleton) -> str | None:

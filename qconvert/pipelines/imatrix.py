@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qconvert.arch.tensors import gguf_tensor_name, writes_output_tensor
+from qconvert.arch.tensors import expert_slot, gguf_tensor_name, writes_output_tensor
 from qconvert.calib.datasets import load_calibration, load_tokenizer
 from qconvert.calib.runner import LayerwiseRunner, Progress
 from qconvert.calib.stats import LinearStats
@@ -140,17 +140,45 @@ def write(path: str | Path, imat: Imatrix, output_format: str = "gguf") -> Path:
 
 def _entries(config: dict, stats: dict[str, LinearStats]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
+    experts: dict[str, list[tuple[int, LinearStats]]] = {}
+    n_exp: dict[str, int] = {}
     for hf_module, st in stats.items():
+        slot = expert_slot(config, hf_module)
+        if slot is not None:  # one expert's slice of a stacked ffn_*_exps tensor
+            name, x, n = slot
+            experts.setdefault(name, []).append((x, st))
+            n_exp[name] = n
+            continue
         name = gguf_tensor_name(config, f"{hf_module}.weight")
         if name is None:
             raise BadInput(f"linear layer {hf_module} has no GGUF tensor name")
         if not (name.startswith("blk.") or name == "output.weight"):
             continue
-        sums = st.sq_sum.detach().to("cpu", torch.float32).numpy().reshape(1, -1).copy()
-        if not np.isfinite(sums).all():
-            raise BadInput(f"non-finite activations in {name}: the model overflows in {hf_module}")
-        out[name] = (sums, np.array([st.count], dtype=np.float32))
+        out[name] = (_sums(name, hf_module, st).reshape(1, -1), np.array([st.count], dtype=np.float32))
+    for name, parts in experts.items():
+        out[name] = _expert_entry(name, parts, n_exp[name])
     return out
+
+
+def _sums(name: str, hf_module: str, st: LinearStats) -> np.ndarray:
+    sums = st.sq_sum.detach().to("cpu", torch.float32).numpy().copy() if st.sq_sum is not None else None
+    if sums is None:
+        return np.zeros(st.in_features, dtype=np.float32)
+    if not np.isfinite(sums).all():
+        raise BadInput(f"non-finite activations in {name}: the model overflows in {hf_module}")
+    return sums.reshape(-1)
+
+
+def _expert_entry(name: str, parts: list[tuple[int, LinearStats]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama-imatrix's layout for a MUL_MAT_ID weight: in_sum2 [n_expert, row], counts [n_expert] = the
+    (token, expert) pairs the router chose; an expert no token reached keeps zeros (written, not dropped)."""
+    width = parts[0][1].in_features
+    sums = np.zeros((n, width), dtype=np.float32)
+    counts = np.zeros(n, dtype=np.float32)
+    for x, st in parts:
+        sums[x] = _sums(name, f"expert {x}", st)
+        counts[x] = st.count
+    return sums, counts
 
 
 class _PplScorer:

@@ -1,0 +1,123 @@
+"""Mixture-of-Experts blocks as the calibration engine runs them: one nn.Linear per expert and projection.
+
+transformers 5 keeps a layer's routed experts as two 3-D parameters (``gate_up_proj`` [E, 2I, H],
+``down_proj`` [E, H, I]) of one ``*Experts`` module: no Linear per expert, so no statistics hook, no weight a
+method could replace. ``linearise`` swaps every such module of the skeleton for ``LinearExperts``: a
+ModuleList of per-expert MLPs named as the hub checkpoint names them (``experts.X.gate_proj`` or Mixtral's
+``experts.X.w1``), so each Linear is materialised from its own checkpoint tensor and statistics and
+quantized weights come out under the checkpoint's per-expert names (what vLLM's fused-MoE loaders expect).
+The router is the model's own module, untouched: the top-k choice is exactly transformers'.
+
+``LinearExperts.forward`` is transformers' eager experts forward (the same for every supported family):
+expert by expert, its routed tokens through ``down(act(gate(x)) * up(x))``, scaled by the routing weight and
+``index_add_``-ed into the output. Two differences, both invisible in the output:
+
+* an expert no token was routed to still runs, on zero rows, so every expert's Linears have statistics
+  (count 0) and the engine sees the same Linears, in the same order, on every batch;
+* with ``all_experts`` every expert runs on every token (llm-compressor's calibrate-all-experts): its
+  Linears' statistics see the whole batch, while only the routed rows reach the layer output.
+
+``routed`` counts, per expert, the (token, expert) pairs the router chose: what llama-imatrix counts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qconvert.arch.table import ArchSpec
+
+# transformers 5 names the sparse block "mlp" in every supported family; the checkpoint may not
+RUNTIME_BLOCK = "mlp"
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``down(act(gate(x)) * up(x))``, its Linears under the checkpoint's names."""
+
+    def __init__(self, hidden: int, inter: int, act: nn.Module, names: tuple[str, str, str]):
+        super().__init__()
+        self.names = names  # (gate, up, down)
+        for name, (i, o) in zip(names, ((hidden, inter), (hidden, inter), (inter, hidden)), strict=True):
+            with torch.device("meta"):
+                self.add_module(name, nn.Linear(i, o, bias=False))
+        self.act_fn = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+class LinearExperts(nn.ModuleList):
+    """Drop-in for a transformers ``*Experts`` module: forward(hidden [T, H], top_k_index [T, k],
+    top_k_weights [T, k]) -> [T, H]. Its children are the experts, "0" .. "E-1", as in the checkpoint."""
+
+    def __init__(self, n_experts: int, hidden: int, inter: int, act: nn.Module, names: tuple[str, str, str]):
+        super().__init__(ExpertMLP(hidden, inter, act, names) for _ in range(n_experts))
+        self.num_experts = n_experts
+        self.all_experts = False
+        self.routed = torch.zeros(n_experts, dtype=torch.int64)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            # [E, k, T] as transformers builds it; index E (one past the last) is its "no expert" slot
+            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        for e, expert in enumerate(self):
+            top_k_pos, token_idx = torch.where(mask[e])
+            self.routed[e] += int(token_idx.numel())
+            if self.all_experts:
+                out = expert(hidden_states)[token_idx]
+            else:
+                out = expert(hidden_states[token_idx])
+            out = out * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+
+def _is_fused_experts(mod: nn.Module) -> bool:
+    params = dict(mod.named_parameters(recurse=False))
+    gu, down = params.get("gate_up_proj"), params.get("down_proj")
+    if gu is None or down is None or gu.ndim != 3 or down.ndim != 3 or "gate_up_proj_bias" in params:
+        return False
+    # [E, 2I, H] and [E, H, I] (gpt-oss's transposed, interleaved, biased experts are another layout)
+    return gu.shape[2] == down.shape[1] and gu.shape[1] == 2 * down.shape[2] and hasattr(mod, "act_fn")
+
+
+def linearise(model: nn.Module, spec: ArchSpec) -> list[LinearExperts]:
+    """Replace every fused experts module of ``model`` (parameters on meta) by a LinearExperts, and give the
+    sparse block the checkpoint's module name; returns the new modules in layer order."""
+    ex = spec.experts
+    assert ex is not None
+    names = (ex.gate, ex.up, ex.down)
+    block_name = ex.module.rsplit(".", 1)[0]  # "mlp" or Mixtral's "block_sparse_moe"
+    made = []
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not _is_fused_experts(child):
+                continue
+            n, two_i, hidden = child.gate_up_proj.shape
+            new = LinearExperts(int(n), int(hidden), int(two_i) // 2, child.act_fn, names)
+            parent._modules[child_name] = new
+            made.append(new)
+    if block_name != RUNTIME_BLOCK:
+        _rename_blocks(model, block_name)
+    return made
+
+
+def _rename_blocks(model: nn.Module, block_name: str) -> None:
+    """Register each decoder layer's ``mlp`` under the checkpoint's name. The layer's forward still reads
+    ``self.mlp``: kept as a plain instance attribute, which attribute lookup finds before nn.Module's
+    ``_modules`` (named_modules, and so every name the engine hands out, then uses the checkpoint's)."""
+    for mod in model.modules():
+        block = mod._modules.get(RUNTIME_BLOCK)
+        if block is None or not any(isinstance(c, LinearExperts) for c in block.children()):
+            continue
+        del mod._modules[RUNTIME_BLOCK]
+        mod._modules[block_name] = block
+        mod.__dict__[RUNTIME_BLOCK] = block
+
+
+def set_all_experts(experts: list[LinearExperts], on: bool) -> None:
+    for m in experts:
+        m.all_experts = on
