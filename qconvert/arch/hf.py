@@ -19,7 +19,14 @@ import numpy as np
 
 from qconvert.arch.hparams import GGUFKVs, llama3_rope_factors, plain_float
 from qconvert.arch.table import ArchSpec
-from qconvert.arch.tensors import LM_HEAD, _hf_name, inverse_transform, join_kv_b, name_map
+from qconvert.arch.tensors import (
+    LM_HEAD,
+    _hf_name,
+    inverse_transform,
+    join_interleaved,
+    join_kv_b,
+    name_map,
+)
 from qconvert.errors import BadInput
 
 # GGUF block tensor stem -> HF module under model.layers.N (families override with ArchSpec.hf_modules)
@@ -35,7 +42,7 @@ HF_MODULES: dict[str, str] = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj", "exp_probs_b": "mlp.gate.e_score_correction",
     "attn_q_a": "self_attn.q_a_proj", "attn_q_b": "self_attn.q_b_proj",
     "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_q_a_norm": "self_attn.q_a_layernorm",
-    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_sinks": "self_attn.sinks",
 }
 TOP_MODULES: dict[str, str] = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                                "output": LM_HEAD}
@@ -77,7 +84,9 @@ def hf_name(spec: ArchSpec, n_layer: int, name: str) -> str:
         hf = f"model.layers.{m['bid']}.{module}.{m['suffix']}"
     else:
         raise BadInput(f"GGUF tensor {name} has no HF name in the {spec.name} family")
+    # the two parameters the converter renames (_hf_name): back to their HF spelling
     hf = hf.replace("e_score_correction.bias", "e_score_correction_bias")
+    hf = hf.replace(".self_attn.sinks.weight", ".self_attn.sinks")
     if (back := _forward(spec, n_layer, hf)) != name:
         raise BadInput(f"GGUF tensor {name}: its {spec.name} HF name {hf} maps to {back}, not back to it")
     return hf
@@ -104,7 +113,10 @@ def plan_hf(spec: ArchSpec, cfg: dict, shapes: dict[str, tuple[int, ...]], read:
         if name in GENERATED or name.endswith(".attn_v_b.weight"):
             continue  # config.json entries; attn_v_b goes with attn_k_b
         stem = _BLOCK.match(name)["stem"] if _BLOCK.match(name) else ""
-        if stem in _EXPERT_STEMS:
+        if stem in _EXPERT_STEMS and spec.experts is not None and spec.experts.interleaved:
+            if stem != "ffn_up_exps":  # up goes with gate
+                groups.append(_interleaved_group(spec, name, shapes, read))
+        elif stem in _EXPERT_STEMS:
             groups.append(HFGroup((name,), _expert_outputs(spec, n_layer, name, shape),
                                   lambda n=name: list(read(n))))
         elif stem == "attn_k_b":
@@ -119,6 +131,30 @@ def plan_hf(spec: ArchSpec, cfg: dict, shapes: dict[str, tuple[int, ...]], read:
 
 def _one(read: Reader, name: str, fn: Callable[[np.ndarray], np.ndarray] | None) -> Callable[[], list]:
     return lambda: [fn(read(name)) if fn is not None else read(name)]
+
+
+def _interleaved_group(spec: ArchSpec, name: str, shapes: dict[str, tuple[int, ...]],
+                       read: Reader) -> HFGroup:
+    """gpt-oss: ffn_gate_exps + ffn_up_exps back to the fused x@W gate_up_proj [E, H, 2I] (interleaved),
+    ffn_down_exps to down_proj [E, I, H]; their biases alike (``<proj>_bias``)."""
+    assert spec.experts is not None
+    m = _BLOCK.match(name)
+    assert m is not None
+    bias = m["suffix"] == "bias"
+    pre = f"model.layers.{m['bid']}.{spec.experts.module}"
+    shape = shapes[name]
+    if m["stem"] == "ffn_down_exps":
+        hf = f"{pre}.down_proj" + ("_bias" if bias else "")
+        if bias:
+            return HFGroup((name,), [(hf, shape)], lambda: [read(name)])
+        return HFGroup((name,), [(hf, (shape[0], shape[2], shape[1]))],
+                       lambda: [np.ascontiguousarray(read(name).transpose(0, 2, 1))])
+    up = name.replace(".ffn_gate_exps.", ".ffn_up_exps.")
+    if up not in shapes or shapes[up] != shape:
+        raise BadInput(f"GGUF tensor {name} has no {up} of its shape: gate_up_proj cannot be rebuilt")
+    hf = f"{pre}.gate_up_proj" + ("_bias" if bias else "")
+    out_shape = (shape[0], 2 * shape[1]) if bias else (shape[0], shape[2], 2 * shape[1])
+    return HFGroup((name, up), [(hf, out_shape)], lambda: [join_interleaved(read(name), read(up), bias)])
 
 
 def _kv_b_group(spec: ArchSpec, n_layer: int, k_name: str, shapes: dict[str, tuple[int, ...]],

@@ -344,6 +344,21 @@ def hp_gpt_oss(cfg: dict, w: Any) -> None:
         w.add_sliding_window_pattern(swa)
 
 
+def cfg_gpt_oss(kv: GGUFKVs) -> dict:
+    """GptOssConfig: the expert width, the sliding layers (llama.cpp's default: even layers), biases
+    everywhere; yarn as llama.cpp computes it (no truncation of the correction range)."""
+    out = cfg_text(kv)
+    n = out["num_hidden_layers"]
+    pattern = kv.get("attention.sliding_window_pattern")
+    swa = [bool(x) for x in pattern] if pattern is not None else [i % 2 == 0 for i in range(n)]
+    out.update(intermediate_size=kv["expert_feed_forward_length"], num_local_experts=kv["expert_count"],
+               sliding_window=kv.get("attention.sliding_window"), attention_bias=True,
+               layer_types=["sliding_attention" if s else "full_attention" for s in swa])
+    if out["rope_parameters"].get("rope_type") == "yarn":
+        out["rope_parameters"]["truncate"] = False
+    return out
+
+
 def hp_gemma(cfg: dict, w: Any) -> None:
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])

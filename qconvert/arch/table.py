@@ -107,7 +107,8 @@ _MIXTRAL = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama, vocab=_LLAMA.vo
 # gpt-oss: MoE with biases everywhere, attention sinks and an even-layers sliding window; the experts are
 # fused (or MXFP4 blocks, copied as they are); llama.cpp's loader requires output.weight
 _GPT_OSS = ArchSpec("gpt-oss", gguf.MODEL_ARCH.GPT_OSS, hp.hp_gpt_oss, vocab=vocab.Vocab(("gpt2",)),
-                    block=None, experts=Experts(interleaved=True), needs_output=True)
+                    block=None, experts=Experts(interleaved=True), needs_output=True,
+                    hf_config=hp.cfg_gpt_oss, hf_modules=(("ffn_gate_inp", "mlp.router"),))
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA, "MistralForCausalLM": _LLAMA, "Qwen2ForCausalLM": _QWEN2,

@@ -506,6 +506,18 @@ def _interleaved(ckpt: Any, spec: ArchSpec, cfg: dict, tmap: gguf.TensorNameMap,
     return out
 
 
+def join_interleaved(gate: np.ndarray, up: np.ndarray, bias: bool) -> np.ndarray:
+    """The inverse of _dense_experts / _expert_biases for gate_up_proj: gate [E, I, H] and up back into
+    [E, H, 2I] (gate the even columns, up the odd), or biases [E, I] into [E, 2I]."""
+    if bias:
+        out = np.empty((gate.shape[0], 2 * gate.shape[1]), dtype=np.float32)
+        out[:, 0::2], out[:, 1::2] = gate, up
+        return out
+    rows = np.empty((gate.shape[0], 2 * gate.shape[1], gate.shape[2]), dtype=np.float32)
+    rows[:, 0::2], rows[:, 1::2] = gate, up
+    return np.ascontiguousarray(rows.transpose(0, 2, 1))
+
+
 def _halves(proj: str) -> list[tuple[str, slice]]:
     """The GGUF projections a fused gpt-oss tensor holds, with their rows: gate even, up odd."""
     return [("down", slice(None))] if proj == "down_proj" else [("gate", slice(0, None, 2)),

@@ -21,7 +21,7 @@ from qconvert.pipelines.convert import ConvertOptions, convert
 from qconvert.pipelines.to_hf import convert_to_hf
 from tests.helpers import read_tensors
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt_oss",
          "qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3"]
 TOKENS = [1, 17, 400, 1021, 33, 2048, 5, 900]
 TEXT = "Hello world! The 3 quick brown foxes jumped over 1234 lazy dogs, didn't they?\n  Indented."
@@ -75,10 +75,10 @@ def _assert_same_tensors(orig: dict, back: dict, arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_round_trip_is_the_original(arch, synthetic_dir, calib_text, tmp_path):
+def test_round_trip_is_the_original(arch, synthetic_dir, fixtures_lib, calib_text, tmp_path):
     from tokenizers import Tokenizer
 
-    model = synthetic_dir(arch)
+    model = fixtures_lib.gpt_oss_dir("bf16") if arch == "gpt_oss" else synthetic_dir(arch)
     gguf_path = _bf16_gguf(model, tmp_path / "m.gguf", arch)
     out = tmp_path / "hf"
     result = convert_to_hf(gguf_path, out)
