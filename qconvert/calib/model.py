@@ -17,7 +17,7 @@ from torch import nn
 from qconvert.arch.table import resolve
 from qconvert.calib.experts import LinearExperts, linearise
 from qconvert.errors import BadInput
-from qconvert.load.config import text_config
+from qconvert.load.config import attn_implementation
 from qconvert.load.quiet import one_line, quiet_transformers
 
 
@@ -46,11 +46,6 @@ class Skeleton:
     layers_prefix: str  # e.g. "model.layers"
     lm_head: nn.Module | None
     experts: list[LinearExperts] = field(default_factory=list)  # the MoE layers' experts, layer order
-
-
-def attn_implementation(config: dict) -> str:
-    # sdpa has no logit soft-capping; eager is what transformers itself requires for it
-    return "eager" if text_config(config).get("attn_logit_softcapping") else "sdpa"
 
 
 def build_skeleton(ckpt, dtype: torch.dtype) -> Skeleton:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from qconvert.errors import BadInput, IOFailure
-from qconvert.load.config import text_config
+from qconvert.load.config import attn_implementation, text_config
 from qconvert.load.gguf_file import is_gguf, open_gguf
 from qconvert.load.quiet import one_line, quiet_transformers
 
@@ -284,28 +284,11 @@ class HFBackend:
         self.model = None
 
 
-def _attn(config: dict) -> str:
-    # sdpa has no logit soft-capping (gemma2); eager is what transformers itself requires for it, and for
-    # models whose class has no sdpa path at all (gpt-oss: attention sinks)
-    text = text_config(config)
-    return "eager" if text.get("attn_logit_softcapping") or not _supports_sdpa(text) else "sdpa"
-
-
-def _supports_sdpa(text: dict) -> bool:
-    """The causal-LM class's own _supports_sdpa (True for a model_type transformers does not map)."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(text.get("model_type")))
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    return bool(getattr(cls, "_supports_sdpa", True))
-
-
 def _load_transformers(ckpt, method: str | None, emulate: bool = False):
     """from_pretrained in float32 (bf16 weights widen exactly; CPU bf16 matmuls would add their own error)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": torch.float32, "attn_implementation": _attn(ckpt.config)}
+    kwargs: dict = {"dtype": torch.float32, "attn_implementation": attn_implementation(ckpt.config)}
     if emulate and method != "compressed-tensors":
         raise BadInput("--loader emulate runs compressed-tensors checkpoints only", ckpt.path)
     if method == "compressed-tensors" and not emulate:
@@ -343,7 +326,7 @@ def _load_unpacked(ckpt):
             delattr(c, "quantization_config")
     with params_on_meta(), quiet_transformers():
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
-                                                 attn_implementation=_attn(ckpt.config))
+                                                 attn_implementation=attn_implementation(ckpt.config))
     params = dict(model.named_parameters())
     seen: set[str] = set()
     for name, value in dense_tensors(ckpt):

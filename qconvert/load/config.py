@@ -16,3 +16,21 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     """
     nested = config.get("text_config")
     return {**config, **nested} if isinstance(nested, dict) else config
+
+
+def attn_implementation(config: dict[str, Any]) -> str:
+    """The attention transformers should run for this model, in calibration and in eval alike: sdpa, except
+    eager where sdpa is wrong or missing: logit soft-capping (gemma2; transformers itself requires eager) and
+    model classes without an sdpa path (gpt-oss: attention sinks)."""
+    text = text_config(config)
+    return "eager" if text.get("attn_logit_softcapping") or not _supports_sdpa(text) else "sdpa"
+
+
+def _supports_sdpa(text: dict[str, Any]) -> bool:
+    """The causal-LM class's own _supports_sdpa (True for a model_type transformers does not map)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(text.get("model_type")))
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    return bool(getattr(cls, "_supports_sdpa", True))

@@ -285,3 +285,17 @@ def test_eval_runs_both_forms_and_their_files(gpt_oss, eval_text, tmp_path):
     r = evaluate(gguf_file, eval_text, reference=gpt_oss("bf16"), ctx=64, chunks=1, threads=2)
     assert r.backend == "llama.cpp" and r.kl_divergence["mean"] < 0.05, r.kl_divergence
     assert abs(r.perplexity / same.perplexity - 1) < 0.1
+
+
+def test_imatrix_runs_with_eager_attention(gpt_oss, calib_text, tmp_path):
+    """gpt-oss has no sdpa path (attention sinks): the calibration engine asks transformers for eager, as
+    eval does (load/config.attn_implementation), instead of failing on the sdpa request."""
+    from qconvert.load import open_checkpoint
+    from qconvert.pipelines.imatrix import compute_imatrix
+
+    text = tmp_path / "t.txt"
+    text.write_text(calib_text.read_text()[:8000])
+    run = compute_imatrix(open_checkpoint(gpt_oss("bf16")), str(text), ctx_size=32, chunks=2, device="cpu",
+                          compute_ppl=False)
+    sums, counts = run.imatrix.entries["blk.0.attn_q.weight"]
+    assert counts.tolist() == [2 * 32] and sums.shape == (1, 256) and np.isfinite(sums).all() and sums.any()
