@@ -2,7 +2,7 @@
 calibration tokens: wall time, peak RSS, config keys and perplexity.
 
     python scripts/bench_schemes.py [--runs w8a8-sq,w8a8-sq-gptq,nvfp4,fp8-kv] [--samples 64] [--seq-len 512]
-                                    [--threads 2] [--only ours,llmc,eval] [--chunks N]
+                                    [--threads 2] [--only ours,llmc,eval] [--chunks N] [--result F]
 
 Runs (each a separate process, ``--threads`` threads, wall time and peak RSS from wait4):
 
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--only", default="ours,llmc,eval")
     ap.add_argument("--chunks", type=int, default=None, help="perplexity on the first N chunks (default all)")
     ap.add_argument("--llmc-python", default=str(LLMC_PYTHON))
+    ap.add_argument("--result", default="result.json", help="summary file under the cache directory")
     args = ap.parse_args()
     only = set(args.only.split(","))
     runs = args.runs.split(",")
@@ -81,7 +82,7 @@ def main() -> None:
     tokens = cache / f"tokens-{args.samples}x{args.seq_len}.npy"
     if not tokens.exists():
         make_tokens(model, calib, args.samples, args.seq_len, tokens)
-    result_file = cache / "result.json"
+    result_file = cache / args.result
     result: dict = json.loads(result_file.read_text()) if result_file.exists() else {}
     result.update({"threads": args.threads, "cpus": os.cpu_count(), "samples": args.samples,
                    "seq_len": args.seq_len})

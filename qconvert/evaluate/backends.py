@@ -17,7 +17,8 @@ HF checkpoints are made dense by one of two loaders (``open_backend(..., loader=
                   quantization_config — the hook for formats transformers cannot load on CPU (GPTQ, AWQ)
   "emulate"       compressed-tensors kept compressed by transformers: the forward also quantizes activations
                   as the scheme says (FP8 dynamic per token, static per tensor, INT8...) — W8A8 as an engine
-                  would run it, emulated in float
+                  would run it, emulated in float (FP4 schemes in bf16: compressed-tensors 0.20 decompresses
+                  them to bf16 and cannot mix them with float32 activations)
   "auto"          dense and compressed-tensors → transformers; gptq / awq → unpack
 """
 
@@ -288,7 +289,10 @@ def _load_transformers(ckpt, method: str | None, emulate: bool = False):
     """from_pretrained in float32 (bf16 weights widen exactly; CPU bf16 matmuls would add their own error)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": torch.float32, "attn_implementation": attn_implementation(ckpt.config)}
+    # compressed-tensors 0.20 decompresses FP4 weights to bf16 and then multiplies them with the float32
+    # activations ("expected m1 and m2 to have the same dtype"): FP4 checkpoints are emulated in bf16
+    dtype = torch.bfloat16 if emulate and _fp4_weights(ckpt.config) else torch.float32
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation(ckpt.config)}
     if emulate and method != "compressed-tensors":
         raise BadInput("--loader emulate runs compressed-tensors checkpoints only", ckpt.path)
     if method == "compressed-tensors" and not emulate:
@@ -308,6 +312,14 @@ def _load_transformers(ckpt, method: str | None, emulate: bool = False):
             return AutoModelForCausalLM.from_pretrained(str(ckpt.path), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
         raise BadInput(f"transformers cannot load this checkpoint: {one_line(e)}", ckpt.path) from e
+
+
+def _fp4_weights(config: dict) -> bool:
+    qc = text_config(config).get("quantization_config") or config.get("quantization_config") or {}
+    groups = qc.get("config_groups") if isinstance(qc, dict) else None
+    return isinstance(groups, dict) and any(
+        isinstance(g, dict) and isinstance(g.get("weights"), dict) and g["weights"].get("type") == "float"
+        and g["weights"].get("num_bits") == 4 for g in groups.values())
 
 
 def _load_unpacked(ckpt):

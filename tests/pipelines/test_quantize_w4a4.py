@@ -88,7 +88,8 @@ def test_w4a4_output(scheme, capsys, synthetic_dir, stats_file, tmp_path):
     assert (q["scheme"], q["activations"]) == ("NVFP4", "float4 local tensor_group 16")
 
 
-def test_transformers_runs_nvfp4_with_activations(capsys, synthetic_dir, stats_file, tmp_path):
+def test_transformers_runs_nvfp4_with_activations(capsys, synthetic_dir, stats_file, eval_text,
+                                                   tmp_path):
     """Kept compressed (transformers' default mode), compressed-tensors quantizes the activations with our
     input_global_scale: the logits differ from the weight-only model's, and it generates."""
     from transformers import AutoModelForCausalLM
@@ -105,6 +106,15 @@ def test_transformers_runs_nvfp4_with_activations(capsys, synthetic_dir, stats_f
         la, lb = a(ids).logits, b(ids).logits
         assert torch.isfinite(la).all() and not torch.equal(la, lb)
         assert a.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+    # eval --loader emulate runs it (in bf16: compressed-tensors' FP4 path cannot run a float32 model)
+    ppl = {}
+    for name, path in (("w4a4", w4a4), ("w4a16", w4a16)):
+        code, stdout, err = _cli(capsys, "eval", path, "--dataset", eval_text, "--loader", "emulate",
+                                 "-c", "128", "--chunks", "2", "-t", "1", "--json")
+        assert code in (0, None), err
+        ppl[name] = json.loads(stdout)["perplexity"]
+    assert all(p > 1 for p in ppl.values()) and ppl["w4a4"] != ppl["w4a16"]
 
 
 @pytest.mark.parametrize(
