@@ -15,3 +15,16 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(f), "pt") as st:
             out.update({k: st.get_tensor(k) for k in st.keys()})
     return out
+
+
+def run_cli(capsys, *args: object) -> tuple[int, str, str]:
+    """`qconvert ARGS` in-process, as users run it: (exit code, stdout, stderr)."""
+    from qconvert import cli
+
+    try:
+        cli.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -15,6 +15,7 @@ from qconvert.formats.gguf.budget import Candidate, Measured
 from qconvert.formats.gguf.imatrix import Imatrix, write_imatrix_gguf
 from qconvert.kernels import dequantize
 from qconvert.pipelines.convert import ConvertOptions, convert
+from tests.helpers import run_cli
 
 Q = gguf.GGMLQuantizationType
 
@@ -142,16 +143,6 @@ def test_target_size_is_a_file_size_bound(model_and_imatrix, tmp_path):
     assert out.read_bytes() != ref.read_bytes()
 
 
-def _cli(capsys, *args: object) -> tuple[int, str]:
-    """`qconvert ARGS` in-process, as users run it: (exit code, stdout + stderr)."""
-    from qconvert import cli
-
-    with pytest.raises(SystemExit) as e:
-        cli.main([*map(str, args)])
-    out = capsys.readouterr()
-    return e.value.code, out.out + out.err
-
-
 @pytest.mark.parametrize("extra, message", [
     ([], "--imatrix"),
     (["--imatrix", "IMX", "--target-size", "1MB"], "not both"),
@@ -165,7 +156,8 @@ def test_bad_budget_options_are_one_line_errors(model_and_imatrix, tmp_path, cap
     if "--target-bpw" in extra:
         args = ["convert", str(model), "-o", str(out)]
     args += [str(imx) if a == "IMX" else a for a in extra]
-    code, text = _cli(capsys, *args)
+    code, stdout, err = run_cli(capsys, *args)
+    text = stdout + err
     assert code == 2, text
     assert message in text and "Traceback" not in text and len(text.strip().splitlines()) == 1
     assert not out.exists()
@@ -174,8 +166,9 @@ def test_bad_budget_options_are_one_line_errors(model_and_imatrix, tmp_path, cap
 def test_a_budget_below_the_smallest_types_writes_nothing(model_and_imatrix, tmp_path, capsys):
     model, imx = model_and_imatrix
     out, recipe = tmp_path / "o.gguf", tmp_path / "r.yaml"
-    code, text = _cli(capsys, "convert", model, "--imatrix", imx, "--target-size", "10KB", "-o", out,
-                      "--save-config", recipe)
+    code, stdout, err = run_cli(capsys, "convert", model, "--imatrix", imx, "--target-size", "10KB",
+                                "-o", out, "--save-config", recipe)
+    text = stdout + err
     assert code == 2, text
     assert "smallest types need" in text
     assert not out.exists() and not recipe.exists()

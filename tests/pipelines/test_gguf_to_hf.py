@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from qconvert import cli
 from qconvert.pipelines.convert import ConvertOptions, convert
 from qconvert.pipelines.to_hf import convert_to_hf
-from tests.helpers import read_tensors
+from tests.helpers import read_tensors, run_cli
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt_oss",
          "qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3"]
@@ -27,16 +26,6 @@ TOKENS = [1, 17, 400, 1021, 33, 2048, 5, 900]
 TEXT = "Hello world! The 3 quick brown foxes jumped over 1234 lazy dogs, didn't they?\n  Indented."
 # what the GGUF itself holds differently from config.json: olmoe's converter forces rms_norm_eps 1e-5
 GGUF_CONFIG = {"olmoe": {"rms_norm_eps": 1e-5}}
-
-
-def run_cli(capsys, *args: object) -> tuple[int, str, str]:
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _bf16_gguf(model: Path, out: Path, arch: str = "", file_type: str = "BF16") -> Path:

@@ -16,25 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qconvert import cli
 from qconvert.load import open_checkpoint
 from qconvert.load.lora import lora_source
 from qconvert.pipelines.convert import ConvertOptions, convert
 from qconvert.pipelines.to_hf import convert_to_hf
-from tests.helpers import read_tensors
+from tests.helpers import read_tensors, run_cli
 
 TOKENS = [1, 17, 400, 1021, 33, 2048, 5, 900]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def run_cli(capsys, *args: object) -> tuple[int, str, str]:
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def make_adapter(base: Path, out: Path, targets: list[str], seed: int = 0, **kw) -> Path:

@@ -25,24 +25,13 @@ from safetensors.torch import save_file
 
 from qconvert import cli
 from tests.helpers import read_tensors as load
+from tests.helpers import run_cli
 
 FP8_BLOCK_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                     "weight_block_size": [128, 128]}
 LINEAR = re.compile(r"\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv", "input_scale",
                    "weight_packed", "weight_shape", "weight_zero_point")
-
-
-def run_cli(capsys, *args: object) -> tuple[int, str, str]:
-    """`qconvert ARGS` in-process: (exit code, stdout, stderr)."""
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 
 def _copy_side_files(src: Path, out: Path, quantization_config: dict | None) -> None:
