@@ -22,6 +22,9 @@ expert by expert, its routed tokens through ``down(act(gate(x)) * up(x))``, scal
 
 from __future__ import annotations
 
+import re
+import statistics
+
 import torch
 from torch import nn
 
@@ -29,6 +32,52 @@ from qconvert.arch.table import ArchSpec
 
 # transformers 5 names the sparse block "mlp" in every supported family; the checkpoint may not
 RUNTIME_BLOCK = "mlp"
+
+# Fewer calibration tokens than this and an expert is not calibrated: its Hessian has rank <= the token count
+# and GPTQ's solution fits those few rows (RTN's error on unseen inputs is the safer bet), its mean |x| is
+# noise (AWQ keeps unit scales). Top-k routing leaves rare experts below it on short calibration sets;
+# --all-experts gives every expert every token.
+MIN_EXPERT_TOKENS = 32
+
+# "<...>.experts.<N>" of a routed expert's Linear name ("model.layers.0.mlp.experts.5.down_proj")
+_EXPERT = re.compile(r"^(.*\.experts\.\d+)\.([^.]+)$")
+
+
+def expert_of(name: str) -> str | None:
+    """The expert a Linear belongs to ("model.layers.0.mlp.experts.5"), or None outside routed experts."""
+    m = _EXPERT.match(name)
+    return m.group(1) if m else None
+
+
+def token_report(tokens: dict[str, int], minimum: int = MIN_EXPERT_TOKENS) -> str | None:
+    """One line on the tokens the router sent to each expert (None without experts)."""
+    if not tokens:
+        return None
+    counts = sorted(tokens.values())
+    layers = {name.rsplit(".experts.", 1)[0] for name in tokens}
+    low = sorted((n for n, c in tokens.items() if c < minimum), key=_natural)
+    line = (f"experts: {len(tokens)} in {len(layers)} layers; routed tokens per expert min {counts[0]} / "
+            f"median {statistics.median(counts):g} / max {counts[-1]}")
+    if low:
+        shown = ", ".join(f"{n} ({tokens[n]})" for n in low[:8]) + (f", ... {len(low) - 8} more"
+                                                                    if len(low) > 8 else "")
+        line += f"; {len(low)} below {minimum}: {shown}"
+    return line
+
+
+def experts_modules(module: nn.Module, prefix: str) -> dict[str, LinearExperts]:
+    """Full names of the LinearExperts inside ``module`` (a decoder layer named ``prefix``)."""
+    return {f"{prefix}.{n}" if n else prefix: m for n, m in module.named_modules()
+            if isinstance(m, LinearExperts)}
+
+
+def routed_tokens(modules: dict[str, LinearExperts]) -> dict[str, int]:
+    """"<experts module>.X" -> the (token, expert) pairs counted since the counters were zeroed."""
+    return {f"{n}.{e}": int(c) for n, m in modules.items() for e, c in enumerate(m.routed.tolist())}
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 class ExpertMLP(nn.Module):

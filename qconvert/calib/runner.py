@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from qconvert.arch.tensors import LM_HEAD
-from qconvert.calib.experts import LinearExperts
+from qconvert.calib.experts import experts_modules, routed_tokens
 from qconvert.calib.model import Skeleton, build_skeleton, in_features, linear_modules, materialise, release
 from qconvert.calib.stats import LinearStats, parse_kinds
 from qconvert.errors import BadInput
@@ -294,7 +294,7 @@ class LayerwiseRunner:
                     tick(b)
             return out
 
-        moe = linear_owner(layer, name, LinearExperts)
+        moe = experts_modules(layer, name)
         for m in moe.values():
             m.routed.zero_()
         try:
@@ -302,7 +302,7 @@ class LayerwiseRunner:
         finally:
             for hd in handles:
                 hd.remove()
-        routed = {f"{n}.{e}": int(c) for n, m in moe.items() for e, c in enumerate(m.routed.tolist())}
+        routed = routed_tokens(moe)
         self.expert_tokens.update(routed)
         sink(layer_stats)
         if on_layer is not None:
@@ -435,11 +435,6 @@ def _attach_stats_hooks(linears: dict[str, nn.Linear], kinds, layer_stats: dict[
 
     handles = [m.register_forward_pre_hook(make(n, m)) for n, m in linears.items()]
     return handles, memo
-
-
-def linear_owner(module: nn.Module, prefix: str, kind: type) -> dict[str, nn.Module]:
-    """Full names of the submodules of `module` that are instances of `kind`."""
-    return {f"{prefix}.{n}" if n else prefix: m for n, m in module.named_modules() if isinstance(m, kind)}
 
 
 def _embed_name(sk: Skeleton) -> str | None:

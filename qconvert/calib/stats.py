@@ -90,7 +90,8 @@ class LinearStats:
             if "abs_sum" in self.kinds:
                 self.abs_sum = _acc(self.abs_sum, a.sum(0))
             if "abs_max" in self.kinds:
-                m = a.amax(0)
+                # an expert no token was routed to sees zero rows: max |x| of nothing is 0, like its sums
+                m = a.amax(0) if a.shape[0] else a.new_zeros(self.in_features)
                 self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
         if "sq_sum" in self.kinds:  # last: squares our own float copy in place (never the caller's tensor)
             self.sq_sum = _acc(self.sq_sum, (xf.square_() if xf is not x else xf.square()).sum(0))

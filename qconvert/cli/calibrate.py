@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -34,6 +35,10 @@ def calibrate_command(
     offload_dir: Path = typer.Option(None, "--offload-dir", help="Spill activations to this directory."),
     lora: Path = typer.Option(
         None, "--lora", help="PEFT LoRA adapter directory, merged into the weights as they are read."),
+    all_experts: bool = typer.Option(
+        False, "--all-experts",
+        help="MoE: every expert's statistics over every token, while the layer output still follows the "
+        "model's top-k routing (llm-compressor's calibrate-all-experts)."),
 ) -> None:
     """Collect activation statistics of every linear input (Σxxᵀ, Σ|x|, Σx², max|x|), one layer at a time."""
     from qconvert.formats.packed.dense import dense_note, dense_source
@@ -53,9 +58,17 @@ def calibrate_command(
 
         opts = CalibrateOptions(num_samples=num_samples, seq_len=seq_len, seed=seed, text_field=text_field,
                                 kinds=stats, lm_head=lm_head, device=device, dtype=dtype, threads=threads,
-                                batch_size=batch_size, offload_dir=offload_dir)
+                                batch_size=batch_size, offload_dir=offload_dir, all_experts=all_experts)
         m = calibrate_to_file(output, ckpt, dataset, opts, progress=progress)
     typer.echo(
         f"{output}: {m['linears']} linears, {m['num_samples']} x {m['seq_len']} tokens "
         f"({m['tokens']}), stats {m['stats']}"
     )
+    if "expert_tokens" in m:
+        from qconvert.calib.experts import MIN_EXPERT_TOKENS, token_report
+
+        report = token_report(json.loads(m["expert_tokens"]))
+        seen = "every token (--all-experts)" if all_experts else "their routed tokens"
+        typer.echo(f"{report}; the experts' statistics cover {seen}"
+                   + ("" if all_experts else f"; quantize --method gptq --stats quantizes the experts below "
+                      f"{MIN_EXPERT_TOKENS} with RTN"))

@@ -159,6 +159,15 @@ def quantize_command(
         None, "--calib-dtype", help="Calibration forward dtype: bf16 (as the engines run; default), f16, f32 "
         "(Hessians and statistics are float32 either way)."
     ),
+    all_experts: bool = typer.Option(
+        None, "--all-experts/--routed-experts", help="MoE (gptq): each expert's Hessian over every "
+        "calibration token, while the layer output still follows the model's top-k routing (llm-compressor's "
+        "calibrate-all-experts); default: the tokens routed to it."
+    ),
+    min_expert_tokens: int = typer.Option(
+        None, "--min-expert-tokens", min=0, help="MoE (gptq): an expert whose Linears saw fewer calibration "
+        "tokens is quantized with RTN and named in the summary (default 32)."
+    ),
     ignore: list[str] = typer.Option(
         None, "--ignore", help="Regex of Linear names to keep unquantized (repeatable)."
     ),
@@ -180,7 +189,8 @@ def quantize_command(
         "true_sequential": true_sequential, "dataset": dataset, "num_samples": num_samples,
         "seq_len": seq_len, "stats": stats, "device": device, "calib_dtype": calib_dtype,
         "scheme": scheme.value if scheme is not None else None, "percentile": percentile,
-        "smoothquant": smoothquant, "kv_cache": kv_cache,
+        "smoothquant": smoothquant, "kv_cache": kv_cache, "all_experts": all_experts,
+        "min_expert_tokens": min_expert_tokens,
     }
     from qconvert.formats.safetensors_out import parse_size
     from qconvert.pipelines.quantize import QuantizeOptions, run_quantize

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from qconvert.arch.tensors import LM_HEAD
+from qconvert.calib.experts import MIN_EXPERT_TOKENS, expert_of, experts_modules, routed_tokens, token_report
 from qconvert.errors import BadInput
 from qconvert.methods import smoothquant as sq
 from qconvert.methods.gptq import gptq_quantize
@@ -63,9 +64,13 @@ class Config(IntOptions, CalibrationOptions):
     true_sequential: bool = True  # sub-layers in order, each on quantized inputs
     block_size: int = 128  # columns per lazy-batch update
     smoothquant: float | None = None  # SmoothQuant's α (--scheme w8a8)
+    all_experts: bool = False  # MoE: every expert's Hessian over every token (output still top-k routed)
+    min_expert_tokens: int = MIN_EXPERT_TOKENS  # an expert whose Linears saw fewer rows is RTN-quantized
 
     def check(self) -> None:
         self.check_scheme()
+        if self.min_expert_tokens < 0:
+            raise BadInput(f"--min-expert-tokens {self.min_expert_tokens}: must be 0 or more")
         if self.smoothquant is not None:
             sq.check_alpha(self.smoothquant)
             if self.scheme != "w8a8":
@@ -140,6 +145,18 @@ def quantize_module(lin: nn.Linear, h: torch.Tensor, spec: QuantSpec, cfg: Confi
     return qt, err
 
 
+def rtn_module(lin: nn.Linear, h: torch.Tensor, spec: QuantSpec) -> tuple[QuantizedTensor, float]:
+    """Round-to-nearest one nn.Linear (an expert too rarely routed for GPTQ); its weight becomes the
+    dequantized result. The error is the output error on the rows it did see (0 without any)."""
+    from qconvert.methods.rtn import rtn_quantize
+
+    w = lin.weight.detach().to("cpu", torch.float32)
+    qt = rtn_quantize(w, spec)
+    deq = torch.from_numpy(qt.dequantize())
+    lin.weight.copy_(deq.to(device=lin.weight.device, dtype=lin.weight.dtype))
+    return qt, output_error(w, deq, h.detach().to("cpu", torch.float32))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # one decoder layer
 
@@ -155,21 +172,28 @@ def sublayer_groups(stats: dict) -> list[list[str]]:
 
 
 
-def collect_hessian(step, lin: nn.Linear, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Σ x xᵀ (float32) of ``lin``'s input over every sample, running the layer only up to that input."""
-    k = lin.in_features
-    h = None
+def collect_hessians(step, lins: dict[str, nn.Linear], args: tuple,
+                     kwargs: dict) -> dict[str, tuple[torch.Tensor, int]]:
+    """Σ x xᵀ (float32) and the row count of each Linear's input over every sample, each forward stopped as
+    soon as every one of them has seen its input (the rest of the layer is not computed)."""
+    sums: dict[str, torch.Tensor] = {}
+    rows = dict.fromkeys(lins, 0)
+    seen: set[str] = set()
 
-    def hook(_m, a):
-        nonlocal h
-        x = a[0].reshape(-1, k)
-        x = x if x.dtype == torch.float32 else x.float()
-        if h is None:
-            h = torch.zeros(k, k, dtype=torch.float32, device=x.device)
-        h.addmm_(x.T, x)
-        raise _Stop
+    def hook_for(name: str, k: int):
+        def hook(_m, a):
+            x = a[0].reshape(-1, k)
+            x = x if x.dtype == torch.float32 else x.float()
+            if name not in sums:
+                sums[name] = torch.zeros(k, k, dtype=torch.float32, device=x.device)
+            sums[name].addmm_(x.T, x)
+            rows[name] += x.shape[0]
+            seen.add(name)
+            if len(seen) == len(lins):
+                raise _Stop
+        return hook
 
-    handle = lin.register_forward_pre_hook(hook)
+    handles = [lin.register_forward_pre_hook(hook_for(n, lin.in_features)) for n, lin in lins.items()]
     size = None
     try:
         for x in step.inputs:
@@ -177,15 +201,37 @@ def collect_hessian(step, lin: nn.Linear, args: tuple, kwargs: dict) -> torch.Te
             if x.shape[0] != size:
                 # the call arguments were caught for the first batch's size (the engine runs batch_size 1)
                 raise RuntimeError(f"{step.name}: batches of different sizes ({size}, {x.shape[0]})")
+            seen.clear()
             try:
                 step.module(x, *args, **kwargs)
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    if h is None:
-        raise RuntimeError(f"{step.name}: a Linear never received an input")
-    return h
+        for hd in handles:
+            hd.remove()
+    never = [n for n in lins if n not in sums]
+    if never:
+        raise RuntimeError(f"{step.name}: {', '.join(never)} never received an input")
+    return {n: (sums[n], rows[n]) for n in lins}
+
+
+def stages(groups: list[list[str]]) -> list[list[list[str]]]:
+    """The groups in the order they are quantized, those that can share one Hessian pass together: the
+    routed experts' groups of one role (every expert's [gate, up], then every [down]) depend on no other
+    expert, so one forward collects all of them; every other group is a stage of its own."""
+    out: list[list[list[str]]] = []
+    by_role: dict[tuple, list[list[str]]] = {}
+    for g in groups:
+        expert = expert_of(g[0])
+        if expert is None:
+            out.append([g])
+            continue
+        role = (expert.rsplit(".", 1)[0], tuple(n[len(expert):] for n in g))  # (the experts module, names)
+        if role not in by_role:
+            by_role[role] = []
+            out.append(by_role[role])
+        by_role[role].append(g)
+    return out
 
 
 class LayerwiseGPTQ:
@@ -207,6 +253,8 @@ class LayerwiseGPTQ:
         self.smoothed: dict[str, torch.Tensor] = {}  # balanced Linear -> its factors (this layer)
         self.lm_head_hessian: torch.Tensor | None = None
         self.lm_head_tokens = 0
+        self.fallbacks: dict[str, int] = {}  # MoE: experts RTN-quantized (too few rows) -> their row count
+        self.expert_tokens: dict[str, int] = {}  # MoE: tokens routed to each expert, every batch
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -256,26 +304,53 @@ class LayerwiseGPTQ:
             raise RuntimeError(f"{step.name}: {', '.join(missing)} never ran in the calibration forward")
         if self.smooth is not None:
             self._smooth_layer(step)
+        if not self.cfg.true_sequential:  # the engine's statistics pass ran every batch
+            self.expert_tokens.update(step.expert_tokens)
         if not groups:
             return bool(self.smoothed)
         call = step.call_args() if self.cfg.true_sequential else None
-        for group in groups:
-            first = step.module.get_submodule(_rel(step.name, group[0]))
+        routers = experts_modules(step.module, step.name)
+        counted = False  # the routed tokens per expert: taken in the first pass that runs the experts
+        for stage in stages(groups):
+            firsts = {g[0]: step.module.get_submodule(_rel(step.name, g[0])) for g in stage}
+            experts = [expert_of(g[0]) for g in stage]
             if call is not None:
-                self._tell(step.index, f"layers.{step.index} inputs of {_short(step.name, group)}")
-                h = collect_hessian(step, first, *call)
+                self._tell(step.index, f"layers.{step.index} inputs of {_short(step.name, stage[0])}"
+                           + (f" (+{len(stage) - 1} experts)" if len(stage) > 1 else ""))
+                for m in routers.values():
+                    m.routed.zero_()
+                hessians = collect_hessians(step, firsts, *call)
+                if routers and not counted and any(experts):
+                    # every expert has run on every batch (its first Linear fired): complete counts
+                    self.expert_tokens.update(routed_tokens(routers))
+                    counted = True
             else:
-                h = step.stats[group[0]].hessian
-                if group[0] in self.smoothed:  # the statistics pass saw the inputs before smoothing
-                    h = smoothed_hessian(h, self.smoothed[group[0]])
-            for name in group:
-                lin = step.module.get_submodule(_rel(step.name, name))
-                qt, err = quantize_module(lin, h, self.specs[name], self.cfg, name)
-                self.on_quantized(name, qt, err)
-                self._tell(step.index, f"layers.{step.index} {_rel(step.name, name)} err {err:.4g}")
-            del h
+                hessians = {n: (self._stats_hessian(step, n), step.stats[n].count) for n in firsts}
+            for group in stage:
+                h, rows = hessians.pop(group[0])
+                for name in group:
+                    lin = step.module.get_submodule(_rel(step.name, name))
+                    qt, err = self._quantize(lin, h, rows, name)
+                    self.on_quantized(name, qt, err)
+                    self._tell(step.index, f"layers.{step.index} {_rel(step.name, name)} err {err:.4g}")
+                del h
         self._tell(step.index + 1, f"layers.{step.index} done")
         return True  # re-run the layer: the next one sees the quantized layer's outputs
+
+    def _stats_hessian(self, step, name: str) -> torch.Tensor:
+        h = step.stats[name].hessian
+        if name in self.smoothed:  # the statistics pass saw the inputs before smoothing
+            h = smoothed_hessian(h, self.smoothed[name])
+        return h
+
+    def _quantize(self, lin: nn.Linear, h: torch.Tensor, rows: int,
+                  name: str) -> tuple[QuantizedTensor, float]:
+        """GPTQ, or RTN for a routed expert whose Linear saw fewer rows than --min-expert-tokens."""
+        expert = expert_of(name)
+        if expert is None or rows >= self.cfg.min_expert_tokens:
+            return quantize_module(lin, h, self.specs[name], self.cfg, name)
+        self.fallbacks[expert] = rows
+        return rtn_module(lin, h, self.specs[name])
 
     # -- lm_head (--quantize-lm-head): its input is the final norm's output over the quantized model ------
     def on_final(self, _batch: int, normed: torch.Tensor, _tokens: torch.Tensor, _head) -> None:
@@ -311,13 +386,14 @@ def run_layerwise_gptq(ckpt, tokens: torch.Tensor, specs: dict[str, QuantSpec | 
                        dtype: str | torch.dtype = "bf16", lm_head: QuantSpec | None = None,
                        lm_head_weight: torch.Tensor | None = None,
                        progress: Progress | None = None,
-                       smooth: tuple[list[sq.SmoothGroup], OnSmoothed] | None = None) -> None:
+                       smooth: tuple[list[sq.SmoothGroup], OnSmoothed] | None = None) -> LayerwiseGPTQ:
     """GPTQ every Linear of ``specs`` over the calibration ``tokens`` [n, seq] (and lm_head when its spec is
-    given), results passed to ``on_quantized`` in quantization order."""
+    given), results passed to ``on_quantized`` in quantization order. Returns the driver (its
+    ``fallbacks``)."""
     from qconvert.calib.runner import LayerwiseRunner
 
     driver = LayerwiseGPTQ(specs, cfg, on_quantized, n_layers, progress, smooth)
-    runner = LayerwiseRunner(ckpt, device=device, dtype=dtype, batch_size=1)
+    runner = LayerwiseRunner(ckpt, device=device, dtype=dtype, batch_size=1, all_experts=cfg.all_experts)
     # true-sequential collects its own Hessians: the engine's pass only has to show which Linears share an
     # input, which one batch does
     runner.run(tokens, kinds=driver.kinds, on_layer=driver.on_layer, stats_batches=driver.stats_batches,
@@ -326,6 +402,7 @@ def run_layerwise_gptq(ckpt, tokens: torch.Tensor, specs: dict[str, QuantSpec | 
         assert lm_head_weight is not None
         qt, err = driver.quantize_lm_head(lm_head_weight, lm_head)
         on_quantized(LM_HEAD, qt, err)
+    return driver
 
 
 def run(job: Job) -> None:
@@ -340,25 +417,49 @@ def run(job: Job) -> None:
     if cfg.stats:
         hessian = _stats_hessians(job.ckpt, list(quantized), cfg.stats)
         columns = _smooth_from_stats(job, groups) if groups is not None else {}
+        fallbacks: dict[str, int] = {}
         for prefix, p in quantized.items():
             assert isinstance(p.spec, QuantSpec)
-            w, h = job.ckpt.read(p.weight), hessian(prefix)
+            (h, rows), w = hessian(prefix), job.ckpt.read(p.weight)
             if prefix in columns:
                 w, h = sq.scale_columns(w, columns[prefix]), smoothed_hessian(h, columns[prefix])
-            qt, _deq, err = gptq_weight(w, h, p.spec, cfg, prefix)
+            expert = expert_of(prefix)
+            if expert is not None and rows < cfg.min_expert_tokens:
+                fallbacks[expert] = rows
+                from qconvert.methods.rtn import rtn_quantize
+
+                qt = rtn_quantize(w, p.spec)
+                err = output_error(w.float(), torch.from_numpy(qt.dequantize()), h)
+            else:
+                qt, _deq, err = gptq_weight(w, h, p.spec, cfg, prefix)
             job.emit(p, qt, err, None)
             if job.progress:
                 job.progress((p.layer or 0) + 1, job.n_layers, p.label(err))
+        job.notes.extend(fallback_notes(fallbacks, cfg.min_expert_tokens))
         return
     tokens = cfg.tokens(job.ckpt)
     head = quantized.get(LM_HEAD)
-    run_layerwise_gptq(
+    driver = run_layerwise_gptq(
         job.ckpt, tokens, {k: p.spec for k, p in quantized.items() if p.layer is not None}, cfg,  # type: ignore[misc]
         lambda prefix, qt, err: job.emit(quantized[prefix], qt, err, None), n_layers=job.n_layers,
         device=cfg.device, dtype=cfg.calib_dtype, lm_head=head.spec if head else None,  # type: ignore[arg-type]
         lm_head_weight=job.ckpt.read(head.weight) if head else None, progress=job.progress,
         smooth=(groups, job.write) if groups is not None else None,
     )
+    report = token_report(driver.expert_tokens, cfg.min_expert_tokens)
+    if report:
+        every = " (statistics over every token: --all-experts)" if cfg.all_experts else ""
+        job.notes.append(report + every)
+    job.notes.extend(fallback_notes(driver.fallbacks, cfg.min_expert_tokens))
+
+
+def fallback_notes(fallbacks: dict[str, int], minimum: int) -> list[str]:
+    """The summary's line naming every expert GPTQ left to RTN."""
+    if not fallbacks:
+        return []
+    names = ", ".join(f"{e} ({n})" for e, n in fallbacks.items())
+    return [f"{len(fallbacks)} expert(s) saw fewer than {minimum} calibration tokens and were quantized with "
+            f"RTN instead of GPTQ (--all-experts calibrates them on every token): {names}"]
 
 
 def _smooth_from_stats(job: Job, groups: list[sq.SmoothGroup]) -> dict[str, torch.Tensor]:
@@ -380,7 +481,7 @@ def _smooth_from_stats(job: Job, groups: list[sq.SmoothGroup]) -> dict[str, torc
     return columns
 
 
-def _stats_hessians(ckpt, prefixes: list[str], path: str) -> Callable[[str], torch.Tensor]:
+def _stats_hessians(ckpt, prefixes: list[str], path: str) -> Callable[[str], tuple[torch.Tensor, int]]:
     """Reader of the Hessian of each Linear to quantize, from a stats file made on this model. All are checked
     up front; each is read when its Linear's turn comes (together they can outweigh the model)."""
     from qconvert.calib.stats import StatsFile
@@ -392,4 +493,8 @@ def _stats_hessians(ckpt, prefixes: list[str], path: str) -> Callable[[str], tor
             what = "no Hessian" if kinds else "no statistics"
             raise BadInput(f"{what} for {prefix}; collect them with 'qconvert calibrate --stats hessian"
                            f"{' --lm-head' if prefix == LM_HEAD else ''}'", path)
-    return lambda prefix: stats.read(prefix, ("hessian",)).hessian  # type: ignore[return-value]
+    def read(prefix: str) -> tuple[torch.Tensor, int]:
+        st = stats.read(prefix, ("hessian",))
+        return st.hessian, st.count  # type: ignore[return-value]
+
+    return read

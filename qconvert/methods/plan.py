@@ -158,6 +158,7 @@ class Job:
     write: Callable[[str, torch.Tensor], None]  # write one tensor as is (e.g. AWQ's rescaled norms)
     progress: Progress | None = None
     written: set[str] = field(default_factory=set)  # tensor names written so far
+    notes: list[str] = field(default_factory=list)  # lines for the summary (e.g. MoE experts that fell back)
 
     @property
     def quantized(self) -> list[LayerPlan]:

@@ -25,6 +25,8 @@ class CalibrateOptions:
     threads: int | None = None
     batch_size: int = 1
     offload_dir: str | Path | None = None
+    # MoE: every expert's statistics over every token (the layer output still follows the top-k routing)
+    all_experts: bool = False
 
 
 def calibrate(ckpt, dataset: str, opts: CalibrateOptions = CalibrateOptions(), *,
@@ -56,7 +58,8 @@ def _run(ckpt, dataset: str, on_stats: OnStats, opts: CalibrateOptions, on_layer
     data = load_calibration(dataset, load_tokenizer(ckpt), seq_len=opts.seq_len, num_samples=opts.num_samples,
                             seed=opts.seed, text_field=opts.text_field)
     runner = LayerwiseRunner(ckpt, device=opts.device, dtype=opts.dtype, threads=opts.threads,
-                             batch_size=opts.batch_size, offload_dir=opts.offload_dir)
+                             batch_size=opts.batch_size, offload_dir=opts.offload_dir,
+                             all_experts=opts.all_experts)
     runner.run(data.tokens, kinds=kinds, lm_head_stats=opts.lm_head, on_layer=on_layer, on_stats=on_stats,
                progress=progress)
     return {
@@ -72,4 +75,8 @@ def _run(ckpt, dataset: str, on_stats: OnStats, opts: CalibrateOptions, on_layer
         "add_bos": json.dumps(data.add_bos),
         "dtype": str(runner.dtype).removeprefix("torch."),
         "stats": ",".join(sorted(kinds)),
+        # MoE: (token, expert) pairs the router chose per expert; the Linears' own counts are these, or
+        # every token with all_experts
+        **({"expert_tokens": json.dumps(runner.expert_tokens), "all_experts": json.dumps(opts.all_experts)}
+           if runner.expert_tokens else {}),
     }

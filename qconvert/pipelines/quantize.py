@@ -319,7 +319,7 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     fmt_name = plan.fmt.name
     return QuantizeSummary(str(opts.output), opts.method, fmt_name, results, plan.skipped, source_bytes,
                            output_bytes, time.monotonic() - t0, scheme=getattr(config, "scheme", None) or "",
-                           notes=tuple(n for n in (*notes, shape_note) if n))
+                           notes=tuple(n for n in (*notes, shape_note, *job.notes) if n))
 
 
 def _plan_kv_cache(ckpt: Checkpoint, plan: Plan, config: Any) -> bool:

@@ -260,22 +260,11 @@ def test_imatrix_with_another_expert_count_is_refused(synthetic_dir, tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
-@pytest.mark.parametrize("args", [["--method", "gptq"], ["--method", "awq"]])
-def test_calibrated_methods_refuse_moe_in_one_line(args, synthetic_dir, calib_text, quantize_cli, tmp_path):
-    code, out, err = quantize_cli(synthetic_dir("qwen3_moe"), *args, "--dataset", calib_text,
+def test_awq_refuses_moe_in_one_line(synthetic_dir, calib_text, quantize_cli, tmp_path):
+    # gptq and calibrate handle MoE (tests/pipelines/test_calibrate_moe.py); AWQ's scaling groups do not yet
+    code, out, err = quantize_cli(synthetic_dir("qwen3_moe"), "--method", "awq", "--dataset", calib_text,
                                   "-o", tmp_path / "q")
     assert code == 2 and "qwen3moe" in err and len(err.strip().splitlines()) == 1, err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_calibrate_refuses_moe_in_one_line(synthetic_dir, calib_text, capsys, tmp_path):
-    from qconvert import cli
-
-    with pytest.raises(SystemExit) as e:
-        cli.main(["calibrate", str(synthetic_dir("qwen3_moe")), "--dataset", str(calib_text),
-                  "-o", str(tmp_path / "stats")])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Mixture-of-Experts" in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
 
 
