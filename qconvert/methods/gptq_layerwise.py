@@ -40,7 +40,7 @@ from qconvert.calib.experts import MIN_EXPERT_TOKENS, expert_of, experts_modules
 from qconvert.errors import BadInput
 from qconvert.methods import smoothquant as sq
 from qconvert.methods.gptq import gptq_quantize
-from qconvert.methods.plan import CalibrationOptions, IntOptions, Job, check_maxima, input_maxima
+from qconvert.methods.plan import CalibrationOptions, IntOptions, Job, check_maxima
 from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
 
 log = logging.getLogger("qconvert.gptq")
@@ -416,7 +416,7 @@ def run(job: Job) -> None:
         sq.check_tensors(job.ckpt, groups)
     if cfg.stats:
         hessian = _stats_hessians(job.ckpt, list(quantized), cfg.stats)
-        columns = _smooth_from_stats(job, groups) if groups is not None else {}
+        columns = sq.fold_from_maxima(job, groups) if groups is not None else {}
         fallbacks: dict[str, int] = {}
         for prefix, p in quantized.items():
             assert isinstance(p.spec, QuantSpec)
@@ -460,25 +460,6 @@ def fallback_notes(fallbacks: dict[str, int], minimum: int) -> list[str]:
     names = ", ".join(f"{e} ({n})" for e, n in fallbacks.items())
     return [f"{len(fallbacks)} expert(s) saw fewer than {minimum} calibration tokens and were quantized with "
             f"RTN instead of GPTQ (--all-experts calibrates them on every token): {names}"]
-
-
-def _smooth_from_stats(job: Job, groups: list[sq.SmoothGroup]) -> dict[str, torch.Tensor]:
-    """--stats: every mapping's factors from the file's max |x|; the folded norms (and balanced Linears kept
-    dense) written now; returns the quantized balanced Linears' column factors."""
-    cfg: Config = job.config
-    maxima = input_maxima(job.ckpt, cfg, [g.balanced[0] for g in groups], "--smoothquant")
-    quantized = {p.prefix for p in job.quantized}
-    columns: dict[str, torch.Tensor] = {}
-    for g in groups:
-        weights = {b: job.ckpt.read(f"{b}.weight") for b in g.balanced}
-        s = sq.smoothing_scales(maxima[g.balanced[0]], list(weights.values()), cfg.smoothquant)  # type: ignore[arg-type]
-        job.write(g.norm, sq.fold_norm(job.ckpt.read(g.norm), s, g.norm_offset))
-        for b, w in weights.items():
-            if b in quantized:
-                columns[b] = s
-            else:
-                job.write(f"{b}.weight", sq.scale_columns(w, s).to(w.dtype))
-    return columns
 
 
 def _stats_hessians(ckpt, prefixes: list[str], path: str) -> Callable[[str], tuple[torch.Tensor, int]]:

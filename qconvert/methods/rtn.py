@@ -77,26 +77,10 @@ def run(job: Job) -> None:
 
 
 def _smooth(job: Job) -> dict[str, torch.Tensor]:
-    """SmoothQuant: the factors of every mapping from the inputs' max |x| and the weights; the folded norms
-    (and balanced Linears kept dense) are written now, the quantized ones scaled as they stream by.
-    Returns each quantized balanced Linear's column factors."""
-    cfg: Config = job.config
+    """SmoothQuant: the norms folded and written now; the quantized Linears scaled as they stream by."""
     groups = sq.model_groups(job.ckpt.config, job.layers)
     sq.check_tensors(job.ckpt, groups)
-    maxima = input_maxima(job.ckpt, cfg, [g.balanced[0] for g in groups], "--smoothquant")
-    quantized = {p.prefix for p in job.quantized}
-    columns: dict[str, torch.Tensor] = {}
-    for g in groups:
-        weights = {b: job.ckpt.read(f"{b}.weight") for b in g.balanced}
-        s = sq.smoothing_scales(maxima[g.balanced[0]], list(weights.values()), cfg.smoothquant)  # type: ignore[arg-type]
-        job.write(g.norm, sq.fold_norm(job.ckpt.read(g.norm), s, g.norm_offset))
-        for b, w in weights.items():
-            if b in quantized:
-                columns[b] = s
-            else:  # kept dense: stored scaled, in its own dtype
-                job.write(f"{b}.weight", sq.scale_columns(w, s).to(w.dtype))
-        del weights
-    return columns
+    return sq.fold_from_maxima(job, groups)
 
 
 def _run_fp4(job: Job) -> None:

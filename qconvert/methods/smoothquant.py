@@ -100,3 +100,26 @@ def check_tensors(ckpt, groups: list[SmoothGroup]) -> None:
             if name not in ckpt.tensors:
                 raise BadInput(f"--smoothquant: {name} is not in the checkpoint (the architecture table's "
                                "block layout names it)", ckpt.path)
+
+
+def fold_from_maxima(job, groups: list[SmoothGroup]) -> dict[str, torch.Tensor]:
+    """One pass over the original weights (rtn; gptq with --stats): every mapping's factors from the inputs'
+    max |x| (``job.config``'s --dataset or --stats) and its weights; the folded norms, and balanced Linears
+    kept dense, are written now. Returns each quantized balanced Linear's column factors (applied to its
+    weight, and to its Hessian for gptq, when its turn comes)."""
+    from qconvert.methods.plan import input_maxima
+
+    maxima = input_maxima(job.ckpt, job.config, [g.balanced[0] for g in groups], "--smoothquant")
+    quantized = {p.prefix for p in job.quantized}
+    columns: dict[str, torch.Tensor] = {}
+    for g in groups:
+        weights = {b: job.ckpt.read(f"{b}.weight") for b in g.balanced}
+        s = smoothing_scales(maxima[g.balanced[0]], list(weights.values()), job.config.smoothquant)
+        job.write(g.norm, fold_norm(job.ckpt.read(g.norm), s, g.norm_offset))
+        for b, w in weights.items():
+            if b in quantized:
+                columns[b] = s
+            else:  # kept dense: stored scaled, in its own dtype
+                job.write(f"{b}.weight", scale_columns(w, s).to(w.dtype))
+        del weights
+    return columns
