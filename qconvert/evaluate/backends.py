@@ -339,6 +339,7 @@ def _load_unpacked(ckpt):
     with params_on_meta(), quiet_transformers():
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
                                                  attn_implementation=attn_implementation(ckpt.config))
+    _per_expert_linears(model, ckpt)
     params = dict(model.named_parameters())
     seen: set[str] = set()
     for name, value in dense_tensors(ckpt):
@@ -354,6 +355,18 @@ def _load_unpacked(ckpt):
     if missing:
         raise BadInput(f"tensor {missing[0]} is missing from the checkpoint", ckpt.path)
     return model
+
+
+def _per_expert_linears(model: torch.nn.Module, ckpt) -> None:
+    """A MoE checkpoint with one tensor per expert (as the hub and our quantize write them): the model's fused
+    3-D experts become one Linear per expert under those names (calib.experts, transformers' own eager
+    forward and router), so each unpacked expert weight has a parameter to go to."""
+    from qconvert.arch.table import resolve
+    from qconvert.calib.experts import linearise
+
+    spec = resolve(ckpt.config, ckpt.path)
+    if spec.experts is not None and any(f".{spec.experts.module}.0." in n for n in ckpt.tensors):
+        linearise(model, spec)
 
 
 def _set_param(model: torch.nn.Module, dotted: str, value: torch.Tensor) -> None:
