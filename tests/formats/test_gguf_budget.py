@@ -107,7 +107,7 @@ def _bpw(path: Path) -> float:
 def test_target_bpw_file_is_valid_reproducible_and_within_budget(model_and_imatrix, tmp_path):
     """The file meets the target, decodes identically with gguf-py and our kernels, loads in llama.cpp,
     its saved recipe reproduces it byte for byte through --config, and the thread count changes nothing."""
-    from tests.pipelines.test_convert import _llama_logits
+    from tests.helpers import llama_logits
 
     model, imx = model_and_imatrix
     out, recipe = tmp_path / "b.gguf", tmp_path / "recipe.yaml"
@@ -120,7 +120,7 @@ def test_target_bpw_file_is_valid_reproducible_and_within_budget(model_and_imatr
         if t.tensor_type not in (Q.F32, Q.F16, Q.BF16):
             ours = dequantize(np.asarray(t.data).reshape(-1, t.data.shape[-1]), t.tensor_type)
             assert np.array_equal(ours.reshape(-1), gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1))
-    logits = _llama_logits(out, [1, 17, 400, 1021, 33])
+    logits = llama_logits(out, [1, 17, 400, 1021, 33])
     assert np.isfinite(logits).all()
 
     again = tmp_path / "again.gguf"

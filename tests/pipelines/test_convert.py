@@ -16,12 +16,12 @@ from qconvert.cli.convert import convert_command
 from qconvert.errors import BadInput
 from qconvert.formats.gguf.imatrix import Imatrix, write_imatrix_gguf
 from qconvert.pipelines.convert import ConvertOptions, convert
+from tests.helpers import TOKENS, hf_logits, llama_logits, open_llama, tensor_bytes
 from tests.oracle.llamacpp import model_quantize
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
-TOKENS = [1, 17, 400, 1021, 33, 2048, 5, 900]
 TEXT = "Hello world! The 3 quick brown foxes jumped over 1234 lazy dogs, didn't they?\n  Indented."
 
 
@@ -30,50 +30,8 @@ def _convert(model, out: Path, file_type: str, **kw) -> Path:
     return out
 
 
-def _llama(path: Path):
-    """llama_cpp.Llama without extra buffer types: on CPUs with AMX the wheel (GGML_NATIVE) repacks quantized
-    weights for AMX tiles, which segfaults in this sandbox (no AMX permission); plain CPU buffers do not."""
-    import llama_cpp.llama_cpp as lib
-    from llama_cpp import Llama
-
-    default = lib.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = params
-    try:
-        return Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
-    finally:
-        lib.llama_model_default_params = default
-
-
-def _llama_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    llm = _llama(path)
-    llm.eval(tokens)
-    out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    llm.close()
-    return out
-
-
-def _hf_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].float().numpy()
-
-
-def _tensor_bytes(path: Path) -> dict[str, tuple[int, bytes]]:
-    r = gguf.GGUFReader(path)
-    return {t.name: (int(t.tensor_type), np.asarray(t.data).tobytes()) for t in r.tensors}
-
-
 def _assert_same_file(ours: Path, ref: Path) -> None:
-    a, b = _tensor_bytes(ours), _tensor_bytes(ref)
+    a, b = tensor_bytes(ours), tensor_bytes(ref)
     assert list(a) == list(b), "tensor order differs"
     bad = [n for n in a if a[n] != b[n]]
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:5]}"
@@ -88,8 +46,8 @@ def test_bf16_gguf_matches_transformers(arch, synthetic_dir, tmp_path):
     # llama.cpp looks up </s>, <s>, <unk> in any model *named* phi3; our synthetic vocabulary has none of them
     rename = ["general.name=str:tiny synthetic"] if arch == "phi3" else []
     out = _convert(model, tmp_path / f"{arch}.gguf", "BF16", override_kv=rename)
-    ref = _hf_logits(model, TOKENS)
-    got = _llama_logits(out, TOKENS)
+    ref = hf_logits(model, TOKENS)
+    got = llama_logits(out, TOKENS)
     assert got.shape == ref.shape
     scale = np.abs(ref).max()
     assert np.abs(got - ref).max() < 0.03 * scale, f"{arch}: max |Δlogit| {np.abs(got - ref).max():.4f}"
@@ -97,7 +55,7 @@ def test_bf16_gguf_matches_transformers(arch, synthetic_dir, tmp_path):
     # the tokenizer llama.cpp rebuilt from our KVs splits text like the checkpoint's own tokenizer.json
     from tokenizers import Tokenizer
 
-    llm = _llama(out)
+    llm = open_llama(out)
     want = Tokenizer.from_file(str(model / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == want
     llm.close()
@@ -120,7 +78,7 @@ def test_sentencepiece_tokenizer_export(synthetic_dir, calib_text, tmp_path):
     assert kv["tokenizer.ggml.pre"].contents() == "default"
     assert len(kv["tokenizer.ggml.scores"].contents()) == 4096  # padded to the embedding's vocab_size
     sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
-    llm = _llama(out)
+    llm = open_llama(out)
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == sp.encode(TEXT)
     llm.close()
 
@@ -128,8 +86,8 @@ def test_sentencepiece_tokenizer_export(synthetic_dir, calib_text, tmp_path):
 def test_f16_untied_llama_matches_transformers(synthetic_dir, tmp_path):
     model = synthetic_dir("llama", tied=False)
     out = _convert(model, tmp_path / "u.gguf", "F16")
-    assert "output.weight" in _tensor_bytes(out)
-    ref, got = _hf_logits(model, TOKENS), _llama_logits(out, TOKENS)
+    assert "output.weight" in tensor_bytes(out)
+    ref, got = hf_logits(model, TOKENS), llama_logits(out, TOKENS)
     assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
 
 
@@ -150,7 +108,7 @@ def test_smollm2_q4_k_m_is_llama_quantize_of_our_bf16(smollm2_dir, smollm2_bf16,
     # greedy generation of our file equals llama.cpp's own Q4_K_M of our BF16
     texts = []
     for path in (ours, ref):
-        llm = _llama(path)
+        llm = open_llama(path)
         texts.append(llm("The capital of France is", max_tokens=16, temperature=0.0)["choices"][0]["text"])
         llm.close()
     assert texts[0] == texts[1] and len(texts[0]) > 0
@@ -233,7 +191,7 @@ def test_mxfp4_moe_experts_match_llama_quantize(tmp_path):
     ref = tmp_path / "ref.gguf"
     model_quantize(src, ref, FT.MOSTLY_MXFP4_MOE)
     _assert_same_file(ours, ref)
-    types = {name: t for name, (t, _) in _tensor_bytes(ours).items()}
+    types = {name: t for name, (t, _) in tensor_bytes(ours).items()}
     assert types["blk.0.ffn_down_exps.weight"] == Q.MXFP4 and types["blk.0.attn_q.weight"] == Q.Q8_0
 
 
@@ -392,13 +350,13 @@ def test_phi3_long_rope_factors_match_transformers(synthetic_dir, tmp_path):
     attn = float(r.fields["phi3.rope.scaling.attn_factor"].contents())
     orig = cfg["original_max_position_embeddings"]
     assert attn == pytest.approx(math.sqrt(1 + math.log(4) / math.log(orig)))
-    ref, got = _hf_logits(model, TOKENS), _llama_logits(out, TOKENS)
+    ref, got = hf_logits(model, TOKENS), llama_logits(out, TOKENS)
     assert np.abs(got - ref).max() < 0.01 * np.abs(ref).max()
     # without the short factors llama.cpp would compute other logits: the comparison has teeth
     cfg["rope_parameters"]["short_factor"] = [1.0] * half
     (model / "config.json").write_text(json.dumps(cfg))
     plain = _convert(model, tmp_path / "plain.gguf", "F32", override_kv=["general.name=str:tiny synthetic"])
-    assert np.abs(_llama_logits(plain, TOKENS) - ref).max() > 0.01 * np.abs(ref).max()
+    assert np.abs(llama_logits(plain, TOKENS) - ref).max() > 0.01 * np.abs(ref).max()
 
 
 def test_config_recipe_equals_the_same_flags(synthetic_dir, tmp_path):
@@ -411,7 +369,7 @@ def test_config_recipe_equals_the_same_flags(synthetic_dir, tmp_path):
                         token_embedding_type="q8_0",
                         tensor_types=[r"attn_v\.weight$=q6_k", r"^blk\.(0|1)\.ffn_down=q8_0"])
     assert by_config.read_bytes() == by_flags.read_bytes()
-    types = {name: t for name, (t, _) in _tensor_bytes(by_config).items()}
+    types = {name: t for name, (t, _) in tensor_bytes(by_config).items()}
     assert types["blk.0.ffn_down.weight"] == Q.Q8_0 and types["blk.2.attn_v.weight"] == Q.Q6_K
     assert types["output.weight"] == Q.Q8_0 and types["token_embd.weight"] == Q.Q8_0
 
@@ -456,7 +414,7 @@ def test_llama_hf_tokenizer_export(synthetic_dir, calib_text, tmp_path):
     kv = gguf.GGUFReader(out).fields
     assert kv["tokenizer.ggml.model"].contents() == "llama"
     assert kv["tokenizer.ggml.bos_token_id"].contents() == 1
-    llm = _llama(out)
+    llm = open_llama(out)
     pieces = kv["tokenizer.ggml.tokens"].contents()
     assert len(pieces) == 4096 and pieces[:1000] == [sp.id_to_piece(i) for i in range(1000)]
     assert pieces[1000:] == [f"[PAD{i}]" for i in range(1000, 4096)]

@@ -15,10 +15,10 @@ import pytest
 
 from qconvert.formats.gguf.imatrix import write_imatrix_gguf
 from qconvert.kernels import dequantize, quantize
+from tests.helpers import TOKENS, assert_same_gguf, hf_logits, llama_logits
 from tests.oracle.convert_hf import convert_hf_to_gguf
 from tests.oracle.llamacpp import model_quantize
-from tests.pipelines.test_convert import TOKENS, _hf_logits, _llama_logits
-from tests.pipelines.test_convert_moe import _assert_same, _convert, _edit, _expert_imatrix, _refused
+from tests.pipelines.test_convert_moe import _convert, _edit, _expert_imatrix, _refused
 
 FT = gguf.LlamaFileType
 Q = gguf.GGMLQuantizationType
@@ -74,7 +74,7 @@ def test_mxfp4_form_loads_in_transformers_as_the_bf16_form(gpt_oss):
 def test_bf16_equals_convert_hf_to_gguf(form, reference_bf16, tmp_path):
     model, ref = reference_bf16(form)
     ours = _convert(model, tmp_path / "ours.gguf", "BF16")
-    _assert_same(ours, ref, order=False)
+    assert_same_gguf(ours, ref, order=False)
     t = _tensors(ours)
     expert = Q.MXFP4 if form == "mxfp4" else Q.BF16
     for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
@@ -119,7 +119,7 @@ def test_file_types_equal_llama_quantize(form, file_type, reference_bf16, tmp_pa
     ours = _convert(model, tmp_path / "ours.gguf", file_type)
     ref = tmp_path / "ref.gguf"
     model_quantize(bf16, ref, int(getattr(FT, f"MOSTLY_{file_type}")), allow_requantize=True)
-    _assert_same(ours, ref)
+    assert_same_gguf(ours, ref)
     t = _tensors(ours)
     want = {"MXFP4_MOE": Q.MXFP4, "Q4_K_M": None, "Q8_0": Q.Q8_0}[file_type]
     if want is not None:
@@ -139,7 +139,7 @@ def test_imatrix_file_type_equals_llama_quantize(reference_bf16, tmp_path):
            "quantize.imatrix.entries_count": len(imx.entries), "quantize.imatrix.chunks_count": 10}
     weights = {n: imx.weights(n) for n in imx.entries}
     model_quantize(bf16, ref, int(FT.MOSTLY_IQ2_XS), imatrix=weights, kv_overrides=kvs, allow_requantize=True)
-    _assert_same(ours, ref)
+    assert_same_gguf(ours, ref)
 
 
 # ---------------------------------------------------------------- llama.cpp runs it like transformers
@@ -153,7 +153,7 @@ def test_llama_cpp_logits_match_transformers(form, file_type, gpt_oss, tmp_path)
     out = _convert(model, tmp_path / "m.gguf", file_type)
     if form == "mxfp4":
         assert _tensors(out)["blk.0.ffn_up_exps.weight"].tensor_type == Q.MXFP4
-    ref, got = _hf_logits(model, TOKENS), _llama_logits(out, TOKENS)
+    ref, got = hf_logits(model, TOKENS), llama_logits(out, TOKENS)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max(), f"max |Δlogit| {np.abs(got - ref).max():.4f}"
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
@@ -171,7 +171,7 @@ def test_other_layer_types_write_the_pattern(gpt_oss, tmp_path):
     out = _convert(model, tmp_path / "m.gguf", "F32")
     kv = gguf.GGUFReader(out).fields
     assert kv["gpt-oss.attention.sliding_window_pattern"].contents() == [False, True, True, False]
-    ref, got = _hf_logits(model, TOKENS), _llama_logits(out, TOKENS)
+    ref, got = hf_logits(model, TOKENS), llama_logits(out, TOKENS)
     assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max(), f"max |Δlogit| {np.abs(got - ref).max():.4f}"
 
 

@@ -16,9 +16,9 @@ import pytest
 from qconvert.errors import BadInput
 from qconvert.formats.gguf.imatrix import Imatrix, write_imatrix_gguf
 from qconvert.pipelines.convert import ConvertOptions, convert
+from tests.helpers import TOKENS, assert_same_gguf, hf_logits, llama_logits
 from tests.oracle.convert_hf import convert_hf_to_gguf
 from tests.oracle.llamacpp import model_quantize
-from tests.pipelines.test_convert import TOKENS, _hf_logits, _llama_logits
 
 FT = gguf.LlamaFileType
 Q = gguf.GGMLQuantizationType
@@ -55,26 +55,6 @@ def _convert(model: Path, out: Path, file_type: str, **kw) -> Path:
     return out
 
 
-def _kvs(r: gguf.GGUFReader) -> list[tuple[str, list, object]]:
-    skip = ("GGUF.", "general.")
-    return [(k, f.types, f.contents()) for k, f in r.fields.items() if not k.startswith(skip)]
-
-
-def _assert_same(ours: Path, ref: Path, *, order: bool = True) -> None:
-    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
-    ta = {t.name: (t.tensor_type, np.asarray(t.data).tobytes()) for t in a.tensors}
-    tb = {t.name: (t.tensor_type, np.asarray(t.data).tobytes()) for t in b.tensors}
-    assert sorted(ta) == sorted(tb), "tensor names differ"
-    if order:
-        assert list(ta) == list(tb), "tensor order differs"
-    bad = [(n, ta[n][0].name, tb[n][0].name) for n in ta if ta[n] != tb[n]]
-    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:5]}"
-    ka, kb = _kvs(a), _kvs(b)
-    assert [k for k, _, _ in ka] == [k for k, _, _ in kb], "KV keys or their order differ"
-    assert ka == kb, [k for (k, *va), (_, *vb) in zip(ka, kb, strict=True) if va != vb]
-    assert a.fields["general.file_type"].contents() == b.fields["general.file_type"].contents()
-
-
 def _expert_imatrix(bf16: Path) -> Imatrix:
     """Random Σx² for every 2-D and expert tensor; expert 3 of every layer's gate stack saw no token, so its
     slice takes llama-quantize's all-ones weights."""
@@ -102,7 +82,7 @@ def test_bf16_equals_convert_hf_to_gguf(arch, reference_bf16, tmp_path):
     model, ref = reference_bf16(arch)
     ours = _convert(model, tmp_path / "ours.gguf", "BF16")
     # the converter writes tensors in its own emit order; llama-quantize (and we) write llama.cpp's
-    _assert_same(ours, ref, order=False)
+    assert_same_gguf(ours, ref, order=False)
     r = gguf.GGUFReader(ours)
     cfg = json.loads((model / "config.json").read_text())
     n_exp = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg["n_routed_experts"]
@@ -124,7 +104,7 @@ def test_file_types_equal_llama_quantize(arch, file_type, reference_bf16, tmp_pa
     ours = _convert(model, tmp_path / "ours.gguf", file_type)
     ref = tmp_path / "ref.gguf"
     model_quantize(bf16, ref, int(getattr(FT, f"MOSTLY_{file_type}")))
-    _assert_same(ours, ref)
+    assert_same_gguf(ours, ref)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(ours).tensors}
     if file_type == "Q4_K_M" and arch in ("qwen3_moe", "mixtral"):  # 8 experts: the n_expert == 8 rules
         assert types["blk.0.attn_k.weight"] == types["blk.0.attn_v.weight"] == Q.Q8_0
@@ -146,7 +126,7 @@ def test_imatrix_file_types_equal_llama_quantize(arch, file_type, reference_bf16
            "quantize.imatrix.entries_count": len(imx.entries), "quantize.imatrix.chunks_count": 10}
     weights = {n: imx.weights(n) for n in imx.entries}
     model_quantize(bf16, ref, int(getattr(FT, f"MOSTLY_{file_type}")), imatrix=weights, kv_overrides=kvs)
-    _assert_same(ours, ref)
+    assert_same_gguf(ours, ref)
 
 
 # ---------------------------------------------------------------- llama.cpp runs it like transformers
@@ -159,7 +139,7 @@ def test_llama_cpp_logits_match_transformers(arch, synthetic_dir, tmp_path):
     way."""
     model = synthetic_dir(arch)
     out = _convert(model, tmp_path / "m.gguf", "F32")
-    ref, got = _hf_logits(model, TOKENS), _llama_logits(out, TOKENS)
+    ref, got = hf_logits(model, TOKENS), llama_logits(out, TOKENS)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max(), f"max |Δlogit| {np.abs(got - ref).max():.4f}"
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
@@ -198,7 +178,7 @@ def test_fused_experts_equal_the_per_expert_layout(synthetic_dir, reference_bf16
     ours = _convert(fused, tmp_path / "fused.gguf", "Q4_K_M")
     ref = tmp_path / "ref.gguf"
     model_quantize(bf16, ref, FT.MOSTLY_Q4_K_M)
-    _assert_same(ours, ref)
+    assert_same_gguf(ours, ref)
 
 
 # ---------------------------------------------------------------- bad input: one line, no output
@@ -329,7 +309,7 @@ def test_deepseek_v3_yarn_rope_kvs_equal_convert_hf_to_gguf(llamacpp_converter, 
     (model / "config.json").write_text(json.dumps(cfg))
     ref = convert_hf_to_gguf(llamacpp_converter, model, tmp_path / "ref.gguf", MOE["deepseek_v3"])
     ours = _convert(model, tmp_path / "ours.gguf", "BF16")
-    _assert_same(ours, ref, order=False)
+    assert_same_gguf(ours, ref, order=False)
     kv = gguf.GGUFReader(ours).fields
     assert kv["deepseek2.rope.scaling.yarn_beta_fast"].contents() == 32.0
     assert kv["deepseek2.rope.scaling.yarn_log_multiplier"].contents() == pytest.approx(0.1)

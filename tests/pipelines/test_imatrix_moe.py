@@ -15,9 +15,10 @@ from qconvert.formats.gguf.imatrix import read_imatrix
 from qconvert.load import open_checkpoint
 from qconvert.pipelines.convert import ConvertOptions, convert
 from qconvert.pipelines.imatrix import compute_imatrix, write
+from tests.helpers import assert_same_gguf
 from tests.oracle.convert_hf import convert_hf_to_gguf
 from tests.oracle.llamacpp import model_quantize
-from tests.pipelines.test_convert_moe import MOE, _assert_same
+from tests.pipelines.test_convert_moe import MOE
 from tests.pipelines.test_imatrix_run import _cos
 
 CTX, CHUNKS = 128, 4
@@ -75,4 +76,4 @@ def test_matches_llama_imatrix(arch, llamacpp_bin, llamacpp_converter, synthetic
     ref_q = tmp_path / "ref-q.gguf"
     model_quantize(bf16, ref_q, int(gguf.LlamaFileType.MOSTLY_IQ2_XS),
                    imatrix={n: back.weights(n) for n in back.entries}, kv_overrides=kvs)
-    _assert_same(out, ref_q)
+    assert_same_gguf(out, ref_q)
