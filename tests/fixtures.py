@@ -15,6 +15,9 @@ Artefacts (under <cache>/fixtures):
                                     gemma3, phi3) with a small BPE tokenizer trained on calib.txt
   synthetic/<moe arch>/             the same for the MoE families (MOE_ARCHS: qwen3_moe, ...), experts per
                                     expert as on the hub
+  synthetic/<2026 arch>/            the same for the dense 2026 families (FAMILY_ARCHS: smollm3, olmo2, ...);
+                                    glm4 with GLM's <|user|> token, ernie4_5 with a SentencePiece
+                                    tokenizer.model (its converter reads nothing else)
   synthetic/gpt_oss-{bf16,mxfp4}/   gpt-oss (GptOssForCausalLM), experts fused as transformers holds them: as
                                     openai/gpt-oss-* ship them (MXFP4 *_blocks / *_scales) and dequantized
   ../llama.cpp-src/<version>/       vendor/llama.cpp of the llama-cpp-python sdist (its converter)
@@ -49,6 +52,8 @@ ORACLE_VERSION = "0.3.36"
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
 # Mixture-of-Experts families (HF model_type), built like the dense ones: experts under their hub names
 MOE_ARCHS = ("qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3")
+# the dense 2026 families (HF model_type), held to llama.cpp by tests/pipelines/test_convert_families.py
+FAMILY_ARCHS = ("smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5")
 SEED = 1234
 
 # Bump a recipe when the way an artefact is built changes: the stale cached copy is then rebuilt.
@@ -487,7 +492,10 @@ QWEN2_REGEX = (
 # Which tokenizer layout each synthetic arch gets. Qwen2/3 use Qwen2's own (NFC + regex Split + ByteLevel):
 # transformers 5 imposes that pre-tokenizer on model_type qwen2/qwen3 whatever tokenizer.json says, so a
 # SmolLM2-style file there would encode differently through AutoTokenizer than through tokenizer.json.
-TOKENIZER_STYLE = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2", "qwen2_moe": "qwen2"}
+TOKENIZER_STYLE = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2", "qwen2_moe": "qwen2",
+                   "glm4": "glm4", "ernie4_5": "spm"}
+# special tokens per style after SYN_SPECIALS: Glm4Model.set_vocab looks <|user|> up (its eot)
+STYLE_SPECIALS = {"glm4": ("<|user|>",)}
 
 
 def _synthetic_normalizer_pre(style: str):
@@ -515,11 +523,12 @@ def _train_tokenizer(style: str) -> Callable[[Path], None]:
         tok.pre_tokenizer = pre
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        specials = SYN_SPECIALS + STYLE_SPECIALS.get(style, ())
         trainer = trainers.BpeTrainer(
             vocab_size=SYN_VOCAB,
             min_frequency=2,
             show_progress=False,
-            special_tokens=[AddedToken(t, special=True, normalized=False) for t in SYN_SPECIALS],
+            special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         tok.train_from_iterator(paragraphs, trainer)
@@ -543,9 +552,29 @@ def _train_tokenizer(style: str) -> Callable[[Path], None]:
     return build
 
 
+def _train_spm_tokenizer(tmp: Path) -> None:
+    """A 1000-piece SentencePiece BPE (byte fallback, as ERNIE 4.5 ships) trained on calib.txt:
+    tokenizer.model and a tokenizer_config.json naming its specials; the converter pads the vocabulary to
+    vocab_size."""
+    import sentencepiece as spm
+
+    tmp.mkdir(parents=True)
+    spm.SentencePieceTrainer.train(
+        input=str(calib_text()), model_prefix=str(tmp / "tokenizer"), vocab_size=1000, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, input_sentence_size=20000,
+        num_threads=1, minloglevel=2)
+    (tmp / "tokenizer.vocab").unlink()
+    _write_json(tmp / "tokenizer_config.json", {
+        "add_prefix_space": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "chat_template": CHATML_TEMPLATE, "model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"})
+
+
 def synthetic_tokenizer_dir(style: str = "smollm") -> Path:
     target = fixtures_root() / "synthetic" / f"tokenizer-{style}"
-    return ensure(target, RECIPES["tokenizer"], _train_tokenizer(style))
+    build = _train_spm_tokenizer if style == "spm" else _train_tokenizer(style)
+    recipe = RECIPES["tokenizer"] + (f"+spm-1+{_versions('sentencepiece')}" if style == "spm" else "")
+    return ensure(target, recipe, build)
 
 
 # Expert widths are multiples of 256 (K-quants on ffn_down_exps rows); at least 4 experts so llama-quantize's
@@ -581,6 +610,25 @@ GPT_OSS_EXTRA = {"intermediate_size": 256, "num_local_experts": 4, "num_experts_
                  "sliding_window": 4, "max_position_embeddings": 131072, "tie_word_embeddings": False}
 GPT_OSS_FORMS = ("bf16", "mxfp4")
 
+# the dense 2026 families: what each one adds to the common config. Sliding windows of 4 so that the 8-token
+# logits test crosses them; OLMo 2/3 untied as on the hub (llama.cpp's olmo2 loader requires output.weight);
+# EXAONE 4 without sliding layers, as EXAONE-4.0-1.2B (llama.cpp runs them only for the 64-layer 32B);
+# Granite's multipliers as granite-3.3-2b has them (the converter writes them as KVs, llama.cpp applies them
+# at run time); Cohere2 with the rotary_pct its converter requires (transformers ignores it: full rotary);
+# GLM-4 keeps its defaults (partial rotary 0.5, q/k/v biases)
+FAMILY_EXTRA: dict[str, dict] = {
+    "smollm3": {},
+    "olmo2": {"tie_word_embeddings": False},
+    "olmo3": {"sliding_window": 4, "tie_word_embeddings": False},
+    "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.015625,
+                "logits_scaling": 8.0},
+    "glm4": {},
+    "exaone4": {"sliding_window": None, "layer_types": ["full_attention"] * 4},
+    "cohere2": {"sliding_window": 4, "layer_norm_eps": 1e-5, "logit_scale": 0.0625, "rotary_pct": 1.0},
+    "seed_oss": {},
+    "ernie4_5": {"bos_token_id": 1, "eos_token_id": 2},  # the SentencePiece model's <s> and </s>
+}
+
 
 def synthetic_config(arch: str, *, tied: bool = True, vocab_size: int = SYN_VOCAB):
     """A small config: hidden 256, intermediate 768, 4 layers, 4 heads of 64, 2 KV heads (GQA)."""
@@ -611,14 +659,17 @@ def synthetic_config(arch: str, *, tied: bool = True, vocab_size: int = SYN_VOCA
         "gemma3": {"query_pre_attn_scalar": 64, "sliding_window": 512, "sliding_window_pattern": 2},
         "phi3": {},
         **MOE_EXTRA,
+        **FAMILY_EXTRA,
         "gpt_oss": GPT_OSS_EXTRA,
     }[arch]
     model_type = "gemma3_text" if arch == "gemma3" else arch
     cfg = AutoConfig.for_model(model_type, **{**common, **extra})
     if arch == "gemma3":  # one local and one global layer each, so both kinds are present with 4 layers
         cfg.layer_types = ["sliding_attention", "full_attention"] * 2
-    if arch == "phi3":
-        del cfg.head_dim  # derived from hidden_size / num_attention_heads
+    if arch == "cohere2":
+        del cfg.rms_norm_eps  # a LayerNorm family (layer_norm_eps): Cohere2Config would keep it as an extra
+    if arch in ("phi3", "granite"):
+        del cfg.head_dim  # derived from hidden_size / num_attention_heads (GraniteConfig has none either)
     return cfg
 
 
@@ -671,8 +722,9 @@ def _build_synthetic(arch: str, sharded: bool, tied: bool, seed: int) -> Callabl
 
 
 def synthetic_dir(arch: str, *, sharded: bool = False, tied: bool = True) -> Path:
-    if arch not in ARCHS + MOE_ARCHS:
-        raise ValueError(f"unknown synthetic arch {arch!r}; choose from {', '.join(ARCHS + MOE_ARCHS)}")
+    known = ARCHS + MOE_ARCHS + FAMILY_ARCHS
+    if arch not in known:
+        raise ValueError(f"unknown synthetic arch {arch!r}; choose from {', '.join(known)}")
     name = arch + ("-sharded" if sharded else "") + ("" if tied else "-untied")
     # the config's own digest too: editing synthetic_config (or the library's defaults) rebuilds the cache
     config = json.dumps(synthetic_config(arch, tied=tied).to_dict(), sort_keys=True, default=str)
@@ -688,7 +740,7 @@ def synthetic_seed(arch: str) -> int:
 def synthetic_variants() -> list[tuple[str, bool, bool]]:
     """(arch, sharded, tied) of every prebuilt synthetic checkpoint."""
     dense = [(a, False, True) for a in ARCHS] + [("llama", True, True), ("llama", False, False)]
-    return dense + [(a, False, True) for a in MOE_ARCHS]
+    return dense + [(a, False, True) for a in MOE_ARCHS + FAMILY_ARCHS]
 
 
 # ---------------------------------------------------------------- gpt-oss, bf16 and MXFP4

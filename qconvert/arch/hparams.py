@@ -80,6 +80,8 @@ def hp_text(cfg: dict, w: Any) -> None:
         w.add_rope_freq_base_swa(swa_theta)
     if (eps := find(cfg, ["rms_norm_eps", "norm_eps"])) is not None:
         w.add_layer_norm_rms_eps(eps)
+    if (eps := find(cfg, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])) is not None:
+        w.add_layer_norm_eps(eps)  # LayerNorm families (cohere2)
     _moe_kvs(cfg, w)
     if (hd := cfg.get("head_dim")) is not None:
         w.add_key_length(hd)
@@ -214,6 +216,32 @@ def hp_llama(cfg: dict, w: Any) -> None:
     hp_text(cfg, w)
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(head_dim(cfg))
+
+
+def hp_smollm3(cfg: dict, w: Any) -> None:
+    """SmolLM3Model is LlamaModel under another arch. llama.cpp hardcodes the NoPE layers (every 4th,
+    src/models/smollm3.cpp n_no_rope_layer_step) and the converter writes nothing about them: another
+    no_rope_layers pattern would convert to a model that runs rope where transformers does not."""
+    n = n_layer(cfg)
+    want = [int((i + 1) % 4 != 0) for i in range(n)]
+    if cfg.get("no_rope_layers") is not None and list(cfg["no_rope_layers"]) != want:
+        raise BadInput(f"smollm3 no_rope_layers {cfg['no_rope_layers']} is not llama.cpp's fixed pattern "
+                       f"{want} (NoPE on every 4th layer)")
+    hp_llama(cfg, w)
+
+
+def hp_granite(cfg: dict, w: Any) -> None:
+    """GraniteModel: llama's KVs without head_dim (the converter pops it), then each multiplier as its
+    scale KV when it is truthy; the weights stay as they are (llama.cpp applies the scales)."""
+    hp_llama({k: v for k, v in cfg.items() if k != "head_dim"}, w)
+    if cfg.get("attention_multiplier"):
+        w.add_attention_scale(cfg["attention_multiplier"])
+    if cfg.get("embedding_multiplier"):
+        w.add_embedding_scale(cfg["embedding_multiplier"])
+    if cfg.get("residual_multiplier"):
+        w.add_residual_scale(cfg["residual_multiplier"])
+    if cfg.get("logits_scaling"):
+        w.add_logit_scale(cfg["logits_scaling"])
 
 
 def cfg_llama(kv: GGUFKVs) -> dict:
@@ -357,6 +385,81 @@ def cfg_gpt_oss(kv: GGUFKVs) -> dict:
     if out["rope_parameters"].get("rope_type") == "yarn":
         out["rope_parameters"]["truncate"] = False
     return out
+
+
+def _swa_pattern(cfg: dict) -> list[bool] | None:
+    """layer_types as the converters' sliding-window pattern (True = sliding); None without layer_types."""
+    types = cfg.get("layer_types")
+    return None if types is None else [t == "sliding_attention" for t in types]
+
+
+def hp_olmo2(cfg: dict, w: Any) -> None:
+    """Olmo2Model (Olmo2 and Olmo3): the generic block; a config with sliding_window (Olmo3) adds it and the
+    pattern from layer_types, else every 4th layer full."""
+    hp_text(cfg, w)
+    if "sliding_window" in cfg:
+        w.add_sliding_window(cfg["sliding_window"])
+        pattern = _swa_pattern(cfg)
+        w.add_sliding_window_pattern(pattern if pattern is not None else
+                                     [(i + 1) % 4 != 0 for i in range(n_layer(cfg))])
+
+
+def hp_glm4(cfg: dict, w: Any) -> None:
+    """Glm4Model: the generic block and the rotary dimensions (head_dim x partial_rotary_factor, 0.5 by
+    default). With M-RoPE (GLM-4V) the converter permutes q/k to neox order: not supported here."""
+    rp = rope_parameters(cfg)
+    if "mrope_section" in rp:
+        raise BadInput("glm4 with M-RoPE (rope_parameters.mrope_section, GLM-4V) is not supported")
+    hp_text(cfg, w)
+    w.add_rope_dimension_count(int(head_dim(cfg) * rp.get("partial_rotary_factor", 0.5)))
+
+
+def hp_exaone4(cfg: dict, w: Any) -> None:
+    """Exaone4Model: the generic block, vocab_size, the sliding window and its pattern (layer_types, else
+    sliding_window_pattern: an int p means every p-th layer full, a string like "LLLG" repeats)."""
+    n, p = n_layer(cfg), cfg.get("sliding_window_pattern")
+    if cfg.get("sliding_window") is not None and n != 64 and any(_swa_pattern(cfg) or [True]):
+        # src/models/exaone4.cpp turns sliding windows (and NoPE on the global layers) on for 64 layers only
+        raise BadInput(f"exaone4 with sliding_window and {n} layers: llama.cpp runs sliding-window attention "
+                       "only for the 64-layer model (EXAONE 4.0 32B), this one would attend in full")
+    hp_text(cfg, w)
+    w.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("sliding_window") is None:
+        return
+    w.add_sliding_window(cfg["sliding_window"])
+    if (pattern := _swa_pattern(cfg)) is not None:
+        w.add_sliding_window_pattern(pattern)
+    elif isinstance(p, str) and p:
+        w.add_sliding_window_pattern([p[i % len(p)] == "L" for i in range(n)])
+    elif isinstance(p, int) and not isinstance(p, bool) and p:
+        w.add_sliding_window_pattern([(i + 1) % p != 0 for i in range(n)])
+
+
+def extra_tensors_exaone4(cfg: dict) -> list[tuple[str, np.ndarray]]:
+    """Exaone4Model's llama3 rope factors: llama's, with its own default factor (16)."""
+    rp = _full_rope(cfg)
+    if str(rp.get("rope_type", "")).lower() != "llama3":
+        return []
+    factors = llama3_rope_factors({"factor": 16.0, **rp}, head_dim(cfg))
+    return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)]
+
+
+def hp_cohere2(cfg: dict, w: Any) -> None:
+    """Cohere2Model: the generic block (LayerNorm epsilon), the logit scale, the sliding window, vocab_size,
+    the rotary dimensions (rotary_pct of hidden/heads) and rope scaling none. llama.cpp's loader assumes
+    every 4th layer global unless the file says (load_swa_pattern(ml, 4)) and the converter writes no
+    pattern: another layer_types is written as the pattern, which the loader reads first."""
+    hp_text(cfg, w)
+    w.add_logit_scale(cfg["logit_scale"])
+    w.add_sliding_window(cfg["sliding_window"])
+    w.add_vocab_size(cfg["vocab_size"])
+    # the converter requires rotary_pct; transformers' Cohere2 ignores it and rotates whole heads
+    rotary = cfg.get("rotary_pct", 1.0)
+    w.add_rope_dimension_count(int(rotary * (cfg["hidden_size"] // cfg["num_attention_heads"])))
+    w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    pattern = _swa_pattern(cfg)
+    if pattern is not None and pattern != [(i + 1) % 4 != 0 for i in range(len(pattern))]:
+        w.add_sliding_window_pattern(pattern)
 
 
 def hp_gemma(cfg: dict, w: Any) -> None:

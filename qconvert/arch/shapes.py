@@ -57,10 +57,11 @@ _RULES: dict[str, Callable[[dict[str, int]], Shape]] = {
     "ffn_up": lambda d: (d["inter"] * d.get("up_factor", 1), d["hidden"]),
     "ffn_down": lambda d: (d["hidden"], d["inter"]),
 }
-# families whose ffn_up holds gate and up stacked (phi3's gate_up_proj, kept fused by the converter)
-_FUSED_GATE_UP = (gguf.MODEL_ARCH.PHI3,)
-# families whose q/k norms span all heads (OLMoE's q_norm [n_head * head_dim], k_norm [n_kv * head_dim])
-_FULL_QK_NORM = (gguf.MODEL_ARCH.OLMOE,)
+# families whose ffn_up holds gate and up stacked (phi3's / glm4's gate_up_proj, kept fused by the converter)
+_FUSED_GATE_UP = (gguf.MODEL_ARCH.PHI3, gguf.MODEL_ARCH.GLM4)
+# families whose q/k norms span all heads (OLMoE's / OLMo 2's q_norm [n_head * head_dim], k_norm
+# [n_kv * head_dim])
+_FULL_QK_NORM = (gguf.MODEL_ARCH.OLMOE, gguf.MODEL_ARCH.OLMO2)
 
 
 def expected_shape(spec: ArchSpec, cfg: dict, gguf_name: str) -> Shape | None:

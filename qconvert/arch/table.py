@@ -58,6 +58,8 @@ class ArchSpec:
     needs_output: bool = False                  # llama.cpp's loader requires output.weight (no tied lm_head)
     mla: bool = False                           # deepseek2: kv_b_proj split into attn_k_b / attn_v_b (3-D),
                                                 # MTP layers (>= num_hidden_layers) and a tied lm_head dropped
+    zero_biases: bool = False                   # cohere2: biases dropped, refused unless all zero (its
+                                                # llama.cpp graph has none)
     # the way back (`convert model.gguf --to hf`, arch/hf.py): config.json from the KVs (hparams.cfg_*), and
     # the HF module of each GGUF block tensor where it is not the llama-like default (arch/hf.HF_MODULES)
     hf_config: Callable[[Any], dict] = hp.cfg_text
@@ -110,6 +112,28 @@ _GPT_OSS = ArchSpec("gpt-oss", gguf.MODEL_ARCH.GPT_OSS, hp.hp_gpt_oss, vocab=voc
                     block=None, experts=Experts(interleaved=True), needs_output=True,
                     hf_config=hp.cfg_gpt_oss, hf_modules=(("ffn_gate_inp", "mlp.router"),))
 
+# the dense 2026 families. Only the llama-shaped ones get a block layout: the post-norm (olmo2, exaone4),
+# sandwich-norm (glm4) and parallel (cohere2) blocks have no norm in front of q/k/v and gate/up that AWQ /
+# SmoothQuant could fold into, so those methods refuse them
+_SMOLLM3 = ArchSpec("smollm3", gguf.MODEL_ARCH.SMOLLM3, hp.hp_smollm3, vocab=_LLAMA.vocab, permute_qk=True,
+                    extra_tensors=hp.extra_tensors_llama)
+# Olmo3 too: the converter writes both as olmo2 (Olmo3's sliding window as KVs); llama.cpp's olmo2 loader
+# requires output.weight
+_OLMO2 = ArchSpec("olmo2", gguf.MODEL_ARCH.OLMO2, hp.hp_olmo2, vocab=vocab.Vocab(("gpt2",)), block=None,
+                  needs_output=True)
+_GRANITE = ArchSpec("granite", gguf.MODEL_ARCH.GRANITE, hp.hp_granite, vocab=_LLAMA.vocab, permute_qk=True,
+                    extra_tensors=hp.extra_tensors_llama)
+_GLM4 = ArchSpec("glm4", gguf.MODEL_ARCH.GLM4, hp.hp_glm4, vocab=vocab.Vocab(("gpt2",),
+                 specials=vocab.glm4_specials), block=None)
+_EXAONE4 = ArchSpec("exaone4", gguf.MODEL_ARCH.EXAONE4, hp.hp_exaone4, vocab=vocab.Vocab(("gpt2",)),
+                    extra_tensors=hp.extra_tensors_exaone4, block=None)
+_COHERE2 = ArchSpec("cohere2", gguf.MODEL_ARCH.COHERE2, hp.hp_cohere2, vocab=vocab.Vocab(("gpt2",)),
+                    zero_biases=True, block=None)
+_SEED_OSS = ArchSpec("seed_oss", gguf.MODEL_ARCH.SEED_OSS, hp.hp_text, vocab=vocab.Vocab(("gpt2",)))
+# the converter reads tokenizer.model only
+_ERNIE4_5 = ArchSpec("ernie4_5", gguf.MODEL_ARCH.ERNIE4_5, hp.hp_text,
+                     vocab=vocab.Vocab(("spm",), after_config=vocab.ernie4_5_after_config))
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA, "MistralForCausalLM": _LLAMA, "Qwen2ForCausalLM": _QWEN2,
     "Qwen3ForCausalLM": _QWEN3, "GemmaForCausalLM": _GEMMA, "Gemma2ForCausalLM": _GEMMA2,
@@ -117,12 +141,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "OlmoeForCausalLM": _OLMOE, "Qwen2MoeForCausalLM": _QWEN2MOE, "MixtralForCausalLM": _MIXTRAL,
     "DeepseekV3ForCausalLM": _DEEPSEEK2,
     "GptOssForCausalLM": _GPT_OSS,
+    "SmolLM3ForCausalLM": _SMOLLM3, "Olmo2ForCausalLM": _OLMO2, "Olmo3ForCausalLM": _OLMO2,
+    "GraniteForCausalLM": _GRANITE, "Glm4ForCausalLM": _GLM4, "Exaone4ForCausalLM": _EXAONE4,
+    "Cohere2ForCausalLM": _COHERE2, "SeedOssForCausalLM": _SEED_OSS, "Ernie4_5ForCausalLM": _ERNIE4_5,
+    "Ernie4_5_ForCausalLM": _ERNIE4_5,
 }
 MODEL_TYPES: dict[str, ArchSpec] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2, "qwen3": _QWEN3, "gemma": _GEMMA,
     "gemma2": _GEMMA2, "gemma3_text": _GEMMA3, "gemma3": _GEMMA3, "phi3": _PHI3, "qwen3_moe": _QWEN3MOE,
     "olmoe": _OLMOE, "qwen2_moe": _QWEN2MOE, "mixtral": _MIXTRAL, "deepseek_v3": _DEEPSEEK2,
     "gpt_oss": _GPT_OSS,
+    "smollm3": _SMOLLM3, "olmo2": _OLMO2, "olmo3": _OLMO2, "granite": _GRANITE, "glm4": _GLM4,
+    "exaone4": _EXAONE4, "cohere2": _COHERE2, "seed_oss": _SEED_OSS, "ernie4_5": _ERNIE4_5,
 }
 # families whose decoder blocks methods (AWQ) can walk, in table order
 BLOCK_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in MODEL_TYPES.values() if s.block))

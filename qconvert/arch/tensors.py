@@ -292,6 +292,9 @@ def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
         if spec.mla and hf.endswith("self_attn.kv_b_proj.weight"):
             planned += _split_kv_b(ckpt, spec, cfg, tmap, raw, hf)
             continue
+        if spec.zero_biases and hf.endswith(".bias"):
+            _check_zero_bias(ckpt, spec, raw)
+            continue
         name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise BadInput(f"cannot map tensor {raw!r} to a {spec.name} GGUF tensor", ckpt.path)
@@ -303,6 +306,13 @@ def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
         planned.append(PlannedTensor(name, shape, raw, _reader(ckpt, raw, fn), str(info.dtype).upper()))
     _check_unique(planned, ckpt)
     return planned
+
+
+def _check_zero_bias(ckpt: Any, spec: ArchSpec, raw: str) -> None:
+    """A bias the family's converter drops (its llama.cpp graph has none): only all-zero ones, as the
+    converter checks (it raises on any other)."""
+    if np.any(np.asarray(ckpt.read_numpy(raw), dtype=np.float32) != 0):
+        raise BadInput(f"bias tensor {raw} is not zero: llama.cpp's {spec.name} has no biases", ckpt.path)
 
 
 def _reader(ckpt: Any, raw: str, fn: Transform | None) -> Callable[[], np.ndarray]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,7 +311,8 @@ def _export_llama_hf(w: Any, model_dir: Path, cfg: dict) -> TokenizerInfo:
     return TokenizerInfo("llama", "default", len(tokens), len(tokens))
 
 
-def _export_gpt2(w: Any, model_dir: Path, cfg: dict, pre_override: str | None) -> TokenizerInfo:
+def _export_gpt2(w: Any, model_dir: Path, cfg: dict, pre_override: str | None,
+                 specials: Callable[[Any, dict[str, int]], None] | None = None) -> TokenizerInfo:
     tokens, types, pre, n_real = _gpt2_vocab(model_dir, cfg, pre_override)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -319,17 +321,22 @@ def _export_gpt2(w: Any, model_dir: Path, cfg: dict, pre_override: str | None) -
     special = special_vocab(model_dir, load_merges=True)
     if not special.merges:
         raise BadInput("tokenizer.json has no BPE merges", model_dir / "tokenizer.json")
+    if specials is not None:
+        tj = _load_json(model_dir / "tokenizer.json")
+        added = {t["content"]: int(t["id"]) for t in tj.get("added_tokens", [])}
+        specials(special, added)
     special.add_to_gguf(w, quiet=True)
     return TokenizerInfo("gpt2", pre, len(tokens), n_real)
 
 
-def _export_one(kind: str, w: Any, model_dir: Path, cfg: dict, pre: str | None) -> TokenizerInfo:
+def _export_one(kind: str, w: Any, model_dir: Path, cfg: dict, pre: str | None,
+                vocab: Vocab = Vocab()) -> TokenizerInfo:
     if kind == "spm":
         return _export_spm(w, model_dir, cfg)
     if kind == "llama_hf":
         return _export_llama_hf(w, model_dir, cfg)
     if kind == "gpt2":
-        return _export_gpt2(w, model_dir, cfg, pre)
+        return _export_gpt2(w, model_dir, cfg, pre, vocab.specials)
     if kind == "phi3":  # GPT2Tokenizer models (Phi-4) are byte-level BPE, the rest SentencePiece
         tok_class = _config(model_dir, "tokenizer_config.json").get("tokenizer_class")
         if tok_class == "GPT2Tokenizer":
@@ -349,7 +356,7 @@ def add_tokenizer(w: Any, arch: str, vocab: Vocab, model_dir: Path, cfg: dict,
     info = None
     for kind in vocab.kinds:
         try:
-            info = _export_one(kind, w, model_dir, cfg, pre_override)
+            info = _export_one(kind, w, model_dir, cfg, pre_override, vocab)
             break
         except FileNotFoundError:
             continue
@@ -360,6 +367,8 @@ def add_tokenizer(w: Any, arch: str, vocab: Vocab, model_dir: Path, cfg: dict,
         raise BadInput(f"no tokenizer found for {arch} (needs {files})", model_dir)
     if vocab.after is not None:
         vocab.after(w, info, cfg)
+    if vocab.after_config is not None:
+        vocab.after_config(w, tok_cfg)
     return info
 
 

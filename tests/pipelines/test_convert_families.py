@@ -1,0 +1,156 @@
+"""`qconvert convert --to gguf` on the dense 2026 families, each held to llama.cpp's own two steps by one
+generic check: the vendored convert_hf_to_gguf.py on the same synthetic checkpoint (BF16 and F32: every
+tensor byte for byte, every KV but general.* provenance), llama_model_quantize of the converter's BF16 file
+(Q4_K_M), and llama.cpp running our file with transformers' logits.
+
+A new family is an ArchSpec in qconvert/arch/table.py, its config line in tests/fixtures.py FAMILY_EXTRA
+(the synthetic checkpoint is built with transformers' own class) and its name in FAMILIES below.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from qconvert.errors import BadInput
+from qconvert.pipelines.convert import ConvertOptions, convert
+from tests.helpers import TOKENS, assert_same_gguf, hf_logits, llama_logits, tensor_bytes
+from tests.oracle.convert_hf import convert_hf_to_gguf
+from tests.oracle.llamacpp import model_quantize
+
+FT = gguf.LlamaFileType
+# HF model_type of each synthetic checkpoint (tests/fixtures.py FAMILY_EXTRA)
+FAMILIES = ["smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5"]
+OUTTYPES = ["bf16", "f32"]
+# the llama.cpp name the converter's hash gives the real tokenizer a fixture tokenizer style imitates (the
+# SentencePiece path never asks)
+PRE = {"qwen2": "qwen2", "spm": "default"}
+
+
+@pytest.fixture(scope="module")
+def reference(llamacpp_converter, fixtures_lib, tmp_path_factory):
+    """(family, outtype) -> (HF dir, the converter's GGUF of it), converted once per module."""
+    made: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def get(family: str, outtype: str = "bf16") -> tuple[Path, Path]:
+        if (family, outtype) not in made:
+            model = fixtures_lib.synthetic_dir(family)
+            pre = PRE.get(fixtures_lib.TOKENIZER_STYLE.get(family, "smollm"), "smollm")
+            out = tmp_path_factory.mktemp(f"ref-{family}") / f"{family}-{outtype}.gguf"
+            made[family, outtype] = (model, convert_hf_to_gguf(llamacpp_converter, model, out, pre, outtype))
+        return made[family, outtype]
+
+    return get
+
+
+def _convert(model: Path, out: Path, file_type: str) -> Path:
+    convert(str(model), ConvertOptions(file_type=file_type, output=out, threads=2))
+    return out
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_equals_convert_hf_to_gguf(family, outtype, reference, tmp_path):
+    model, ref = reference(family, outtype)
+    ours = _convert(model, tmp_path / "ours.gguf", outtype.upper())
+    # the converter writes tensors in its own emit order; llama-quantize (and we) write llama.cpp's
+    assert_same_gguf(ours, ref, order=False)
+    assert gguf.GGUFReader(ours).fields["general.architecture"].contents() == \
+        gguf.GGUFReader(ref).fields["general.architecture"].contents()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q4_k_m_equals_llama_quantize(family, reference, tmp_path):
+    model, bf16 = reference(family)
+    ours = _convert(model, tmp_path / "ours.gguf", "Q4_K_M")
+    ref = tmp_path / "ref.gguf"
+    model_quantize(bf16, ref, FT.MOSTLY_Q4_K_M)
+    assert_same_gguf(ours, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_logits_match_transformers(family, synthetic_dir, tmp_path):
+    model = synthetic_dir(family)
+    out = _convert(model, tmp_path / "m.gguf", "BF16")
+    ref, got = hf_logits(model, TOKENS), llama_logits(out, TOKENS)
+    assert got.shape == ref.shape
+    err = np.abs(got - ref).max()
+    assert err < 0.03 * np.abs(ref).max(), f"{family}: max |Δlogit| {err:.4f} of {np.abs(ref).max():.4f}"
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+
+
+# ---------------------------------------------------------------- what llama.cpp cannot run: one line
+
+def _copy(model: Path, out: Path, config: dict | None = None) -> Path:
+    shutil.copytree(model, out)
+    if config is not None:
+        cfg = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**cfg, **config}))
+    return out
+
+
+def _refused(model: Path, tmp_path: Path, match: str) -> None:
+    target = tmp_path / "out" / "o.gguf"
+    target.parent.mkdir()
+    with pytest.raises(BadInput, match=match) as e:
+        _convert(model, target, "Q4_K_M")
+    assert "\n" not in str(e.value)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_smollm3_other_nope_pattern_is_refused(synthetic_dir, tmp_path):
+    """llama.cpp hardcodes NoPE on every 4th layer; the converter would write the file anyway."""
+    model = _copy(synthetic_dir("smollm3"), tmp_path / "m", {"no_rope_layers": [1, 0, 1, 0]})
+    _refused(model, tmp_path, r"smollm3 no_rope_layers \[1, 0, 1, 0\] is not llama\.cpp's fixed pattern")
+
+
+def test_exaone4_sliding_window_off_the_32b_is_refused(synthetic_dir, tmp_path):
+    """llama.cpp runs EXAONE 4's sliding windows (and NoPE on its global layers) for 64 layers only."""
+    model = _copy(synthetic_dir("exaone4"), tmp_path / "m", {
+        "sliding_window": 4, "sliding_window_pattern": 4,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"]})
+    _refused(model, tmp_path, r"exaone4 with sliding_window and 4 layers: llama\.cpp runs sliding-window")
+
+
+def test_cohere2_nonzero_bias_is_refused(synthetic_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(synthetic_dir("cohere2"), tmp_path / "m")
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["model.layers.1.self_attn.q_proj.bias"] = torch.full((256,), 0.5, dtype=torch.bfloat16)
+    tensors["model.layers.2.self_attn.k_proj.bias"] = torch.zeros(128, dtype=torch.bfloat16)
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    _refused(model, tmp_path, r"bias tensor model\.layers\.1\.self_attn\.q_proj\.bias is not zero")
+
+
+def test_cohere2_zero_biases_are_dropped(synthetic_dir, tmp_path):
+    """As the converter drops them: the file equals the one without biases."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(synthetic_dir("cohere2"), tmp_path / "m")
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["model.layers.0.self_attn.v_proj.bias"] = torch.zeros(128, dtype=torch.bfloat16)
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with_bias = tensor_bytes(_convert(model, tmp_path / "a.gguf", "BF16"))
+    assert with_bias == tensor_bytes(_convert(synthetic_dir("cohere2"), tmp_path / "b.gguf", "BF16"))
+
+
+def test_glm4_tokenizer_without_its_user_token_is_refused(synthetic_dir, tmp_path):
+    model = _copy(synthetic_dir("glm4"), tmp_path / "m")
+    tj = json.loads((model / "tokenizer.json").read_text())
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] != "<|user|>"]
+    (model / "tokenizer.json").write_text(json.dumps(tj))
+    _refused(model, tmp_path, r"glm4 tokenizer has no <\|user\|> token")
+
+
+def test_ernie4_5_without_tokenizer_model_is_refused(synthetic_dir, tmp_path):
+    model = _copy(synthetic_dir("ernie4_5"), tmp_path / "m")
+    (model / "tokenizer.model").unlink()
+    _refused(model, tmp_path, r"no tokenizer found for ernie4_5 \(needs tokenizer\.model\)")
