@@ -72,9 +72,10 @@ def assert_same_gguf(ours: Path, ref: Path, *, order: bool = True) -> None:
     assert ft_ours == ft_ref, f"general.file_type {ft_ours} != {ft_ref}"
 
 
-def open_llama(path: Path):
-    """llama_cpp.Llama without extra buffer types: on CPUs with AMX the wheel (GGML_NATIVE) repacks quantized
-    weights for AMX tiles, which segfaults in this sandbox (no AMX permission); plain CPU buffers do not."""
+def open_llama(path: Path, lora: Path | None = None):
+    """llama_cpp.Llama (with a LoRA adapter GGUF if given) without extra buffer types: on CPUs with AMX the
+    wheel (GGML_NATIVE) repacks quantized weights for AMX tiles, which segfaults in this sandbox (no AMX
+    permission); plain CPU buffers do not."""
     import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
@@ -87,7 +88,8 @@ def open_llama(path: Path):
 
     lib.llama_model_default_params = params
     try:
-        return Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+        return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True,
+                     verbose=False)
     finally:
         lib.llama_model_default_params = default
 
@@ -111,3 +113,18 @@ def hf_logits(model_dir: Path, tokens: list[int]):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def assert_convert_refused(model: Path, tmp_path: Path, match: str, **options) -> None:
+    """`convert` of ``model`` to Q4_K_M raises one line of BadInput matching ``match`` and writes nothing."""
+    import pytest
+
+    from qconvert.errors import BadInput
+    from qconvert.pipelines.convert import ConvertOptions, convert
+
+    target = tmp_path / "out" / "o.gguf"
+    target.parent.mkdir()
+    with pytest.raises(BadInput, match=match) as e:
+        convert(str(model), ConvertOptions(file_type="Q4_K_M", output=target, threads=2, **options))
+    assert "\n" not in str(e.value)
+    assert list(target.parent.iterdir()) == []

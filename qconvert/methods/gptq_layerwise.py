@@ -137,24 +137,21 @@ def gptq_weight(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: Con
     return qt, deq, output_error(w, deq, h)
 
 
-def quantize_module(lin: nn.Linear, h: torch.Tensor, spec: QuantSpec, cfg: Config,
-                    name: str) -> tuple[QuantizedTensor, float]:
-    """GPTQ one nn.Linear with its Hessian; its weight becomes the dequantized result (in place)."""
-    qt, deq, err = gptq_weight(lin.weight, h, spec, cfg, name)
-    lin.weight.copy_(deq.to(device=lin.weight.device, dtype=lin.weight.dtype))
-    return qt, err
-
-
-def rtn_module(lin: nn.Linear, h: torch.Tensor, spec: QuantSpec) -> tuple[QuantizedTensor, float]:
-    """Round-to-nearest one nn.Linear (an expert too rarely routed for GPTQ); its weight becomes the
-    dequantized result. The error is the output error on the rows it did see (0 without any)."""
+def gptq_or_rtn(weight: torch.Tensor, h: torch.Tensor, rows: int, spec: QuantSpec, cfg: Config, name: str,
+                fallbacks: dict[str, int]) -> tuple[QuantizedTensor, torch.Tensor, float]:
+    """GPTQ ``weight`` with its Hessian; a routed expert whose Linear saw fewer than --min-expert-tokens rows
+    is rounded to nearest instead (recorded in ``fallbacks``: expert -> rows), its error the output error on
+    the rows it did see (0 without any). Returns the result, its dequantized weight and the error."""
+    expert = expert_of(name)
+    if expert is None or rows >= cfg.min_expert_tokens:
+        return gptq_weight(weight, h, spec, cfg, name)
     from qconvert.methods.rtn import rtn_quantize
 
-    w = lin.weight.detach().to("cpu", torch.float32)
+    fallbacks[expert] = rows
+    w = weight.detach().to("cpu", torch.float32)
     qt = rtn_quantize(w, spec)
     deq = torch.from_numpy(qt.dequantize())
-    lin.weight.copy_(deq.to(device=lin.weight.device, dtype=lin.weight.dtype))
-    return qt, output_error(w, deq, h.detach().to("cpu", torch.float32))
+    return qt, deq, output_error(w, deq, h.detach().to("cpu", torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -345,12 +342,10 @@ class LayerwiseGPTQ:
 
     def _quantize(self, lin: nn.Linear, h: torch.Tensor, rows: int,
                   name: str) -> tuple[QuantizedTensor, float]:
-        """GPTQ, or RTN for a routed expert whose Linear saw fewer rows than --min-expert-tokens."""
-        expert = expert_of(name)
-        if expert is None or rows >= self.cfg.min_expert_tokens:
-            return quantize_module(lin, h, self.specs[name], self.cfg, name)
-        self.fallbacks[expert] = rows
-        return rtn_module(lin, h, self.specs[name])
+        """Quantize one Linear; its weight becomes the dequantized result (in place)."""
+        qt, deq, err = gptq_or_rtn(lin.weight, h, rows, self.specs[name], self.cfg, name, self.fallbacks)
+        lin.weight.copy_(deq.to(device=lin.weight.device, dtype=lin.weight.dtype))
+        return qt, err
 
     # -- lm_head (--quantize-lm-head): its input is the final norm's output over the quantized model ------
     def on_final(self, _batch: int, normed: torch.Tensor, _tokens: torch.Tensor, _head) -> None:
@@ -423,15 +418,7 @@ def run(job: Job) -> None:
             (h, rows), w = hessian(prefix), job.ckpt.read(p.weight)
             if prefix in columns:
                 w, h = sq.scale_columns(w, columns[prefix]), smoothed_hessian(h, columns[prefix])
-            expert = expert_of(prefix)
-            if expert is not None and rows < cfg.min_expert_tokens:
-                fallbacks[expert] = rows
-                from qconvert.methods.rtn import rtn_quantize
-
-                qt = rtn_quantize(w, p.spec)
-                err = output_error(w.float(), torch.from_numpy(qt.dequantize()), h)
-            else:
-                qt, _deq, err = gptq_weight(w, h, p.spec, cfg, prefix)
+            qt, _deq, err = gptq_or_rtn(w, h, rows, p.spec, cfg, prefix, fallbacks)
             job.emit(p, qt, err, None)
             if job.progress:
                 job.progress((p.layer or 0) + 1, job.n_layers, p.label(err))

@@ -17,9 +17,15 @@ import gguf
 import numpy as np
 import pytest
 
-from qconvert.errors import BadInput
 from qconvert.pipelines.convert import ConvertOptions, convert
-from tests.helpers import TOKENS, assert_same_gguf, hf_logits, llama_logits, tensor_bytes
+from tests.helpers import (
+    TOKENS,
+    assert_convert_refused,
+    assert_same_gguf,
+    hf_logits,
+    llama_logits,
+    tensor_bytes,
+)
 from tests.oracle.convert_hf import convert_hf_to_gguf
 from tests.oracle.llamacpp import model_quantize
 
@@ -94,19 +100,11 @@ def _copy(model: Path, out: Path, config: dict | None = None) -> Path:
     return out
 
 
-def _refused(model: Path, tmp_path: Path, match: str) -> None:
-    target = tmp_path / "out" / "o.gguf"
-    target.parent.mkdir()
-    with pytest.raises(BadInput, match=match) as e:
-        _convert(model, target, "Q4_K_M")
-    assert "\n" not in str(e.value)
-    assert list(target.parent.iterdir()) == []
-
-
 def test_smollm3_other_nope_pattern_is_refused(synthetic_dir, tmp_path):
     """llama.cpp hardcodes NoPE on every 4th layer; the converter would write the file anyway."""
     model = _copy(synthetic_dir("smollm3"), tmp_path / "m", {"no_rope_layers": [1, 0, 1, 0]})
-    _refused(model, tmp_path, r"smollm3 no_rope_layers \[1, 0, 1, 0\] is not llama\.cpp's fixed pattern")
+    assert_convert_refused(model, tmp_path,
+                           r"smollm3 no_rope_layers \[1, 0, 1, 0\] is not llama\.cpp's fixed pattern")
 
 
 def test_exaone4_sliding_window_off_the_32b_is_refused(synthetic_dir, tmp_path):
@@ -114,7 +112,8 @@ def test_exaone4_sliding_window_off_the_32b_is_refused(synthetic_dir, tmp_path):
     model = _copy(synthetic_dir("exaone4"), tmp_path / "m", {
         "sliding_window": 4, "sliding_window_pattern": 4,
         "layer_types": ["sliding_attention"] * 3 + ["full_attention"]})
-    _refused(model, tmp_path, r"exaone4 with sliding_window and 4 layers: llama\.cpp runs sliding-window")
+    assert_convert_refused(model, tmp_path,
+                           r"exaone4 with sliding_window and 4 layers: llama\.cpp runs sliding-window")
 
 
 def test_cohere2_nonzero_bias_is_refused(synthetic_dir, tmp_path):
@@ -126,7 +125,8 @@ def test_cohere2_nonzero_bias_is_refused(synthetic_dir, tmp_path):
     tensors["model.layers.1.self_attn.q_proj.bias"] = torch.full((256,), 0.5, dtype=torch.bfloat16)
     tensors["model.layers.2.self_attn.k_proj.bias"] = torch.zeros(128, dtype=torch.bfloat16)
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
-    _refused(model, tmp_path, r"bias tensor model\.layers\.1\.self_attn\.q_proj\.bias is not zero")
+    assert_convert_refused(model, tmp_path,
+                           r"bias tensor model\.layers\.1\.self_attn\.q_proj\.bias is not zero")
 
 
 def test_cohere2_zero_biases_are_dropped(synthetic_dir, tmp_path):
@@ -147,10 +147,10 @@ def test_glm4_tokenizer_without_its_user_token_is_refused(synthetic_dir, tmp_pat
     tj = json.loads((model / "tokenizer.json").read_text())
     tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] != "<|user|>"]
     (model / "tokenizer.json").write_text(json.dumps(tj))
-    _refused(model, tmp_path, r"glm4 tokenizer has no <\|user\|> token")
+    assert_convert_refused(model, tmp_path, r"glm4 tokenizer has no <\|user\|> token")
 
 
 def test_ernie4_5_without_tokenizer_model_is_refused(synthetic_dir, tmp_path):
     model = _copy(synthetic_dir("ernie4_5"), tmp_path / "m")
     (model / "tokenizer.model").unlink()
-    _refused(model, tmp_path, r"no tokenizer found for ernie4_5 \(needs tokenizer\.model\)")
+    assert_convert_refused(model, tmp_path, r"no tokenizer found for ernie4_5 \(needs tokenizer\.model\)")

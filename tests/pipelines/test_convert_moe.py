@@ -16,7 +16,7 @@ import pytest
 from qconvert.errors import BadInput
 from qconvert.formats.gguf.imatrix import Imatrix, write_imatrix_gguf
 from qconvert.pipelines.convert import ConvertOptions, convert
-from tests.helpers import TOKENS, assert_same_gguf, hf_logits, llama_logits
+from tests.helpers import TOKENS, assert_convert_refused, assert_same_gguf, hf_logits, llama_logits
 from tests.oracle.convert_hf import convert_hf_to_gguf
 from tests.oracle.llamacpp import model_quantize
 
@@ -193,19 +193,10 @@ def _edit(model: Path, out: Path, change) -> Path:
     return out
 
 
-def _refused(model: Path, tmp_path: Path, match: str) -> None:
-    target = tmp_path / "out" / "o.gguf"
-    target.parent.mkdir()
-    with pytest.raises(BadInput, match=match) as e:
-        _convert(model, target, "Q4_K_M")
-    assert "\n" not in str(e.value)
-    assert list(target.parent.iterdir()) == []
-
-
 def test_missing_expert_is_refused(synthetic_dir, tmp_path):
     model = _edit(synthetic_dir("qwen3_moe"), tmp_path / "m",
                   lambda t: t.pop("model.layers.2.mlp.experts.5.up_proj.weight"))
-    _refused(model, tmp_path, r"model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight is missing")
+    assert_convert_refused(model, tmp_path, r"model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight is missing")
 
 
 def test_expert_shapes_that_disagree_are_refused(synthetic_dir, tmp_path):
@@ -214,7 +205,8 @@ def test_expert_shapes_that_disagree_are_refused(synthetic_dir, tmp_path):
         t[name] = t[name][:128].clone()
 
     model = _edit(synthetic_dir("qwen3_moe"), tmp_path / "m", shrink)
-    _refused(model, tmp_path, r"experts\.3\.gate_proj\.weight is BF16 \[128, 256\] but .* \[256, 256\]")
+    assert_convert_refused(model, tmp_path,
+                           r"experts\.3\.gate_proj\.weight is BF16 \[128, 256\] but .* \[256, 256\]")
 
 
 def test_fused_tensor_of_the_wrong_shape_is_refused(synthetic_dir, tmp_path):
@@ -226,7 +218,8 @@ def test_fused_tensor_of_the_wrong_shape_is_refused(synthetic_dir, tmp_path):
 
     shutil.rmtree(tmp_path / "fused-bad", ignore_errors=True)
     model = _edit(fused, tmp_path / "fused-bad", drop_expert)
-    _refused(model, tmp_path, r"fused expert tensor model\.layers\.0\.mlp\.experts\.gate_up_proj has shape "
+    assert_convert_refused(model, tmp_path,
+                           r"fused expert tensor model\.layers\.0\.mlp\.experts\.gate_up_proj has shape "
                               r"\[7, 512, 256\], expected \[E, 2\*I, H\] with E=8")
 
 
@@ -256,7 +249,8 @@ def test_tied_lm_head_where_llama_cpp_needs_one_is_refused(synthetic_dir, tmp_pa
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
     _edit(model, tmp_path / "tied", lambda t: t.pop("lm_head.weight"))
-    _refused(tmp_path / "tied", tmp_path, r"llama\.cpp's olmoe loader needs an lm_head \(output\.weight\)")
+    assert_convert_refused(tmp_path / "tied", tmp_path,
+                           r"llama\.cpp's olmoe loader needs an lm_head \(output\.weight\)")
 
 
 # ---------------------------------------------------------------- inspect

@@ -20,7 +20,7 @@ from qconvert.load import open_checkpoint
 from qconvert.load.lora import lora_source
 from qconvert.pipelines.convert import ConvertOptions, convert
 from qconvert.pipelines.to_hf import convert_to_hf
-from tests.helpers import read_tensors, run_cli
+from tests.helpers import open_llama, read_tensors, run_cli
 
 TOKENS = [1, 17, 400, 1021, 33, 2048, 5, 900]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -167,28 +167,8 @@ def test_unsupported_adapters(lora_case, synthetic_dir, tmp_path, capsys):
 
 # ---------------------------------------------------------------- the adapter as a llama.cpp LoRA GGUF
 
-def _llama(path: Path, lora: Path | None = None):
-    """llama_cpp.Llama without extra buffer types (AMX repacking segfaults here; test_convert's _llama)."""
-    import llama_cpp.llama_cpp as lib
-    from llama_cpp import Llama
-
-    default = lib.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = params
-    try:
-        return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True,
-                     verbose=False)
-    finally:
-        lib.llama_model_default_params = default
-
-
 def _llama_logits(path: Path, lora: Path | None = None) -> np.ndarray:
-    llm = _llama(path, lora)
+    llm = open_llama(path, lora)
     llm.eval(TOKENS)
     out = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
     llm.close()
