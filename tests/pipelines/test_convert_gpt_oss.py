@@ -15,10 +15,10 @@ import pytest
 
 from qconvert.formats.gguf.imatrix import write_imatrix_gguf
 from qconvert.kernels import dequantize, quantize
-from tests.helpers import TOKENS, assert_same_gguf, hf_logits, llama_logits
+from tests.helpers import TOKENS, assert_convert_refused, assert_same_gguf, hf_logits, llama_logits
 from tests.oracle.convert_hf import convert_hf_to_gguf
 from tests.oracle.llamacpp import model_quantize
-from tests.pipelines.test_convert_moe import _convert, _edit, _expert_imatrix, _refused
+from tests.pipelines.test_convert_moe import _convert, _edit, _expert_imatrix
 
 FT = gguf.LlamaFileType
 Q = gguf.GGMLQuantizationType
@@ -198,7 +198,7 @@ def _reshape(name: str, fn):
 ])
 def test_bad_mxfp4_experts_are_refused(change, match, gpt_oss, tmp_path):
     model = _edit(gpt_oss("mxfp4"), tmp_path / "m", change)
-    _refused(model, tmp_path, match)
+    assert_convert_refused(model, tmp_path, match)
 
 
 def test_other_swiglu_constants_are_refused(gpt_oss, tmp_path):
@@ -208,13 +208,15 @@ def test_other_swiglu_constants_are_refused(gpt_oss, tmp_path):
     shutil.copytree(gpt_oss("bf16"), model)
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "swiglu_limit": 10.0}))
-    _refused(model, tmp_path, r"gpt-oss swiglu_limit 10\.0 is not 7\.0, the value llama\.cpp's gpt-oss graph")
+    assert_convert_refused(model, tmp_path,
+                           r"gpt-oss swiglu_limit 10\.0 is not 7\.0, the value llama\.cpp's gpt-oss graph")
 
 
 def test_bad_fused_experts_are_refused(gpt_oss, tmp_path):
     model = _edit(gpt_oss("bf16"), tmp_path / "m",
                   _reshape("model.layers.1.mlp.experts.gate_up_proj", lambda x: x.transpose(1, 2)))
-    _refused(model, tmp_path, r"fused expert tensor model\.layers\.1\.mlp\.experts\.gate_up_proj has shape "
+    assert_convert_refused(model, tmp_path,
+                           r"fused expert tensor model\.layers\.1\.mlp\.experts\.gate_up_proj has shape "
                               r"\[4, 512, 256\], expected \[E, H, 2\*I\] with E=4, H=256")
 
 
