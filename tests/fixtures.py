@@ -51,7 +51,7 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 ORACLE_VERSION = "0.3.36"
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
 # Mixture-of-Experts families (HF model_type), built like the dense ones: experts under their hub names
-MOE_ARCHS = ("qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3")
+MOE_ARCHS = ("qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe")
 # the dense 2026 families (HF model_type), held to llama.cpp by tests/pipelines/test_convert_families.py
 FAMILY_ARCHS = ("smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5")
 SEED = 1234
@@ -493,9 +493,11 @@ QWEN2_REGEX = (
 # transformers 5 imposes that pre-tokenizer on model_type qwen2/qwen3 whatever tokenizer.json says, so a
 # SmolLM2-style file there would encode differently through AutoTokenizer than through tokenizer.json.
 TOKENIZER_STYLE = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2", "qwen2_moe": "qwen2",
-                   "glm4": "glm4", "ernie4_5": "spm"}
+                   "glm4": "glm4", "ernie4_5": "spm", "glm4_moe": "glm4_moe"}
 # special tokens per style after SYN_SPECIALS: Glm4Model.set_vocab looks <|user|> up (its eot)
 STYLE_SPECIALS = {"glm4": ("<|user|>",)}
+# Glm4MoeModel.set_vocab (_set_vocab_glm) looks up [gMASK] (bos), <|user|> (eot), <|observation|> (eom)
+STYLE_SPECIALS["glm4_moe"] = ("<|user|>", "[gMASK]", "<|observation|>")
 
 
 def _synthetic_normalizer_pre(style: str):
@@ -601,6 +603,14 @@ MOE_EXTRA: dict[str, dict] = {
                     "qk_rope_head_dim": 64, "v_head_dim": 128, "head_dim": 64, "num_key_value_heads": 4,
                     "tie_word_embeddings": False},
 }
+# GLM-4.5-like: one leading dense layer (intermediate_size 768), 8 routed experts of 256 + one shared, sigmoid
+# routing with a (non-zero, set after init) e_score_correction_bias, routed scaling 2.5, renormalised top-2,
+# q/k/v biases and per-head q/k norms (GLM-4.5 355B), partial rotary 0.5 (the default), untied as on the
+# hub; num_nextn_predict_layers stays transformers' default 1 (the checkpoint has no MTP layer)
+MOE_EXTRA["glm4_moe"] = {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+                         "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+                         "routed_scaling_factor": 2.5, "norm_topk_prob": True, "attention_bias": True,
+                         "use_qk_norm": True, "tie_word_embeddings": False}
 
 
 # gpt-oss: 4 experts of 256 (x@W orientation, gate/up interleaved), biases everywhere, attention sinks; a
@@ -711,6 +721,8 @@ def _build_synthetic(arch: str, sharded: bool, tied: bool, seed: int) -> Callabl
         cfg = synthetic_config(arch, tied=tied)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         _shape_weights(model, arch, seed)
+        if arch == "glm4_moe":
+            _glm4_moe_router_bias(model, seed)
         model = model.to(torch.bfloat16)
         model.config.architectures = [type(model).__name__]
         # ~8 MB of weights: 3 MB shards give three files (the embedding is 2 MB).
@@ -719,6 +731,18 @@ def _build_synthetic(arch: str, sharded: bool, tied: bool, seed: int) -> Callabl
             shutil.copy2(f, tmp / f.name)
 
     return build
+
+
+def _glm4_moe_router_bias(model, seed: int) -> None:
+    """GLM's e_score_correction_bias is a buffer that init leaves at zero: give it values of the size of the
+    sigmoid scores' spread, so that it changes which experts win (it only selects, never weights)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buf in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.05 * torch.randn(buf.shape, generator=gen))
 
 
 def synthetic_dir(arch: str, *, sharded: bool = False, tied: bool = True) -> Path:

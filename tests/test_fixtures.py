@@ -303,6 +303,7 @@ MOE_ARCHS = {
     "qwen2_moe": ("Qwen2MoeForCausalLM", *_QWEN_EXPERTS),
     "mixtral": ("MixtralForCausalLM", "block_sparse_moe.experts.{x}.{p}.weight", ("w1", "w2", "w3")),
     "deepseek_v3": ("DeepseekV3ForCausalLM", *_QWEN_EXPERTS),
+    "glm4_moe": ("Glm4MoeForCausalLM", *_QWEN_EXPERTS),
 }
 
 

@@ -414,6 +414,50 @@ def hp_glm4(cfg: dict, w: Any) -> None:
     w.add_rope_dimension_count(int(head_dim(cfg) * rp.get("partial_rotary_factor", 0.5)))
 
 
+# what transformers' Glm4MoeConfig fills in for a key config.json lacks (the converter reads AutoConfig's
+# to_dict(), A.1 of the reference): the hub configs carry them all, older ones may not
+GLM4MOE_DEFAULTS = {"num_nextn_predict_layers": 1, "first_k_dense_replace": 1, "n_shared_experts": 1,
+                    "routed_scaling_factor": 1.0, "norm_topk_prob": True, "n_group": 1, "topk_group": 1}
+
+
+def glm4moe_config(cfg: dict) -> dict:
+    return {**GLM4MOE_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+
+
+def glm4moe_nextn(cfg: dict) -> int:
+    """The MTP (NextN) layers Glm4MoeModel counts into block_count, whether the checkpoint holds their
+    tensors or not (transformers' Glm4MoeForCausalLM has none; the hub's GLM-4.5 files have layer L)."""
+    return int(glm4moe_config(cfg)["num_nextn_predict_layers"])
+
+
+def hp_glm4moe(cfg: dict, w: Any) -> None:
+    """Glm4MoeModel: the generic block with block_count = num_hidden_layers + num_nextn_predict_layers, then
+    the rotary dimensions (head_dim x partial_rotary_factor, 0.5 by default), the expert count again, the
+    expert and shared-expert sizes, the leading dense layers, sigmoid gating (always), routed scaling, the
+    top-k renormalisation (written even when false) and the MTP layer count. Expert groups llama.cpp's
+    loader would abort on (it asserts 0 < topk_group < n_group and n_group | n_expert when n_group > 1, and
+    n_group < n_expert) are refused here."""
+    cfg = glm4moe_config(cfg)
+    n, groups, used = n_expert(cfg), int(cfg["n_group"]), int(cfg["topk_group"])
+    if n is not None and (groups >= n or (groups > 1 and (n % groups or not 0 < used < groups))):
+        raise BadInput(f"glm4moe n_group {groups} / topk_group {used} with {n} experts: llama.cpp's loader "
+                       "needs n_group < experts and, for n_group > 1, 0 < topk_group < n_group dividing "
+                       "the experts")
+    nextn = glm4moe_nextn(cfg)
+    hp_text({**cfg, "num_hidden_layers": n_layer(cfg) + nextn}, w)
+    w.add_rope_dimension_count(int(head_dim(cfg) * rope_parameters(cfg).get("partial_rotary_factor", 0.5)))
+    if n is not None:
+        w.add_expert_count(n)
+    if cfg.get("moe_intermediate_size") is not None:
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w.add_expert_shared_count(cfg["n_shared_experts"])
+    w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+    w.add_uint32(gguf.Keys.LLM.EXPERT_GATING_FUNC.format(arch=w.arch), _GATING["sigmoid"])
+    w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    w.add_expert_weights_norm(bool(cfg["norm_topk_prob"]))
+    w.add_nextn_predict_layers(nextn)
+
+
 def hp_exaone4(cfg: dict, w: Any) -> None:
     """Exaone4Model: the generic block, vocab_size, the sliding window and its pattern (layer_types, else
     sliding_window_pattern: an int p means every p-th layer full, a string like "LLLG" repeats)."""

@@ -58,6 +58,9 @@ class ArchSpec:
     needs_output: bool = False                  # llama.cpp's loader requires output.weight (no tied lm_head)
     mla: bool = False                           # deepseek2: kv_b_proj split into attn_k_b / attn_v_b (3-D),
                                                 # MTP layers (>= num_hidden_layers) and a tied lm_head dropped
+    # glm4moe: MTP (NextN) layers counted into block_count and kept (model.layers.{>= L} -> blk.{>= L}.*,
+    # nextn.*); how many, from the config
+    mtp_layers: Callable[[dict], int] | None = None
     zero_biases: bool = False                   # cohere2: biases dropped, refused unless all zero (its
                                                 # llama.cpp graph has none)
     # the way back (`convert model.gguf --to hf`, arch/hf.py): config.json from the KVs (hparams.cfg_*), and
@@ -99,6 +102,13 @@ _DEEPSEEK2 = ArchSpec("deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, hp.hp_deepseek2, b
                       hf_modules=(("ffn_gate_shexp", "mlp.shared_experts.gate_proj"),
                                   ("ffn_up_shexp", "mlp.shared_experts.up_proj"),
                                   ("ffn_down_shexp", "mlp.shared_experts.down_proj")))
+# GLM-4.5/4.6/4.7: sigmoid routing with the correction bias (exp_probs_b), shared experts, leading dense
+# layers, partial rotary, q/k/v biases; block_count counts the MTP layer even when the checkpoint has none
+# (llama.cpp's loader then loads the trunk only). Glm4MoeModel takes per-expert tensors only (fused ones
+# leave it with "Unprocessed experts"); the fused form is accepted here as for the Qwen families
+_GLM4MOE = ArchSpec("glm4moe", gguf.MODEL_ARCH.GLM4_MOE, hp.hp_glm4moe,
+                    vocab=vocab.Vocab(("gpt2",), specials=vocab.glm4moe_specials), block=None,
+                    experts=Experts(), mtp_layers=hp.glm4moe_nextn)
 # Mixtral is llama with experts (block_sparse_moe.experts.X.w1/w3/w2 = gate/up/down); the converter's
 # LlamaModel knows no fused form for it
 _MIXTRAL = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama, vocab=_LLAMA.vocab, permute_qk=True,
@@ -139,7 +149,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen3ForCausalLM": _QWEN3, "GemmaForCausalLM": _GEMMA, "Gemma2ForCausalLM": _GEMMA2,
     "Gemma3ForCausalLM": _GEMMA3, "Phi3ForCausalLM": _PHI3, "Qwen3MoeForCausalLM": _QWEN3MOE,
     "OlmoeForCausalLM": _OLMOE, "Qwen2MoeForCausalLM": _QWEN2MOE, "MixtralForCausalLM": _MIXTRAL,
-    "DeepseekV3ForCausalLM": _DEEPSEEK2,
+    "DeepseekV3ForCausalLM": _DEEPSEEK2, "Glm4MoeForCausalLM": _GLM4MOE,
     "GptOssForCausalLM": _GPT_OSS,
     "SmolLM3ForCausalLM": _SMOLLM3, "Olmo2ForCausalLM": _OLMO2, "Olmo3ForCausalLM": _OLMO2,
     "GraniteForCausalLM": _GRANITE, "Glm4ForCausalLM": _GLM4, "Exaone4ForCausalLM": _EXAONE4,
@@ -150,7 +160,7 @@ MODEL_TYPES: dict[str, ArchSpec] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2, "qwen3": _QWEN3, "gemma": _GEMMA,
     "gemma2": _GEMMA2, "gemma3_text": _GEMMA3, "gemma3": _GEMMA3, "phi3": _PHI3, "qwen3_moe": _QWEN3MOE,
     "olmoe": _OLMOE, "qwen2_moe": _QWEN2MOE, "mixtral": _MIXTRAL, "deepseek_v3": _DEEPSEEK2,
-    "gpt_oss": _GPT_OSS,
+    "glm4_moe": _GLM4MOE, "gpt_oss": _GPT_OSS,
     "smollm3": _SMOLLM3, "olmo2": _OLMO2, "olmo3": _OLMO2, "granite": _GRANITE, "glm4": _GLM4,
     "exaone4": _EXAONE4, "cohere2": _COHERE2, "seed_oss": _SEED_OSS, "ernie4_5": _ERNIE4_5,
 }

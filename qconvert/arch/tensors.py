@@ -92,9 +92,15 @@ def name_map(arch: gguf.MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(arch, n_blocks)
 
 
+def n_blocks(spec: ArchSpec, cfg: dict) -> int:
+    """The GGUF block count: the decoder layers, plus the MTP layers a family keeps (glm4moe)."""
+    return n_layer(cfg) + (spec.mtp_layers(cfg) if spec.mtp_layers else 0)
+
+
 def gguf_tensor_name(config: dict, hf_name: str) -> str | None:
     """GGUF tensor name that `convert --to gguf` writes for an HF tensor name (None if it has none)."""
-    tmap = name_map(resolve(config).arch, n_layer(text_config(config)))
+    spec = resolve(config)
+    tmap = name_map(spec.arch, n_blocks(spec, text_config(config)))
     return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
 
@@ -119,7 +125,7 @@ def writes_output_tensor(config: dict, tensor_names: Iterable[str]) -> bool:
 def check_shapes(ckpt: Any, spec: ArchSpec, cfg: dict) -> None:
     """Refuse the first checkpoint tensor whose shape disagrees with what config.json implies (naming both
     shapes and its file): every command reads weights through here or calib.model.materialise."""
-    tmap = name_map(spec.arch, n_layer(cfg))
+    tmap = name_map(spec.arch, n_blocks(spec, cfg))
     for raw, info in ckpt.tensors.items():
         name = tmap.get_name(_hf_name(raw), try_suffixes=(".weight", ".bias"))
         want = expected_shape(spec, cfg, name) if name else None
@@ -277,7 +283,7 @@ def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
                  n_vocab_real: int | None = None) -> list[PlannedTensor]:
     """Every GGUF tensor of the checkpoint, with its reader. Unknown names → BadInput (like the converter)."""
     check_shapes(ckpt, spec, cfg)
-    tmap = name_map(spec.arch, n_layer(cfg))
+    tmap = name_map(spec.arch, n_blocks(spec, cfg))
     planned = [PlannedTensor(name, data.shape, None, lambda f=data: f)
                for name, data in (spec.extra_tensors(cfg) if spec.extra_tensors else [])]
     stacked, consumed = plan_experts(ckpt, spec, cfg, tmap) if spec.experts else ([], set())
@@ -627,7 +633,7 @@ def expert_slot(config: dict, hf_module: str) -> tuple[str, int, int] | None:
         return None
     cfg = text_config(config)
     merged = f"{m['pre']}.{m['proj']}.weight"
-    name = name_map(spec.arch, n_layer(cfg)).get_name(merged, try_suffixes=(".weight",))
+    name = name_map(spec.arch, n_blocks(spec, cfg)).get_name(merged, try_suffixes=(".weight",))
     if name is None:
         raise BadInput(f"cannot map expert Linear {hf_module!r} to a {spec.name} GGUF tensor")
     return name, int(m["x"]), int(n_expert(cfg) or 0)

@@ -57,7 +57,19 @@ def glm4_specials(special: Any, added: dict[str, int]) -> None:
                        ("bos", "<|endoftext|>")):
         if token not in added:
             raise BadInput(f"glm4 tokenizer has no {token} token (the GLM-4 converter takes its {typ} id "
-                           "from it)")
+                           f"{typ} id from it)")
+        special._set_special_token(typ, added[token])
+
+
+def glm4moe_specials(special: Any, added: dict[str, int]) -> None:
+    """Glm4MoeModel.set_vocab (_set_vocab_glm): bos from [gMASK], eot from <|user|>, unk from <|endoftext|>,
+    eom from <|observation|>; as for glm4, an id the tokenizer files already set is kept. The converter fails
+    on a tokenizer without one of them (a KeyError)."""
+    for typ, token in (("bos", "[gMASK]"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"),
+                       ("eom", "<|observation|>")):
+        if token not in added:
+            raise BadInput(f"glm4moe tokenizer has no {token} token (the GLM-4.5 converter takes its "
+                           f"{typ} id from it)")
         special._set_special_token(typ, added[token])
 
 
