@@ -6,7 +6,10 @@ method could replace. ``linearise`` swaps every such module of the skeleton for 
 ModuleList of per-expert MLPs named as the hub checkpoint names them (``experts.X.gate_proj`` or Mixtral's
 ``experts.X.w1``), so each Linear is materialised from its own checkpoint tensor and statistics and
 quantized weights come out under the checkpoint's per-expert names (what vLLM's fused-MoE loaders expect).
-The router is the model's own module, untouched: the top-k choice is exactly transformers'.
+The router is the model's own module, untouched: the top-k choice is exactly transformers'. A checkpoint
+that stores its experts fused (transformers 5's save, gpt-oss) is read through load.expert_slices, which
+names each expert's slice of the fused tensor as the hub would. gpt-oss's GptOssExperts (x@W, gate/up
+interleaved, biases, the clamped swiglu) becomes LinearExperts of OaiExpertMLP under the same names.
 
 ``LinearExperts.forward`` is transformers' eager experts forward (the same for every supported family):
 expert by expert, its routed tokens through ``down(act(gate(x)) * up(x))``, scaled by the routing weight and
@@ -83,25 +86,44 @@ def _natural(name: str) -> list:
 class ExpertMLP(nn.Module):
     """One expert: ``down(act(gate(x)) * up(x))``, its Linears under the checkpoint's names."""
 
-    def __init__(self, hidden: int, inter: int, act: nn.Module, names: tuple[str, str, str]):
+    def __init__(self, hidden: int, inter: int, act: nn.Module, names: tuple[str, str, str],
+                 bias: bool = False):
         super().__init__()
         self.names = names  # (gate, up, down)
         for name, (i, o) in zip(names, ((hidden, inter), (hidden, inter), (inter, hidden)), strict=True):
             with torch.device("meta"):
-                self.add_module(name, nn.Linear(i, o, bias=False))
+                self.add_module(name, nn.Linear(i, o, bias=bias))
         self.act_fn = act
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act_fn(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
-        return down(self.act_fn(gate(x)) * up(x))
+        return down(self.glu(gate(x), up(x)))
+
+
+class OaiExpertMLP(ExpertMLP):
+    """One gpt-oss expert (GptOssExperts' eager forward for one expert): biased Linears and the clamped
+    swiglu ``(clamp(up, ±limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``."""
+
+    def __init__(self, hidden: int, inter: int, alpha: float, limit: float, names: tuple[str, str, str]):
+        super().__init__(hidden, inter, nn.Identity(), names, bias=True)
+        self.alpha, self.limit = alpha, limit
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
 class LinearExperts(nn.ModuleList):
     """Drop-in for a transformers ``*Experts`` module: forward(hidden [T, H], top_k_index [T, k],
     top_k_weights [T, k]) -> [T, H]. Its children are the experts, "0" .. "E-1", as in the checkpoint."""
 
-    def __init__(self, n_experts: int, hidden: int, inter: int, act: nn.Module, names: tuple[str, str, str]):
-        super().__init__(ExpertMLP(hidden, inter, act, names) for _ in range(n_experts))
+    def __init__(self, experts: list[ExpertMLP]):
+        super().__init__(experts)
+        n_experts = len(experts)
         self.num_experts = n_experts
         self.all_experts = False
         self.routed = torch.zeros(n_experts, dtype=torch.int64)
@@ -133,6 +155,29 @@ def _is_fused_experts(mod: nn.Module) -> bool:
     return gu.shape[2] == down.shape[1] and gu.shape[1] == 2 * down.shape[2] and hasattr(mod, "act_fn")
 
 
+def _is_oai_experts(mod: nn.Module) -> bool:
+    """gpt-oss's GptOssExperts: gate_up_proj [E, H, 2I] (x@W, gate/up interleaved) + bias, down_proj
+    [E, I, H] + bias, the swiglu constants alpha / limit."""
+    params = dict(mod.named_parameters(recurse=False))
+    gu, down = params.get("gate_up_proj"), params.get("down_proj")
+    if gu is None or down is None or gu.ndim != 3 or down.ndim != 3:
+        return False
+    return ("gate_up_proj_bias" in params and "down_proj_bias" in params and hasattr(mod, "alpha")
+            and hasattr(mod, "limit") and gu.shape[1] == down.shape[2] and gu.shape[2] == 2 * down.shape[1])
+
+
+def _linear_experts(mod: nn.Module, names: tuple[str, str, str]) -> LinearExperts | None:
+    """The LinearExperts standing in for one transformers experts module, or None for any other module."""
+    if _is_fused_experts(mod):
+        n, two_i, hidden = mod.gate_up_proj.shape
+        return LinearExperts([ExpertMLP(int(hidden), int(two_i) // 2, mod.act_fn, names) for _ in range(n)])
+    if _is_oai_experts(mod):
+        n, hidden, two_i = mod.gate_up_proj.shape
+        return LinearExperts([OaiExpertMLP(int(hidden), int(two_i) // 2, float(mod.alpha), float(mod.limit),
+                                           names) for _ in range(n)])
+    return None
+
+
 def linearise(model: nn.Module, spec: ArchSpec) -> list[LinearExperts]:
     """Replace every fused experts module of ``model`` (parameters on meta) by a LinearExperts, and give the
     sparse block the checkpoint's module name; returns the new modules in layer order."""
@@ -143,10 +188,9 @@ def linearise(model: nn.Module, spec: ArchSpec) -> list[LinearExperts]:
     made = []
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if not _is_fused_experts(child):
+            new = _linear_experts(child, names)
+            if new is None:
                 continue
-            n, two_i, hidden = child.gate_up_proj.shape
-            new = LinearExperts(int(n), int(hidden), int(two_i) // 2, child.act_fn, names)
             parent._modules[child_name] = new
             made.append(new)
     if block_name != RUNTIME_BLOCK:

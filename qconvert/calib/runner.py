@@ -163,7 +163,11 @@ class LayerwiseRunner:
         max_activation_bytes: int | None = None,
         all_experts: bool = False,
     ):
-        self.ckpt = ckpt
+        from qconvert.load.expert_slices import calibration_source
+
+        # fused experts (transformers 5's, gpt-oss's, MXFP4 blocks) read as the per-expert Linears the
+        # skeleton runs (calib.experts): a slice of the fused tensor each
+        self.ckpt = calibration_source(ckpt)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.batch_size = max(1, batch_size)

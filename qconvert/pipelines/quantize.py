@@ -281,6 +281,7 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     config = entry.make_config(opts.options)
     config.check()
     from qconvert.formats.packed.mxfp4_experts import mxfp4_experts_source
+    from qconvert.load.expert_slices import per_expert_note, per_expert_source
     from qconvert.load.lora import lora_note, lora_source
 
     # gpt-oss's MXFP4 experts as the bf16 values transformers dequantizes them to (the output is an ordinary
@@ -288,6 +289,9 @@ def run_quantize(opts: QuantizeOptions, progress: Progress | None = None) -> Qua
     raw = mxfp4_experts_source(open_checkpoint(opts.model))
     ckpt = dense_source(raw)
     notes = [getattr(raw, "note", None), dense_note(ckpt)]
+    # transformers 5's fused experts: one Linear per expert, quantized and written under the hub's names
+    ckpt = per_expert_source(ckpt)
+    notes.append(per_expert_note(ckpt))
     ckpt = lora_source(ckpt, opts.lora)  # before anything else: every later stage sees the merged weights
     notes.append(lora_note(ckpt))
     shape_note = check_checkpoint_shapes(ckpt)
