@@ -12,6 +12,8 @@ checked for the same entries and shapes."""
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -123,3 +125,28 @@ def test_convert_with_it_equals_llama_quantize(gpt_oss, ours, llama_imatrix, cal
                    imatrix={n: back.weights(n) for n in back.entries}, kv_overrides=kvs,
                    allow_requantize=True)
     assert_same_gguf(out, ref)
+
+
+def test_calibrate_and_gptq_run(gpt_oss, calib_text, capsys, tmp_path):
+    """calibrate: every expert's Linears have statistics from its routed tokens (2 per token); gptq
+    quantizes the attention and keeps the fused experts, routers and lm_head as they are (no per-expert
+    gpt-oss layout has a loader)."""
+    from safetensors import safe_open
+
+    from tests.helpers import read_tensors, run_cli
+
+    small = ("--num-samples", "4", "--seq-len", "64", "--device", "cpu")
+    stats = tmp_path / "s.safetensors"
+    code, stdout, err = run_cli(capsys, "calibrate", gpt_oss("mxfp4"), "--dataset", calib_text, "-o", stats,
+                                *small)
+    assert code == 0, err
+    with safe_open(str(stats), "pt") as st:
+        meta = st.metadata()
+    tokens = json.loads(meta["expert_tokens"])
+    assert len(tokens) == 16 and sum(tokens.values()) == 2 * 4 * 64 * 4  # 4 layers, top-2
+    code, stdout, err = run_cli(capsys, "quantize", gpt_oss("mxfp4"), "--method", "gptq", "--dataset",
+                                calib_text, "-o", tmp_path / "q", *small)
+    assert code == 0, err
+    out = read_tensors(tmp_path / "q")
+    assert "model.layers.0.self_attn.q_proj.qweight" in out
+    assert out["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 256, 512)
