@@ -53,8 +53,8 @@ def test_calibrate_stats_are_the_same(forms, calib_text, capsys, tmp_path):
     got = []
     for i, model in enumerate(forms):
         out = tmp_path / f"{i}.safetensors"
-        code, _, err = run_cli(capsys, "calibrate", model, "--dataset", calib_text, "-o", out, "--dtype", "f32",
-                               "--device", "cpu", *SMALL)
+        code, _, err = run_cli(capsys, "calibrate", model, "--dataset", calib_text, "-o", out,
+                               "--dtype", "f32", "--device", "cpu", *SMALL)
         assert code == 0, err
         got.append(_stats(out))
     (ta, ma), (tb, mb) = got
@@ -82,7 +82,8 @@ def test_quantized_output_is_the_same(method, forms, calib_text, capsys, tmp_pat
     assert any(".experts.7.gate_proj" in k for k in a) and not any("gate_up_proj" in k for k in b)
     assert sorted(a) == sorted(b)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    assert json.loads((outs[0] / "config.json").read_text()) == json.loads((outs[1] / "config.json").read_text())
+    configs = [json.loads((o / "config.json").read_text()) for o in outs]
+    assert configs[0] == configs[1]
 
 
 def _bad(forms, tmp_path) -> Path:
