@@ -259,8 +259,28 @@ def cfg_qwen2(kv: GGUFKVs) -> dict:
     return cfg_text(kv)
 
 
+def qwen_moe_dense_layers(cfg: dict) -> list[int]:
+    """The layers a Qwen2-MoE / Qwen3-MoE checkpoint runs as dense MLPs (transformers' rule: in
+    mlp_only_layers, or not on the decoder_sparse_step grid)."""
+    step, only = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or [])
+    sparse = (n_expert(cfg) or 0) > 0 and step > 0
+    return [i for i in range(n_layer(cfg)) if i in only or not (sparse and (i + 1) % step == 0)]
+
+
+def check_qwen_moe(cfg: dict, arch: str) -> None:
+    """Refuse dense layers in a qwen2moe / qwen3moe (before any tensor is planned: the converter's name map
+    has no plain ffn_down for them either)."""
+    if dense := qwen_moe_dense_layers(cfg):
+        raise BadInput(f"{arch} with dense MLP layers {dense} (mlp_only_layers / decoder_sparse_step): "
+                       f"llama.cpp's {arch} loader needs experts in every layer")
+
+
 def hp_qwen2moe(cfg: dict, w: Any) -> None:
-    """Qwen2MoeModel (qwen2moe, qwen3moe): the expert FFN sizes after the generic block."""
+    """Qwen2MoeModel (qwen2moe, qwen3moe): the expert FFN sizes after the generic block. Dense layers
+    (mlp_only_layers, decoder_sparse_step) are refused: the converter writes their MLP as ffn_gate/up/down,
+    but llama.cpp's qwen2moe and qwen3moe loaders require the router and experts in every layer, so the file
+    would not load."""
+    check_qwen_moe(cfg, w.arch)
     hp_text(cfg, w)
     if cfg.get("moe_intermediate_size") is not None:
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])

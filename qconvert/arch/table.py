@@ -61,6 +61,7 @@ class ArchSpec:
     # glm4moe: MTP (NextN) layers counted into block_count and kept (model.layers.{>= L} -> blk.{>= L}.*,
     # nextn.*); how many, from the config
     mtp_layers: Callable[[dict], int] | None = None
+    check: Callable[[dict, str], None] | None = None  # refusals from config.json before any tensor is planned
     zero_biases: bool = False                   # cohere2: biases dropped, refused unless all zero (its
                                                 # llama.cpp graph has none)
     # the way back (`convert model.gguf --to hf`, arch/hf.py): config.json from the KVs (hparams.cfg_*), and
@@ -92,8 +93,10 @@ _PHI3 = ArchSpec("phi3", gguf.MODEL_ARCH.PHI3, hp.hp_phi3, vocab=vocab.Vocab(("p
 
 # MoE families: the calibrated methods cannot walk their expert blocks yet (block=None)
 _QWEN2MOE = ArchSpec("qwen2moe", gguf.MODEL_ARCH.QWEN2MOE, hp.hp_qwen2moe, block=None, experts=Experts(),
+                     check=hp.check_qwen_moe,
                      needs_output=True, hf_config=hp.cfg_qwen2moe)
 _QWEN3MOE = ArchSpec("qwen3moe", gguf.MODEL_ARCH.QWEN3MOE, hp.hp_qwen2moe, block=None, experts=Experts(),
+                     check=hp.check_qwen_moe,
                      hf_config=hp.cfg_qwen3moe)
 _OLMOE = ArchSpec("olmoe", gguf.MODEL_ARCH.OLMOE, hp.hp_olmoe, block=None, experts=Experts(),
                   needs_output=True, hf_config=hp.cfg_olmoe)

@@ -282,6 +282,11 @@ def join_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
 def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
                  n_vocab_real: int | None = None) -> list[PlannedTensor]:
     """Every GGUF tensor of the checkpoint, with its reader. Unknown names → BadInput (like the converter)."""
+    if spec.check is not None:
+        try:
+            spec.check(cfg, spec.name)
+        except BadInput as e:
+            raise BadInput(str(e), ckpt.path) from None
     check_shapes(ckpt, spec, cfg)
     tmap = name_map(spec.arch, n_blocks(spec, cfg))
     planned = [PlannedTensor(name, data.shape, None, lambda f=data: f)
