@@ -10,6 +10,18 @@ A family's ``BlockLayout`` (table.py) names the modules of one decoder block rel
     mlp_norm                       gate, up (or gate_up)    mlp
     up (rows; of gate_up: up half) down                     down
 
+A Mixture-of-Experts block (``MoeFFN``: the units and routers found in the materialised block) has the same
+attention groups; its MLP groups are
+
+    mlp_norm                       every unit's gate and up,   mlp (the whole sparse block)
+                                   and every router
+    each unit's up (rows)          that unit's down            that unit's down
+
+where a unit is a routed expert or a shared expert. The routers (``mlp.gate``, Qwen2-MoE's
+``shared_expert_gate``) read the norm's output too, so their columns are balanced like the experts' (they
+stay unquantized): folded, the float model routes every token exactly as before. AutoAWQ and llm-compressor
+balance the experts only, which changes the routing logits by the folded scales.
+
 gemma2/gemma3 feed the MLP through pre_feedforward_layernorm (post_attention_layernorm and
 post_feedforward_layernorm act on the *outputs* of o_proj/down_proj: untouched).
 
@@ -51,12 +63,25 @@ PHI3_BLOCK = BlockLayout(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj
 
 @dataclass
 class ScalingGroup:
-    name: str  # "qkv", "v-o", "gate-up", "up-down"
+    name: str  # "qkv", "v-o", "gate-up", "up-down" ("up-down mlp.experts.3" per MoE unit)
     prev: str  # the module the scales are folded into (a norm or a Linear), relative to the block
-    balanced: list[str]  # Linears whose input columns are multiplied by s
+    balanced: list[str]  # Linears (or routers: a 2-D weight) whose input columns are multiplied by s
     inspect: str  # the module whose output error the search minimises
     prev_rows: tuple[int, int] | None = None  # Linear prev op: the output rows feeding the balanced layers
     norm_offset: float = 0.0  # 1.0 for Gemma's RMSNorm (y = norm(x) * (1 + w))
+    # the Linears whose pooled input statistics give the activation mean (default: the first balanced one).
+    # MoE: every unit's gate. Each token reaches exactly top-k experts (plus every shared expert), so the
+    # pooled sum over count is the mean over all tokens of the norm's output
+    stats_from: list[str] | None = None
+    unit: str | None = None  # MoE up-down groups: the unit ("mlp.experts.3") whose tokens the search sees
+
+
+@dataclass(frozen=True)
+class MoeFFN:
+    """The MLP of one MoE block: units (gate, up, down) — routed and shared experts — and the routers."""
+
+    units: list[tuple[str, str, str]]
+    routers: list[str]
 
 
 @dataclass
@@ -72,25 +97,40 @@ LinearShape = Callable[[str], tuple[int, int]]  # module name -> (out_features, 
 Heads = Callable[[], tuple[int, int, int]]  # (n_head, n_head_kv, head_dim) of the block's attention
 
 
-def norm_groups(layout: BlockLayout, norm_offset: float = 0.0) -> tuple[ScalingGroup, ScalingGroup]:
-    """The two groups whose scales fold into a norm: attn_norm → q/k/v and mlp_norm → gate/up."""
+def norm_groups(layout: BlockLayout, norm_offset: float = 0.0,
+                moe: MoeFFN | None = None) -> tuple[ScalingGroup, ScalingGroup]:
+    """The two groups whose scales fold into a norm: attn_norm → q/k/v and mlp_norm → gate/up (of every
+    MoE unit, and the routers)."""
     off = norm_offset
-    return (ScalingGroup("qkv", layout.attn_norm, list(layout.qkv), layout.attn, norm_offset=off),
-            ScalingGroup("gate-up", layout.mlp_norm, list(layout.gate_up), layout.mlp, norm_offset=off))
+    attn = ScalingGroup("qkv", layout.attn_norm, list(layout.qkv), layout.attn, norm_offset=off)
+    if moe is None:
+        return attn, ScalingGroup("gate-up", layout.mlp_norm, list(layout.gate_up), layout.mlp,
+                                  norm_offset=off)
+    balanced = [name for gate, up, _ in moe.units for name in (gate, up)] + moe.routers
+    return attn, ScalingGroup("gate-up", layout.mlp_norm, balanced, layout.mlp, norm_offset=off,
+                              stats_from=[gate for gate, _, _ in moe.units])
 
 
-def awq_plan(layout: BlockLayout, linear: LinearShape, heads: Heads, norm_offset: float = 0.0) -> BlockPlan:
-    """The AWQ scaling groups of one block of this layout (``linear`` reads the block's Linear shapes)."""
+def awq_plan(layout: BlockLayout, linear: LinearShape, heads: Heads, norm_offset: float = 0.0,
+             moe: MoeFFN | None = None) -> BlockPlan:
+    """The AWQ scaling groups of one block of this layout (``linear`` reads the block's Linear shapes;
+    ``moe``: the block's MoE MLP, None for a dense one)."""
     if len(layout.qkv) == 1:
         return _fused_plan(layout, linear, heads, norm_offset)
     q, k, v = layout.qkv
-    attn, mlp = norm_groups(layout, norm_offset)
+    attn, mlp = norm_groups(layout, norm_offset, moe)
     groups = [attn]
     v_out, o_in = linear(v)[0], linear(layout.o)[1]
     if v_out == o_in:  # no GQA: each v row feeds exactly one o column
         groups.append(ScalingGroup("v-o", v, [layout.o], layout.o, prev_rows=(0, v_out)))
-    up = layout.gate_up[-1]
-    groups += [mlp, ScalingGroup("up-down", up, [layout.down], layout.down, prev_rows=(0, linear(up)[0]))]
+    groups.append(mlp)
+    if moe is None:
+        up = layout.gate_up[-1]
+        groups.append(ScalingGroup("up-down", up, [layout.down], layout.down, prev_rows=(0, linear(up)[0])))
+    for _, up, down in moe.units if moe else ():
+        unit = up.rsplit(".", 1)[0]
+        groups.append(ScalingGroup(f"up-down {unit}", up, [down], down, prev_rows=(0, linear(up)[0]),
+                                   unit=unit))
     return BlockPlan(groups, no_clip={q, k})
 
 

@@ -91,14 +91,15 @@ _PHI3 = ArchSpec("phi3", gguf.MODEL_ARCH.PHI3, hp.hp_phi3, vocab=vocab.Vocab(("p
                  extra_kvs=hp.extra_kv_phi3, extra_tensors=hp.extra_tensors_phi3, block=PHI3_BLOCK,
                  hf_config=hp.cfg_phi3, hf_modules=(("ffn_up", "mlp.gate_up_proj"),))
 
-# MoE families: the calibrated methods cannot walk their expert blocks yet (block=None)
-_QWEN2MOE = ArchSpec("qwen2moe", gguf.MODEL_ARCH.QWEN2MOE, hp.hp_qwen2moe, block=None, experts=Experts(),
+# MoE families: llama-shaped blocks with a sparse MLP (AWQ: arch/blocks.MoeFFN); deepseek2's
+# MLA attention and gpt-oss's fused, biased experts have no layout the methods know (block=None)
+_QWEN2MOE = ArchSpec("qwen2moe", gguf.MODEL_ARCH.QWEN2MOE, hp.hp_qwen2moe, experts=Experts(),
                      check=hp.check_qwen_moe,
                      needs_output=True, hf_config=hp.cfg_qwen2moe)
-_QWEN3MOE = ArchSpec("qwen3moe", gguf.MODEL_ARCH.QWEN3MOE, hp.hp_qwen2moe, block=None, experts=Experts(),
+_QWEN3MOE = ArchSpec("qwen3moe", gguf.MODEL_ARCH.QWEN3MOE, hp.hp_qwen2moe, experts=Experts(),
                      check=hp.check_qwen_moe,
                      hf_config=hp.cfg_qwen3moe)
-_OLMOE = ArchSpec("olmoe", gguf.MODEL_ARCH.OLMOE, hp.hp_olmoe, block=None, experts=Experts(),
+_OLMOE = ArchSpec("olmoe", gguf.MODEL_ARCH.OLMOE, hp.hp_olmoe, experts=Experts(),
                   needs_output=True, hf_config=hp.cfg_olmoe)
 _DEEPSEEK2 = ArchSpec("deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, hp.hp_deepseek2, block=None, experts=Experts(),
                       mla=True, hf_config=hp.cfg_deepseek2,
@@ -115,7 +116,7 @@ _GLM4MOE = ArchSpec("glm4moe", gguf.MODEL_ARCH.GLM4_MOE, hp.hp_glm4moe,
 # Mixtral is llama with experts (block_sparse_moe.experts.X.w1/w3/w2 = gate/up/down); the converter's
 # LlamaModel knows no fused form for it
 _MIXTRAL = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama, vocab=_LLAMA.vocab, permute_qk=True,
-                    extra_tensors=hp.extra_tensors_llama, block=None,
+                    extra_tensors=hp.extra_tensors_llama, block=BlockLayout(mlp="block_sparse_moe"),
                     experts=Experts("block_sparse_moe.experts", "w1", "w3", "w2", fused=False),
                     hf_config=hp.cfg_llama, hf_modules=(("ffn_gate_inp", "block_sparse_moe.gate"),))
 

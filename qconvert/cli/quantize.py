@@ -160,13 +160,14 @@ def quantize_command(
         "(Hessians and statistics are float32 either way)."
     ),
     all_experts: bool = typer.Option(
-        None, "--all-experts/--routed-experts", help="MoE (gptq): each expert's Hessian over every "
+        None, "--all-experts/--routed-experts", help="MoE (gptq, awq): each expert's statistics over every "
         "calibration token, while the layer output still follows the model's top-k routing (llm-compressor's "
         "calibrate-all-experts); default: the tokens routed to it."
     ),
     min_expert_tokens: int = typer.Option(
-        None, "--min-expert-tokens", min=0, help="MoE (gptq): an expert whose Linears saw fewer calibration "
-        "tokens is quantized with RTN and named in the summary (default 32)."
+        None, "--min-expert-tokens", min=0, help="MoE (gptq, awq): an expert whose Linears saw fewer "
+        "calibration tokens is quantized with RTN (gptq) or keeps unit AWQ scales, and is named in the "
+        "summary (default 32)."
     ),
     ignore: list[str] = typer.Option(
         None, "--ignore", help="Regex of Linear names to keep unquantized (repeatable)."

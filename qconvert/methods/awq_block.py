@@ -7,6 +7,12 @@ divided by ``s`` (Gemma's RMSNorm multiplies by ``1 + w``: ``w ← (1 + w)/s −
 output rows (and bias) are divided by ``s``. Only the rows feeding the balanced layers are touched (the v
 rows of a fused qkv, the up half of a fused gate_up). Clipping skips the Linears the plan names (q and k;
 of a fused qkv, all but the v rows).
+
+Mixture-of-Experts blocks (calib/experts.LinearExperts in the materialised layer) get the MoE groups of
+arch/blocks.py: one scale vector for the norm in front of every expert, shared expert and router, then one
+up→down group per expert. An expert whose Linears saw fewer than ``min_expert_tokens`` calibration rows keeps
+unit scales for its up→down group and is not clipped (its few rows would fit the scales to noise); the shared
+norm's scales still apply to it, as they must for the float model to stay the same.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qconvert.arch.blocks import BlockPlan, ScalingGroup, awq_plan
+from qconvert.arch.blocks import BlockLayout, BlockPlan, MoeFFN, ScalingGroup, awq_plan
 from qconvert.arch.table import BLOCK_FAMILIES, ArchSpec, resolve
+from qconvert.calib.experts import LinearExperts, expert_of
 from qconvert.errors import BadInput
 from qconvert.load.config import text_config
 from qconvert.methods.awq import (
@@ -33,7 +40,7 @@ from qconvert.methods.awq import (
     search_scales,
     weight_mean,
 )
-from qconvert.methods.plan import CalibrationOptions, IntOptions, Job, LayerPlan
+from qconvert.methods.plan import CalibrationOptions, ExpertOptions, IntOptions, Job, LayerPlan
 from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
 
 log = logging.getLogger("qconvert.awq")
@@ -59,6 +66,36 @@ def _linear(block: nn.Module, name: str) -> nn.Linear:
     return mod
 
 
+def _weighted(block: nn.Module, name: str) -> nn.Module:
+    """A balanced module: a Linear, or a router (transformers 5's ``*TopKRouter``: a 2-D ``weight`` applied
+    as a Linear without bias)."""
+    mod = block.get_submodule(name)
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 2:
+        raise BadInput(f"--method awq: {name} is a {type(mod).__name__} without a 2-D weight")
+    return mod
+
+
+def moe_ffn(block: nn.Module, layout: BlockLayout) -> MoeFFN | None:
+    """The units and routers of the block's sparse MLP (None for a dense MLP): every LinearExperts' experts,
+    every shared expert (a child with gate/up/down Linears), every other child with a weight (a router)."""
+    sparse = block.get_submodule(layout.mlp)
+    if not any(isinstance(m, LinearExperts) for m in sparse.children()):
+        return None
+    units: list[tuple[str, str, str]] = []
+    routers: list[str] = []
+    for n, m in sparse.named_children():
+        full = f"{layout.mlp}.{n}"
+        if isinstance(m, LinearExperts):
+            units += [tuple(f"{full}.{e}.{p}" for p in expert.names) for e, expert in enumerate(m)]
+        elif all(isinstance(getattr(m, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj")):
+            units.append((f"{full}.gate_proj", f"{full}.up_proj", f"{full}.down_proj"))
+        elif any(True for _ in m.parameters()):
+            _weighted(block, full)
+            routers.append(full)
+    return MoeFFN(units, routers)  # type: ignore[arg-type]
+
+
 def block_plan(config: dict, block: nn.Module) -> BlockPlan:
     """The scaling groups of one decoder block of this checkpoint's family."""
     spec = _spec(config)
@@ -74,7 +111,7 @@ def block_plan(config: dict, block: nn.Module) -> BlockPlan:
         n_head, n_kv = int(attn.config.num_attention_heads), int(attn.config.num_key_value_heads)
         return n_head, n_kv, int(getattr(attn, "head_dim", None) or attn.config.hidden_size // n_head)
 
-    return awq_plan(layout, linear, heads, float(spec.norm_shift))
+    return awq_plan(layout, linear, heads, float(spec.norm_shift), moe_ffn(block, layout))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -100,8 +137,8 @@ def fold_scales(block: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None:
         if isinstance(bias, torch.Tensor):
             bias.div_(s.to(bias.dtype))
     for name in group.balanced:
-        lin = _linear(block, name)
-        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+        mod = _weighted(block, name)
+        mod.weight.mul_(s.to(mod.weight.dtype)[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -180,6 +217,7 @@ class LinearResult:
 class BlockResult:
     quantized: dict[str, LinearResult]  # full Linear name -> result
     ratios: dict[str, float]  # scaling group -> chosen grid ratio (-1: none)
+    fallbacks: dict[str, int]  # full expert name -> the rows its Linears saw (below the minimum: unit scales)
 
 
 def _module_loss(mod: nn.Module, calls: list) -> float:
@@ -193,11 +231,24 @@ def _module_loss(mod: nn.Module, calls: list) -> float:
     return total / max(count, 1)
 
 
-def _x_mean(step, full: str, cap: Capture, rel: str) -> torch.Tensor:
-    st = step.stats.get(full)
-    if st is not None and st.abs_sum is not None and st.count:
-        return (st.abs_sum / st.count).to(torch.float32)
-    return cap.linear_input(rel).abs().mean(dim=0)  # statistics not requested: the captured subset
+def _x_mean(step, group: ScalingGroup, cap: Capture) -> torch.Tensor:
+    """Mean |x| per input channel of the group's balanced layers, pooled over ``group.stats_from``."""
+    names = group.stats_from or group.balanced[:1]
+    stats = [step.stats.get(f"{step.name}.{n}") for n in names]
+    if all(st is not None and st.abs_sum is not None for st in stats):
+        count = sum(st.count for st in stats)
+        if count:
+            return (sum(st.abs_sum for st in stats) / count).to(torch.float32)
+    # statistics not requested: the captured subset
+    return torch.cat([cap.linear_input(n) for n in names]).abs().mean(dim=0)
+
+
+def _rows_seen(step, group: ScalingGroup) -> int | None:
+    """The calibration rows a routed expert's Linears saw (None outside routed experts' groups)."""
+    if group.unit is None or expert_of(f"{step.name}.{group.balanced[0]}") is None:
+        return None
+    st = step.stats.get(f"{step.name}.{group.balanced[0]}")
+    return int(st.count) if st is not None else 0
 
 
 def _search_group(step, group: ScalingGroup, specs: dict[str, QuantSpec | None], cap: Capture,
@@ -210,7 +261,7 @@ def _search_group(step, group: ScalingGroup, specs: dict[str, QuantSpec | None],
     orig = {n: lin.weight.detach().clone() for n, lin in lins.items()}
     qspecs = {n: specs[f"{step.name}.{n}"] for n in quantized}
     w_mean = weight_mean([(orig[n], qspecs[n]) for n in quantized]) if cfg.duo_scaling else None
-    x_mean = _x_mean(step, f"{step.name}.{group.balanced[0]}", cap, group.balanced[0])
+    x_mean = _x_mean(step, group, cap)
     mod = block.get_submodule(group.inspect)
     calls = cap.calls[group.inspect]
 
@@ -233,6 +284,7 @@ def quantize_block(
     config: dict,
     cfg: AWQConfig = AWQConfig(),
     store_dtype: Callable[[str], torch.dtype] | None = None,
+    min_expert_tokens: int = 0,
 ) -> BlockResult:
     """AWQ on one decoder block (a calib.runner LayerStep): search and fold the scales, clip, quantize.
 
@@ -240,7 +292,8 @@ def quantize_block(
     On return the block holds the folded float parameters and, for quantized Linears, their dequantized
     weights, so re-running it propagates the quantized block's outputs. ``store_dtype(full tensor name)`` is
     the dtype a float tensor will be written in: folded parameters are rounded to it so the block computes
-    exactly what readers of the output will.
+    exactly what readers of the output will. A routed expert whose Linears saw fewer than
+    ``min_expert_tokens`` rows keeps unit up→down scales and is not clipped (``BlockResult.fallbacks``).
     """
     block = step.module
     plan = block_plan(config, block)
@@ -249,7 +302,16 @@ def quantize_block(
     cap = capture(step, inspect, linears, cfg.search_tokens)
 
     found: dict[str, tuple[torch.Tensor, float]] = {}
+    fallbacks: dict[str, int] = {}
+    unclipped: set[str] = set()
     for group in plan.groups:  # every search sees the original block, as AutoAWQ
+        rows = _rows_seen(step, group)
+        if rows is not None and rows < min_expert_tokens:
+            assert group.unit is not None
+            fallbacks[f"{step.name}.{group.unit}"] = rows
+            expert = block.get_submodule(group.unit)
+            unclipped.update(f"{group.unit}.{n}" for n in expert.names)  # type: ignore[union-attr]
+            continue
         res = _search_group(step, group, specs, cap, cfg)
         if res is not None:
             found[group.name] = res
@@ -271,7 +333,7 @@ def quantize_block(
         lin = _linear(block, rel)
         w = lin.weight.detach().to(torch.float32)
         wc = w
-        if cfg.clip and rel not in plan.no_clip:
+        if cfg.clip and rel not in plan.no_clip and rel not in unclipped:
             x = sample_tokens(cap.linear_input(rel), cfg.clip_tokens)
             if rel in input_scale:
                 x = x / input_scale[rel].to(x.device)[None, :]
@@ -287,7 +349,7 @@ def quantize_block(
         quantized[full] = LinearResult(qt, err)
     ratios = {g.name: found[g.name][1] if g.name in found else -1.0 for g in plan.groups}
     log.debug("%s: AWQ ratios %s", step.name, ratios)
-    return BlockResult(quantized, ratios)
+    return BlockResult(quantized, ratios, fallbacks)
 
 
 def _round_float_params(step, specs, store_dtype) -> None:
@@ -308,7 +370,7 @@ def _round_float_params(step, specs, store_dtype) -> None:
 # place, written out, and re-run so the next block sees the quantized block's outputs.
 
 @dataclass(frozen=True)
-class Config(IntOptions, CalibrationOptions):
+class Config(IntOptions, CalibrationOptions, ExpertOptions):
     """``--method awq``: the integer grid (zero point by default, as AutoAWQ) and the calibration data."""
 
     sym: bool = False
@@ -317,6 +379,7 @@ class Config(IntOptions, CalibrationOptions):
         if not self.dataset:
             raise BadInput("--method awq needs calibration text: --dataset FILE.txt|.jsonl|.parquet|hf:NAME")
         self.check_calibration()
+        self.check_experts()
 
     def pack_options(self, lm_head: bool) -> PackOptions:
         return PackOptions(method="awq", lm_head=lm_head)
@@ -338,8 +401,14 @@ def run(job: Job) -> None:
         info = ckpt.tensors.get(name)
         return TORCH_FLOATS.get(info.dtype, torch.float32) if info is not None else torch.float32
 
+    expert_tokens: dict[str, int] = {}
+    fallbacks: dict[str, int] = {}
+
     def on_layer(step) -> bool:
-        block = quantize_block(step, specs, ckpt.config, AWQConfig(), store_dtype)  # type: ignore[arg-type]
+        expert_tokens.update(step.expert_tokens)
+        block = quantize_block(step, specs, ckpt.config, AWQConfig(), store_dtype,  # type: ignore[arg-type]
+                               cfg.min_expert_tokens)
+        fallbacks.update(block.fallbacks)
         for prefix, r in block.quantized.items():
             job.emit(by_prefix[prefix], r.qt, r.error, None)
         for pname, param in step.module.named_parameters():
@@ -351,8 +420,9 @@ def run(job: Job) -> None:
             job.progress(step.index + 1, job.n_layers, f"layers.{step.index} max err {worst:.4g}")
         return True  # re-run the block: the next one sees the quantized outputs
 
-    LayerwiseRunner(ckpt, device=cfg.device, dtype=cfg.calib_dtype).run(tokens, kinds=("abs_sum",),
-                                                                          on_layer=on_layer)
+    runner = LayerwiseRunner(ckpt, device=cfg.device, dtype=cfg.calib_dtype, all_experts=cfg.all_experts)
+    runner.run(tokens, kinds=("abs_sum",), on_layer=on_layer)
+    job.notes.extend(cfg.expert_notes(expert_tokens, fallbacks, "kept unit AWQ scales, unclipped"))
 
     def lm_head(p: LayerPlan, w: torch.Tensor) -> tuple[QuantizedTensor, float]:
         # --quantize-lm-head: no scaling group feeds it; the AWQ quantizer alone

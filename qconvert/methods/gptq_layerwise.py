@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from qconvert.arch.tensors import LM_HEAD
-from qconvert.calib.experts import MIN_EXPERT_TOKENS, expert_of, experts_modules, routed_tokens, token_report
+from qconvert.calib.experts import expert_of, experts_modules, routed_tokens
 from qconvert.errors import BadInput
 from qconvert.methods import smoothquant as sq
 from qconvert.methods.gptq import gptq_quantize
-from qconvert.methods.plan import CalibrationOptions, IntOptions, Job, check_maxima
+from qconvert.methods.plan import CalibrationOptions, ExpertOptions, IntOptions, Job, check_maxima
 from qconvert.methods.types import PackOptions, QuantizedTensor, QuantSpec
 
 log = logging.getLogger("qconvert.gptq")
@@ -54,7 +54,7 @@ OnSmoothed = Callable[[str, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
-class Config(IntOptions, CalibrationOptions):
+class Config(IntOptions, CalibrationOptions, ExpertOptions):
     """``--method gptq``: the integer grid, the calibration data (or a stats file's Hessians), the solver."""
 
     stats: str | None = None  # Hessians from a `qconvert calibrate` file instead of --dataset
@@ -64,13 +64,10 @@ class Config(IntOptions, CalibrationOptions):
     true_sequential: bool = True  # sub-layers in order, each on quantized inputs
     block_size: int = 128  # columns per lazy-batch update
     smoothquant: float | None = None  # SmoothQuant's α (--scheme w8a8)
-    all_experts: bool = False  # MoE: every expert's Hessian over every token (output still top-k routed)
-    min_expert_tokens: int = MIN_EXPERT_TOKENS  # an expert whose Linears saw fewer rows is RTN-quantized
 
     def check(self) -> None:
         self.check_scheme()
-        if self.min_expert_tokens < 0:
-            raise BadInput(f"--min-expert-tokens {self.min_expert_tokens}: must be 0 or more")
+        self.check_experts()
         if self.smoothquant is not None:
             sq.check_alpha(self.smoothquant)
             if self.scheme != "w8a8":
@@ -422,7 +419,7 @@ def run(job: Job) -> None:
             job.emit(p, qt, err, None)
             if job.progress:
                 job.progress((p.layer or 0) + 1, job.n_layers, p.label(err))
-        job.notes.extend(fallback_notes(fallbacks, cfg.min_expert_tokens))
+        job.notes.extend(cfg.expert_notes({}, fallbacks, _RTN_FALLBACK))
         return
     tokens = cfg.tokens(job.ckpt)
     head = quantized.get(LM_HEAD)
@@ -433,20 +430,11 @@ def run(job: Job) -> None:
         lm_head_weight=job.ckpt.read(head.weight) if head else None, progress=job.progress,
         smooth=(groups, job.write) if groups is not None else None,
     )
-    report = token_report(driver.expert_tokens, cfg.min_expert_tokens)
-    if report:
-        every = " (statistics over every token: --all-experts)" if cfg.all_experts else ""
-        job.notes.append(report + every)
-    job.notes.extend(fallback_notes(driver.fallbacks, cfg.min_expert_tokens))
+    job.notes.extend(cfg.expert_notes(driver.expert_tokens, driver.fallbacks, _RTN_FALLBACK))
 
 
-def fallback_notes(fallbacks: dict[str, int], minimum: int) -> list[str]:
-    """The summary's line naming every expert GPTQ left to RTN."""
-    if not fallbacks:
-        return []
-    names = ", ".join(f"{e} ({n})" for e, n in fallbacks.items())
-    return [f"{len(fallbacks)} expert(s) saw fewer than {minimum} calibration tokens and were quantized with "
-            f"RTN instead of GPTQ (--all-experts calibrates them on every token): {names}"]
+# what the summary says of an expert below --min-expert-tokens
+_RTN_FALLBACK = "were quantized with RTN instead of GPTQ"
 
 
 def _stats_hessians(ckpt, prefixes: list[str], path: str) -> Callable[[str], tuple[torch.Tensor, int]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qconvert.calib.experts import MIN_EXPERT_TOKENS
 from qconvert.errors import BadInput
 from qconvert.methods.types import SCHEMES, FP4Spec, FP4Tensor, FP8Spec, FP8Tensor, QuantizedTensor, QuantSpec
 
@@ -108,6 +109,32 @@ class CalibrationOptions:
 
         return load_calibration(self.dataset, load_tokenizer(ckpt), seq_len=self.seq_len,
                                 num_samples=self.num_samples).tokens
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    """MoE calibration: which tokens each expert's statistics see, and how few make an expert uncalibrated."""
+
+    all_experts: bool = False  # every expert over every token (the layer output still top-k routed)
+    min_expert_tokens: int = MIN_EXPERT_TOKENS  # fewer rows: RTN (gptq) / unit scales (awq), named in notes
+
+    def check_experts(self) -> None:
+        if self.min_expert_tokens < 0:
+            raise BadInput(f"--min-expert-tokens {self.min_expert_tokens}: must be 0 or more")
+
+    def expert_notes(self, tokens: dict[str, int], fallbacks: dict[str, int], fallback: str) -> list[str]:
+        """The summary's lines on a MoE model: routed tokens per expert (none given: no line), and every
+        expert below the minimum with what was done to it (``fallback``)."""
+        from qconvert.calib.experts import token_report
+
+        report = token_report(tokens, self.min_expert_tokens)
+        every = " (statistics over every token: --all-experts)" if self.all_experts else ""
+        notes = [report + every] if report else []
+        if fallbacks:
+            names = ", ".join(f"{e} ({n})" for e, n in fallbacks.items())
+            notes.append(f"{len(fallbacks)} expert(s) saw fewer than {self.min_expert_tokens} calibration "
+                         f"tokens and {fallback} (--all-experts calibrates them on every token): {names}")
+        return notes
 
 
 def input_maxima(ckpt, cfg, prefixes: list[str], what: str) -> dict[str, torch.Tensor]:

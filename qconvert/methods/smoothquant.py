@@ -52,6 +52,9 @@ def layer_groups(config: dict, layer_prefix: str) -> list[SmoothGroup]:
     if spec.block is None:
         raise BadInput(f"--smoothquant: no smoothing mappings for the {spec.name} architecture "
                        f"(supported: {', '.join(BLOCK_FAMILIES)})")
+    if spec.experts is not None:
+        raise BadInput(f"--smoothquant: no smoothing mappings for Mixture-of-Experts blocks yet "
+                       f"({spec.name} with experts); --method gptq or rtn without --smoothquant work")
     return [SmoothGroup(f"{layer_prefix}.{g.prev}.weight", tuple(f"{layer_prefix}.{b}" for b in g.balanced),
                         g.norm_offset, g)
             for g in norm_groups(spec.block, float(spec.norm_shift))]

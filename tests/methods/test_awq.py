@@ -214,6 +214,75 @@ def test_folded_scales_keep_the_logits(synthetic_dir, arch, no_gqa):
     assert float((after - before).abs().max() / scale) < 2e-5
 
 
+def _linearised(path: Path):
+    """A synthetic MoE model as the calibration engine runs it: one Linear per expert (calib/experts), every
+    weight the checkpoint's, float32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qconvert.arch.table import resolve
+    from qconvert.calib.experts import linearise
+    from tests.helpers import read_tensors
+
+    config = json.loads((path / "config.json").read_text())
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.float32)
+    for made in linearise(model, resolve(config)):
+        made.to_empty(device="cpu")
+    state = {k: v.float() for k, v in read_tensors(path).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    model.tie_weights()
+    return model.eval(), config
+
+
+def _routes(model) -> list[torch.Tensor]:
+    """Where to collect the experts chosen for each token ([T, k]) by every sparse block of ``model``."""
+    from qconvert.calib.experts import LinearExperts
+
+    routes: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, LinearExperts):
+            m.register_forward_hook(lambda _m, args, _out: routes.append(args[1].sort(-1).values))
+    return routes
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+def test_folded_scales_keep_a_moe_model_and_its_routing(synthetic_dir, arch):
+    """One scale vector folds into the norm in front of every expert, shared expert and router; each expert
+    gets its own up -> down group. Folded with random scales, the model routes every token as before and its
+    logits stay the same."""
+    from qconvert.calib.experts import LinearExperts
+
+    model, config = _linearised(synthetic_dir(arch))
+    tokens = torch.randint(3, config["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    routes = _routes(model)
+    shared = int(arch == "qwen2_moe")
+    with torch.inference_mode():
+        before = model(input_ids=tokens).logits
+        original = list(routes)
+        for layer in model.model.layers:
+            plan = block_plan(config, layer)
+            groups = {grp.name: grp for grp in plan.groups}
+            n_experts = len(next(m for m in layer.modules() if isinstance(m, LinearExperts)))
+            mlp = groups["gate-up"]
+            # every routed expert's gate and up, the shared expert's, and every router
+            routers = [n for n in mlp.balanced if n.rsplit(".", 1)[-1] in ("gate", "shared_expert_gate")]
+            assert len(routers) == 1 + shared
+            assert len(mlp.balanced) == 2 * (n_experts + shared) + len(routers)
+            assert mlp.stats_from is not None and len(mlp.stats_from) == n_experts + shared
+            assert len([name for name in groups if name.startswith("up-down ")]) == n_experts + shared
+            for grp in plan.groups:
+                k = layer.get_submodule(grp.balanced[0]).weight.shape[1]
+                fold_scales(layer, grp, torch.exp(0.7 * torch.randn(k, generator=g)))
+        routes.clear()
+        after = model(input_ids=tokens).logits
+    scale = before.abs().max()
+    assert float((after - before).abs().max() / scale) < 2e-5
+    assert len(routes) == len(original) == config["num_hidden_layers"]
+    for folded, unfolded in zip(routes, original, strict=True):
+        assert torch.equal(folded, unfolded)  # the same experts for every token
+
+
 def test_gemma_norm_folds_with_the_plus_one(synthetic_dir):
     model, config = _model(synthetic_dir("gemma"))
     layer = model.model.layers[0]

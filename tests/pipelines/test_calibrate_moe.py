@@ -1,5 +1,6 @@
-"""calibrate and GPTQ on Mixture-of-Experts checkpoints: per-expert statistics from the tokens routed to each
-expert, the all-experts option, and GPTQ's RTN fallback for experts too rarely routed.
+"""calibrate, GPTQ and AWQ on Mixture-of-Experts checkpoints: per-expert statistics from the tokens routed to
+each expert, the all-experts option, and the fallbacks for experts too rarely routed (GPTQ: RTN; AWQ: unit
+scales, no clipping).
 
 The router of a synthetic qwen3_moe is rewritten so that two experts never win the top-2: three pairs of
 experts get opposite router rows (+c·u, -c·u), so for every token three experts have a logit > 0, while
@@ -183,3 +184,63 @@ def test_gptq_from_one_statistics_pass_falls_back_too(source, biased_moe, calib_
     for layer in range(_layers(biased_moe)):
         for e in UNROUTED:
             assert f"model.layers.{layer}.mlp.experts.{e} (0)" in fallback
+
+
+def _awq(capsys, model: Path, text: Path, out: Path, *extra: str) -> dict:
+    code, stdout, err = run_cli(capsys, "quantize", model, "--method", "awq", "--dataset", text, "-o", out,
+                                "--calib-dtype", "f32", "--device", "cpu", "--group-size", "64", "--json",
+                                "--format", "awq", *SMALL, *extra)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+def _awq_dequantized(out: Path, prefix: str) -> np.ndarray:
+    got = read_tensors(out)
+    return packing.awq_dequantize(got[f"{prefix}.qweight"].numpy(), got[f"{prefix}.qzeros"].numpy(),
+                                  got[f"{prefix}.scales"].numpy())
+
+
+def test_awq_keeps_unit_scales_for_unrouted_experts(biased_moe, calib_text, capsys, tmp_path):
+    from qconvert.methods.awq import awq_quantize
+
+    summary = _awq(capsys, biased_moe, calib_text, tmp_path / "routed")
+    n = _layers(biased_moe)
+    assert any(line.startswith(f"experts: {8 * n} in {n} layers") for line in summary["notes"])
+    fallback = next(line for line in summary["notes"] if "kept unit AWQ scales" in line)
+    fell = dict(re.findall(r"(model\.layers\.\d+\.mlp\.experts\.\d+) \((\d+)\)", fallback))
+    assert all(int(c) < 32 for c in fell.values())
+    for layer in range(n):
+        for e in UNROUTED:
+            assert fell[f"model.layers.{layer}.mlp.experts.{e}"] == "0"
+    names = {r["name"] for r in summary["layers"]}
+    assert {f"model.layers.{i}.mlp.experts.{e}.{p}" for i in range(n) for e in range(8)
+            for p in ("gate_proj", "up_proj", "down_proj")} <= names
+    assert not any(name.endswith("mlp.gate") for name in names)
+    src, got = read_tensors(biased_moe), read_tensors(tmp_path / "routed")
+    for layer in range(n):
+        router = f"model.layers.{layer}.mlp.gate.weight"  # unquantized, its columns balanced with the experts
+        assert got[router].dtype == src[router].dtype and not torch.equal(got[router], src[router])
+    spec = QuantSpec(bits=4, group_size=64, sym=False)  # AWQ: zero point
+    calibrated = [f"model.layers.{i}.mlp.experts.{e}" for i in range(n) for e in range(8)
+                  if f"model.layers.{i}.mlp.experts.{e}" not in fell]
+    assert len(calibrated) >= 4 * n
+    for expert in (*fell, calibrated[0]):
+        # down_proj: its inputs are only ever scaled by the expert's own up -> down group
+        prefix = f"{expert}.down_proj"
+        plain = awq_quantize(src[f"{prefix}.weight"].float(), spec).dequantize()
+        same = np.array_equal(_awq_dequantized(tmp_path / "routed", prefix), plain)
+        assert same == (expert in fell), expert  # unit scales, unclipped exactly where it fell back
+
+
+def test_awq_all_experts_calibrates_every_expert(biased_moe, calib_text, capsys, tmp_path):
+    from qconvert.methods.awq import awq_quantize
+
+    summary = _awq(capsys, biased_moe, calib_text, tmp_path / "all", "--all-experts")
+    assert not any("kept unit AWQ scales" in line for line in summary["notes"])
+    assert any("--all-experts" in line for line in summary["notes"] if line.startswith("experts: "))
+    src = read_tensors(biased_moe)
+    spec = QuantSpec(bits=4, group_size=64, sym=False)  # AWQ: zero point
+    for layer in range(_layers(biased_moe)):
+        prefix = f"model.layers.{layer}.mlp.experts.3.down_proj"
+        plain = awq_quantize(src[f"{prefix}.weight"].float(), spec).dequantize()
+        assert not np.array_equal(_awq_dequantized(tmp_path / "all", prefix), plain)  # searched and clipped
