@@ -236,8 +236,8 @@ def test_imatrix_with_another_expert_count_is_refused(synthetic_dir, tmp_path):
 @pytest.mark.parametrize("arch,method", [("deepseek_v3", ["--method", "awq"]),
                                          ("qwen3_moe", ["--method", "gptq", "--scheme", "w8a8",
                                                         "--smoothquant", "0.5"])])
-def test_awq_and_smoothquant_refuse_what_they_cannot_fold(arch, method, synthetic_dir, calib_text, quantize_cli,
-                                                         tmp_path):
+def test_awq_and_smoothquant_refuse_what_they_cannot_fold(arch, method, synthetic_dir, calib_text,
+                                                         quantize_cli, tmp_path):
     # AWQ on qwen3_moe/qwen2_moe/mixtral/olmoe: tests/pipelines/test_calibrate_moe.py; deepseek2's MLA
     # attention has no AWQ groups, and SmoothQuant has no mappings for expert blocks yet
     code, out, err = quantize_cli(synthetic_dir(arch), *method, "--dataset", calib_text, "-o", tmp_path / "q")
