@@ -128,7 +128,7 @@ def test_gptq_smoothquant(capsys, synthetic_dir, calib_text, stats_file, tmp_pat
     "arch,args,needle",
     [
         ("qwen3_moe", ["--method", "rtn", "--scheme", "w8a8", "--smoothquant", "0.5", "--stats", "STATS"],
-         r"--smoothquant: no smoothing mappings for the qwen3moe architecture \(supported: llama, "),
+         r"--smoothquant: no smoothing mappings for Mixture-of-Experts blocks yet \(qwen3moe with experts\)"),
         ("llama", ["--method", "rtn", "--scheme", "nvfp4a16", "--smoothquant", "0.5", "--stats", "STATS"],
          r"--smoothquant applies to --scheme w8a8"),
         ("llama", ["--method", "rtn", "--scheme", "w8a8", "--smoothquant", "0.5"],
