@@ -721,8 +721,7 @@ def _build_synthetic(arch: str, sharded: bool, tied: bool, seed: int) -> Callabl
         cfg = synthetic_config(arch, tied=tied)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         _shape_weights(model, arch, seed)
-        if arch == "glm4_moe":
-            _glm4_moe_router_bias(model, seed)
+        _router_correction_bias(model, seed)
         model = model.to(torch.bfloat16)
         model.config.architectures = [type(model).__name__]
         # ~8 MB of weights: 3 MB shards give three files (the embedding is 2 MB).
@@ -733,9 +732,10 @@ def _build_synthetic(arch: str, sharded: bool, tied: bool, seed: int) -> Callabl
     return build
 
 
-def _glm4_moe_router_bias(model, seed: int) -> None:
-    """GLM's e_score_correction_bias is a buffer that init leaves at zero: give it values of the size of the
-    sigmoid scores' spread, so that it changes which experts win (it only selects, never weights)."""
+def _router_correction_bias(model, seed: int) -> None:
+    """DeepSeek-V3's and GLM's e_score_correction_bias is a buffer that init leaves at zero: give it values of
+    the size of the sigmoid scores' spread, so that it changes which experts win (it only selects, never
+    weights)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -752,7 +752,7 @@ def synthetic_dir(arch: str, *, sharded: bool = False, tied: bool = True) -> Pat
     name = arch + ("-sharded" if sharded else "") + ("" if tied else "-untied")
     # the config's own digest too: editing synthetic_config (or the library's defaults) rebuilds the cache
     config = json.dumps(synthetic_config(arch, tied=tied).to_dict(), sort_keys=True, default=str)
-    recipe = f"{RECIPES['synthetic']}+config-{zlib.crc32(config.encode()):08x}"
+    recipe = f"{RECIPES['synthetic']}+config-{zlib.crc32(config.encode()):08x}+router-bias"
     build = _build_synthetic(arch, sharded, tied, synthetic_seed(arch))
     return ensure(fixtures_root() / "synthetic" / name, recipe, build)
 

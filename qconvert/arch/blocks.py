@@ -22,6 +22,15 @@ where a unit is a routed expert or a shared expert. The routers (``mlp.gate``, Q
 stay unquantized): folded, the float model routes every token exactly as before. AutoAWQ and llm-compressor
 balance the experts only, which changes the routing logits by the folded scales.
 
+MLA attention (deepseek2) has no v rows to fold into o (kv_b_proj interleaves each head's k and v rows) but
+two norms inside it, each in front of one Linear (llm-compressor's DeepSeek mappings):
+
+    attn_norm                      q_a_proj, kv_a_proj_with_mqa   attn
+    q_a_layernorm                  q_b_proj                       q_b_proj
+    kv_a_layernorm                 kv_b_proj                      kv_b_proj
+
+and none of its Linears is clipped: each one's output reaches the q·k product.
+
 gemma2/gemma3 feed the MLP through pre_feedforward_layernorm (post_attention_layernorm and
 post_feedforward_layernorm act on the *outputs* of o_proj/down_proj: untouched).
 
@@ -54,11 +63,17 @@ class BlockLayout:
     mlp: str = "mlp"
     gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     down: str = "mlp.down_proj"
+    # norms inside the attention, each feeding one Linear (MLA: q_a_layernorm -> q_b_proj, ...); a layout
+    # with them has no v-o group and clips no attention Linear
+    attn_inner: tuple[tuple[str, str], ...] = ()
 
 
 LLAMA_BLOCK = BlockLayout()
 GEMMA2_BLOCK = BlockLayout(mlp_norm="pre_feedforward_layernorm")
 PHI3_BLOCK = BlockLayout(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",))
+MLA_BLOCK = BlockLayout(qkv=("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+                        attn_inner=(("self_attn.q_a_layernorm", "self_attn.q_b_proj"),
+                                    ("self_attn.kv_a_layernorm", "self_attn.kv_b_proj")))
 
 
 @dataclass
@@ -117,12 +132,21 @@ def awq_plan(layout: BlockLayout, linear: LinearShape, heads: Heads, norm_offset
     ``moe``: the block's MoE MLP, None for a dense one)."""
     if len(layout.qkv) == 1:
         return _fused_plan(layout, linear, heads, norm_offset)
-    q, k, v = layout.qkv
     attn, mlp = norm_groups(layout, norm_offset, moe)
     groups = [attn]
-    v_out, o_in = linear(v)[0], linear(layout.o)[1]
-    if v_out == o_in:  # no GQA: each v row feeds exactly one o column
-        groups.append(ScalingGroup("v-o", v, [layout.o], layout.o, prev_rows=(0, v_out)))
+    if layout.attn_inner:
+        for lin in (*layout.qkv, *(lin for _, lin in layout.attn_inner)):
+            linear(lin)  # refuses a block without it
+        for norm, lin in layout.attn_inner:
+            name = f"{norm.rsplit('.', 1)[-1]}-{lin.rsplit('.', 1)[-1]}"  # "q_a_layernorm-q_b_proj"
+            groups.append(ScalingGroup(name, norm, [lin], lin, norm_offset=norm_offset))
+        no_clip = {*layout.qkv, *(lin for _, lin in layout.attn_inner)}
+    else:
+        q, k, v = layout.qkv
+        v_out, o_in = linear(v)[0], linear(layout.o)[1]
+        if v_out == o_in:  # no GQA: each v row feeds exactly one o column
+            groups.append(ScalingGroup("v-o", v, [layout.o], layout.o, prev_rows=(0, v_out)))
+        no_clip = {q, k}
     groups.append(mlp)
     if moe is None:
         up = layout.gate_up[-1]
@@ -131,7 +155,7 @@ def awq_plan(layout: BlockLayout, linear: LinearShape, heads: Heads, norm_offset
         unit = up.rsplit(".", 1)[0]
         groups.append(ScalingGroup(f"up-down {unit}", up, [down], down, prev_rows=(0, linear(up)[0]),
                                    unit=unit))
-    return BlockPlan(groups, no_clip={q, k})
+    return BlockPlan(groups, no_clip=no_clip)
 
 
 def _fused_plan(layout: BlockLayout, linear: LinearShape, heads: Heads, norm_offset: float) -> BlockPlan:

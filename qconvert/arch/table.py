@@ -18,7 +18,7 @@ import numpy as np
 
 from qconvert.arch import hparams as hp
 from qconvert.arch import vocab
-from qconvert.arch.blocks import GEMMA2_BLOCK, LLAMA_BLOCK, PHI3_BLOCK, BlockLayout
+from qconvert.arch.blocks import GEMMA2_BLOCK, LLAMA_BLOCK, MLA_BLOCK, PHI3_BLOCK, BlockLayout
 from qconvert.errors import BadInput
 
 
@@ -91,8 +91,9 @@ _PHI3 = ArchSpec("phi3", gguf.MODEL_ARCH.PHI3, hp.hp_phi3, vocab=vocab.Vocab(("p
                  extra_kvs=hp.extra_kv_phi3, extra_tensors=hp.extra_tensors_phi3, block=PHI3_BLOCK,
                  hf_config=hp.cfg_phi3, hf_modules=(("ffn_up", "mlp.gate_up_proj"),))
 
-# MoE families: llama-shaped blocks with a sparse MLP (AWQ: arch/blocks.MoeFFN); deepseek2's
-# MLA attention and gpt-oss's fused, biased experts have no layout the methods know (block=None)
+# MoE families: llama-shaped blocks with a sparse MLP (AWQ: arch/blocks.MoeFFN; glm4moe's and deepseek2's
+# leading dense layers are llama's block, deepseek2's attention MLA_BLOCK's); gpt-oss's fused, biased experts
+# have no layout the methods know (block=None)
 _QWEN2MOE = ArchSpec("qwen2moe", gguf.MODEL_ARCH.QWEN2MOE, hp.hp_qwen2moe, experts=Experts(),
                      check=hp.check_qwen_moe,
                      needs_output=True, hf_config=hp.cfg_qwen2moe)
@@ -101,8 +102,8 @@ _QWEN3MOE = ArchSpec("qwen3moe", gguf.MODEL_ARCH.QWEN3MOE, hp.hp_qwen2moe, exper
                      hf_config=hp.cfg_qwen3moe)
 _OLMOE = ArchSpec("olmoe", gguf.MODEL_ARCH.OLMOE, hp.hp_olmoe, experts=Experts(),
                   needs_output=True, hf_config=hp.cfg_olmoe)
-_DEEPSEEK2 = ArchSpec("deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, hp.hp_deepseek2, block=None, experts=Experts(),
-                      mla=True, hf_config=hp.cfg_deepseek2,
+_DEEPSEEK2 = ArchSpec("deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, hp.hp_deepseek2, block=MLA_BLOCK,
+                      experts=Experts(), mla=True, hf_config=hp.cfg_deepseek2,
                       hf_modules=(("ffn_gate_shexp", "mlp.shared_experts.gate_proj"),
                                   ("ffn_up_shexp", "mlp.shared_experts.up_proj"),
                                   ("ffn_down_shexp", "mlp.shared_experts.down_proj")))
@@ -111,7 +112,7 @@ _DEEPSEEK2 = ArchSpec("deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, hp.hp_deepseek2, b
 # (llama.cpp's loader then loads the trunk only). Glm4MoeModel takes per-expert tensors only (fused ones
 # leave it with "Unprocessed experts"); the fused form is accepted here as for the Qwen families
 _GLM4MOE = ArchSpec("glm4moe", gguf.MODEL_ARCH.GLM4_MOE, hp.hp_glm4moe,
-                    vocab=vocab.Vocab(("gpt2",), specials=vocab.glm4moe_specials), block=None,
+                    vocab=vocab.Vocab(("gpt2",), specials=vocab.glm4moe_specials),
                     experts=Experts(), mtp_layers=hp.glm4moe_nextn)
 # Mixtral is llama with experts (block_sparse_moe.experts.X.w1/w3/w2 = gate/up/down); the converter's
 # LlamaModel knows no fused form for it

@@ -341,8 +341,15 @@ def _load_unpacked(ckpt):
                                                  attn_implementation=attn_implementation(ckpt.config))
     _per_expert_linears(model, ckpt)
     params = dict(model.named_parameters())
+    # persistent buffers the checkpoint holds (DeepSeek-V3 / GLM-4.5's router e_score_correction_bias):
+    # from_config leaves them at their initial zeros
+    buffers = {n: b for n, b in model.named_buffers()
+               if n.rpartition(".")[2] not in _non_persistent(model, n)}
     seen: set[str] = set()
     for name, value in dense_tensors(ckpt):
+        if name in buffers and tuple(value.shape) == tuple(buffers[name].shape):
+            buffers[name].copy_(value.to(buffers[name].dtype))
+            continue
         if name not in params:
             continue  # e.g. rotary caches some checkpoints carry
         if tuple(value.shape) != tuple(params[name].shape):
@@ -367,6 +374,11 @@ def _per_expert_linears(model: torch.nn.Module, ckpt) -> None:
     spec = resolve(ckpt.config, ckpt.path)
     if spec.experts is not None and any(f".{spec.experts.module}.0." in n for n in ckpt.tensors):
         linearise(model, spec)
+
+
+def _non_persistent(model: torch.nn.Module, dotted: str) -> set[str]:
+    owner_name = dotted.rpartition(".")[0]
+    return set((model.get_submodule(owner_name) if owner_name else model)._non_persistent_buffers_set)
 
 
 def _set_param(model: torch.nn.Module, dotted: str, value: torch.Tensor) -> None:

@@ -60,7 +60,11 @@ def family(config: dict) -> str:
 
 
 def _linear(block: nn.Module, name: str) -> nn.Linear:
-    mod = block.get_submodule(name)
+    try:
+        mod = block.get_submodule(name)
+    except AttributeError:  # e.g. a deepseek_v3 without q_lora_rank (q_proj in place of q_a_proj/q_b_proj)
+        raise BadInput(f"--method awq: the decoder block has no {name}, which this family's AWQ groups "
+                       "need") from None
     if not isinstance(mod, nn.Linear):
         raise BadInput(f"--method awq: {name} is a {type(mod).__name__}, expected a Linear")
     return mod

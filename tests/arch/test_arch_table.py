@@ -18,5 +18,6 @@ def test_unsupported_architecture():
 def test_every_family_has_a_block_layout():
     # AWQ's supported families are the table's, in table order (the order of its error message)
     assert BLOCK_FAMILIES == ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen3moe",
-                              "olmoe", "qwen2moe", "smollm3", "granite", "seed_oss", "ernie4_5")
+                              "olmoe", "qwen2moe", "deepseek2", "glm4moe", "smollm3", "granite", "seed_oss",
+                              "ernie4_5")
     assert {s.name for s in ARCHITECTURES.values()} == {s.name for s in MODEL_TYPES.values()}

@@ -49,3 +49,25 @@ def test_unpack_loader_matches_transformers_loader(tiny_src, tmp_path, calib_tex
     b = evaluate(ct, calib_text, ctx=64, chunks=2, loader="unpack", threads=2)
     assert a.tokens == b.tokens == 2 * 31
     assert abs(a.perplexity / b.perplexity - 1) < 0.005, (a.perplexity, b.perplexity)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe"])
+def test_unpack_loader_keeps_the_router_correction_bias(synthetic_dir, arch):
+    """The routers' e_score_correction_bias is a persistent buffer, not a parameter: the unpack loader
+    fills it from the checkpoint (left at from_config's zeros it picks other experts), and the model it
+    builds computes transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from qconvert.evaluate.backends import _load_unpacked
+
+    src = synthetic_dir(arch)
+    ours = _load_unpacked(open_checkpoint(src))
+    theirs = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    biases = {n: b for n, b in theirs.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert biases and all(b.abs().max() > 0 for b in biases.values())
+    mine = dict(ours.named_buffers())
+    for name, bias in biases.items():
+        assert torch.equal(mine[name], bias), name
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)

@@ -245,32 +245,46 @@ def _routes(model) -> list[torch.Tensor]:
     return routes
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe", "deepseek_v3"])
 def test_folded_scales_keep_a_moe_model_and_its_routing(synthetic_dir, arch):
     """One scale vector folds into the norm in front of every expert, shared expert and router; each expert
     gets its own up -> down group. Folded with random scales, the model routes every token as before and its
-    logits stay the same."""
+    logits stay the same. glm4_moe: a leading dense layer (llama's groups), shared experts, a router whose
+    e_score_correction_bias picks the experts. deepseek_v3: the same, with MLA attention (its two inner norms
+    each fold into the Linear after it; no v-o group, no attention Linear clipped)."""
     from qconvert.calib.experts import LinearExperts
 
     model, config = _linearised(synthetic_dir(arch))
     tokens = torch.randint(3, config["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     routes = _routes(model)
-    shared = int(arch == "qwen2_moe")
+    shared = int(arch in ("qwen2_moe", "glm4_moe", "deepseek_v3"))
+    routers_of = {"qwen2_moe": 2}
     with torch.inference_mode():
         before = model(input_ids=tokens).logits
         original = list(routes)
         for layer in model.model.layers:
             plan = block_plan(config, layer)
             groups = {grp.name: grp for grp in plan.groups}
-            n_experts = len(next(m for m in layer.modules() if isinstance(m, LinearExperts)))
+            experts = [m for m in layer.modules() if isinstance(m, LinearExperts)]
             mlp = groups["gate-up"]
+            if arch == "deepseek_v3":
+                assert groups["qkv"].balanced == ["self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"]
+                assert [(grp.prev, grp.balanced) for grp in plan.groups if grp.name.endswith("_b_proj")] == [
+                    ("self_attn.q_a_layernorm", ["self_attn.q_b_proj"]),
+                    ("self_attn.kv_a_layernorm", ["self_attn.kv_b_proj"])]
+                assert "v-o" not in groups and plan.no_clip == {f"self_attn.{n}" for n in (
+                    "q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "kv_b_proj")}
+            if not experts:  # a dense layer: llama's groups
+                assert mlp.balanced == ["mlp.gate_proj", "mlp.up_proj"] and "up-down" in groups
+            n_experts = len(experts[0]) if experts else 0
             # every routed expert's gate and up, the shared expert's, and every router
-            routers = [n for n in mlp.balanced if n.rsplit(".", 1)[-1] in ("gate", "shared_expert_gate")]
-            assert len(routers) == 1 + shared
-            assert len(mlp.balanced) == 2 * (n_experts + shared) + len(routers)
-            assert mlp.stats_from is not None and len(mlp.stats_from) == n_experts + shared
-            assert len([name for name in groups if name.startswith("up-down ")]) == n_experts + shared
+            if experts:
+                routers = [n for n in mlp.balanced if n.rsplit(".", 1)[-1] in ("gate", "shared_expert_gate")]
+                assert len(routers) == routers_of.get(arch, 1)
+                assert len(mlp.balanced) == 2 * (n_experts + shared) + len(routers)
+                assert mlp.stats_from is not None and len(mlp.stats_from) == n_experts + shared
+                assert len([name for name in groups if name.startswith("up-down ")]) == n_experts + shared
             for grp in plan.groups:
                 k = layer.get_submodule(grp.balanced[0]).weight.shape[1]
                 fold_scales(layer, grp, torch.exp(0.7 * torch.randn(k, generator=g)))
@@ -278,7 +292,8 @@ def test_folded_scales_keep_a_moe_model_and_its_routing(synthetic_dir, arch):
         after = model(input_ids=tokens).logits
     scale = before.abs().max()
     assert float((after - before).abs().max() / scale) < 2e-5
-    assert len(routes) == len(original) == config["num_hidden_layers"]
+    n_sparse = config["num_hidden_layers"] - config.get("first_k_dense_replace", 0)
+    assert len(routes) == len(original) == n_sparse
     for folded, unfolded in zip(routes, original, strict=True):
         assert torch.equal(folded, unfolded)  # the same experts for every token
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import torch
 
 from qconvert.errors import BadInput
 from qconvert.formats.gguf.imatrix import Imatrix, write_imatrix_gguf
@@ -233,13 +234,26 @@ def test_imatrix_with_another_expert_count_is_refused(synthetic_dir, tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
-def test_awq_refuses_mla_in_one_line(synthetic_dir, calib_text, quantize_cli, tmp_path):
-    # AWQ on qwen3_moe/qwen2_moe/mixtral/olmoe: tests/pipelines/test_calibrate_moe.py; deepseek2's MLA
-    # attention has no AWQ groups (SmoothQuant's MoE refusal: test_smoothquant)
-    code, out, err = quantize_cli(synthetic_dir("deepseek_v3"), "--method", "awq", "--dataset", calib_text,
-                                  "-o", tmp_path / "q")
-    assert code == 2 and "deepseek2" in err and len(err.strip().splitlines()) == 1, err
-    assert list(tmp_path.iterdir()) == []
+def test_awq_refuses_mla_without_q_lora_in_one_line(synthetic_dir, calib_text, quantize_cli, capsys,
+                                                    tmp_path):
+    # AWQ on every MoE family: tests/methods/test_awq.py, tests/pipelines/test_quantize_moe.py. A deepseek_v3
+    # without q_lora_rank projects q with one q_proj: MLA_BLOCK's q_a_proj/q_b_proj groups do not apply
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = synthetic_dir("deepseek_v3")
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.q_lora_rank = None
+    model = tmp_path / "m"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, model / f.name)
+    capsys.readouterr()  # save_pretrained's progress bar
+    code, out, err = quantize_cli(model, "--method", "awq", "--dataset", calib_text, "--num-samples", "2",
+                                  "--seq-len", "32", "-o", tmp_path / "q")
+    assert code == 2 and "self_attn.q_a_proj" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "q").exists()
 
 
 def test_tied_lm_head_where_llama_cpp_needs_one_is_refused(synthetic_dir, tmp_path):

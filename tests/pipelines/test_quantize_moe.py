@@ -14,7 +14,8 @@ from qconvert.evaluate.backends import _load_unpacked
 from qconvert.load import open_checkpoint
 from tests.helpers import run_cli
 
-ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
+# glm4_moe, deepseek_v3: their first layer is dense
+ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe", "deepseek_v3"]
 METHODS = {"rtn": ["--method", "rtn", "--group-size", "64"], "fp8": ["--method", "fp8"],
            # symmetric: transformers 5.25 cannot decompress zero-point experts (its fused-expert dequantizer
            # finds no zero_point among the per-expert tensors)
@@ -49,7 +50,7 @@ def test_compressed_tensors_moe_loads_in_transformers(arch, method, synthetic_di
     dense = dict(ours.named_parameters())
     gate_n, up_n, down_n = _proj_names(dense)
     fused = [(n, m) for n, m in model.named_modules() if hasattr(m, "gate_up_proj")]
-    assert len(fused) == model.config.num_hidden_layers
+    assert len(fused) == model.config.num_hidden_layers - getattr(model.config, "first_k_dense_replace", 0)
     # compressed-tensors 0.20 decompresses a Linear into the model's dtype (bf16 here) and the experts into
     # their fused parameters' (int4: bf16, fp8: float32): our float32 values rounded to it once
     model_dt = getattr(torch, json.loads((out / "config.json").read_text())["dtype"])
