@@ -17,6 +17,7 @@ from tests.helpers import run_cli
 # glm4_moe, deepseek_v3: their first layer is dense
 ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe", "deepseek_v3"]
 METHODS = {"rtn": ["--method", "rtn", "--group-size", "64"], "fp8": ["--method", "fp8"],
+           "gptq": ["--method", "gptq", "--group-size", "64", "--num-samples", "4", "--seq-len", "64"],
            # symmetric: transformers 5.25 cannot decompress zero-point experts (its fused-expert dequantizer
            # finds no zero_point among the per-expert tensors)
            "awq": ["--method", "awq", "--no-zero-point", "--group-size", "64", "--num-samples", "4",
@@ -31,7 +32,7 @@ def test_compressed_tensors_moe_loads_in_transformers(arch, method, synthetic_di
 
     src = synthetic_dir(arch)
     out = tmp_path / "q"
-    data = ["--dataset", calib_text] if method == "awq" else []
+    data = ["--dataset", calib_text] if method in ("awq", "gptq") else []
     code, _, err = run_cli(capsys, "quantize", src, *METHODS[method], *data, "--format", "compressed-tensors",
                            "-o", out)
     assert code == 0, err
