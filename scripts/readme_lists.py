@@ -37,6 +37,15 @@ def architectures() -> str:
     return "* Architectures (GGUF arch, HF classes): " + "; ".join(items) + "."
 
 
+def way_back() -> str:
+    from qconvert.arch.table import ARCHITECTURES
+
+    back = dict.fromkeys(spec.name for spec in ARCHITECTURES.values() if spec.hf_config is not None)
+    rest = dict.fromkeys(spec.name for spec in ARCHITECTURES.values() if spec.name not in back)
+    return (f"* `--to hf` (GGUF arch): {', '.join(f'`{n}`' for n in back)}; refused in one line: "
+            f"{', '.join(f'`{n}`' for n in rest)}")
+
+
 def methods() -> str:
     from qconvert.formats.packed import FORMAT_NAMES
     from qconvert.methods import METHODS
@@ -50,7 +59,7 @@ def methods() -> str:
 
 
 SPANS: dict[str, Callable[[], str]] = {
-    "file-types": file_types, "architectures": architectures, "methods": methods,
+    "file-types": file_types, "architectures": architectures, "methods": methods, "way-back": way_back,
 }
 
 

@@ -186,6 +186,7 @@ def hf_config(spec: ArchSpec, hf_arch: str, model_type: str, kv: GGUFKVs,
               read: Reader) -> tuple[dict, list[str]]:
     """config.json from the KVs (the family's cfg_*), the token ids, the tie and the generated tensors
     read back; with the notes on what the file cannot tell."""
+    assert spec.hf_config is not None  # resolve_gguf refused the others
     cfg = spec.hf_config(kv)
     notes: list[str] = []
     embd = kv.tensors.get("token_embd.weight")

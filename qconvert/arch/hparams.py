@@ -359,6 +359,14 @@ def cfg_deepseek2(kv: GGUFKVs) -> dict:
     return out
 
 
+def cfg_olmo2(kv: GGUFKVs) -> dict:
+    """Olmo2Config. OLMo 3 is written as olmo2 with its sliding window; Olmo3's layer types are not read
+    back (yet): refused rather than returned as an OLMo 2 that attends in full."""
+    if kv.get("attention.sliding_window") is not None:
+        raise BadInput("olmo2 GGUF with a sliding window (OLMo 3) cannot be converted back to HF yet")
+    return cfg_text(kv)
+
+
 def hp_olmoe(cfg: dict, w: Any) -> None:
     hp_text(cfg, w)
     w.add_layer_norm_rms_eps(1e-5)  # OlmoeModel forces it (re-set: the key keeps its first position)

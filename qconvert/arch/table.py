@@ -65,8 +65,10 @@ class ArchSpec:
     zero_biases: bool = False                   # cohere2: biases dropped, refused unless all zero (its
                                                 # llama.cpp graph has none)
     # the way back (`convert model.gguf --to hf`, arch/hf.py): config.json from the KVs (hparams.cfg_*), and
-    # the HF module of each GGUF block tensor where it is not the llama-like default (arch/hf.HF_MODULES)
-    hf_config: Callable[[Any], dict] = hp.cfg_text
+    # the HF module of each GGUF block tensor where it is not the llama-like default (arch/hf.HF_MODULES).
+    # None: no verified way back (tests/pipelines/test_gguf_to_hf.py round-trips every family that has one),
+    # refused in one line rather than writing a checkpoint transformers loads wrong
+    hf_config: Callable[[Any], dict] | None = hp.cfg_text
     hf_modules: tuple[tuple[str, str], ...] = ()
 
 
@@ -113,7 +115,7 @@ _DEEPSEEK2 = ArchSpec("deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, hp.hp_deepseek2, b
 # leave it with "Unprocessed experts"); the fused form is accepted here as for the Qwen families
 _GLM4MOE = ArchSpec("glm4moe", gguf.MODEL_ARCH.GLM4_MOE, hp.hp_glm4moe,
                     vocab=vocab.Vocab(("gpt2",), specials=vocab.glm4moe_specials),
-                    experts=Experts(), mtp_layers=hp.glm4moe_nextn)
+                    experts=Experts(), mtp_layers=hp.glm4moe_nextn, hf_config=None)
 # Mixtral is llama with experts (block_sparse_moe.experts.X.w1/w3/w2 = gate/up/down); the converter's
 # LlamaModel knows no fused form for it
 _MIXTRAL = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama, vocab=_LLAMA.vocab, permute_qk=True,
@@ -135,19 +137,19 @@ _SMOLLM3 = ArchSpec("smollm3", gguf.MODEL_ARCH.SMOLLM3, hp.hp_smollm3, vocab=_LL
 # Olmo3 too: the converter writes both as olmo2 (Olmo3's sliding window as KVs); llama.cpp's olmo2 loader
 # requires output.weight
 _OLMO2 = ArchSpec("olmo2", gguf.MODEL_ARCH.OLMO2, hp.hp_olmo2, vocab=vocab.Vocab(("gpt2",)), block=None,
-                  needs_output=True)
+                  needs_output=True, hf_config=hp.cfg_olmo2)
 _GRANITE = ArchSpec("granite", gguf.MODEL_ARCH.GRANITE, hp.hp_granite, vocab=_LLAMA.vocab, permute_qk=True,
-                    extra_tensors=hp.extra_tensors_llama)
+                    extra_tensors=hp.extra_tensors_llama, hf_config=None)
 _GLM4 = ArchSpec("glm4", gguf.MODEL_ARCH.GLM4, hp.hp_glm4, vocab=vocab.Vocab(("gpt2",),
-                 specials=vocab.glm4_specials), block=None)
+                 specials=vocab.glm4_specials), block=None, hf_config=None)
 _EXAONE4 = ArchSpec("exaone4", gguf.MODEL_ARCH.EXAONE4, hp.hp_exaone4, vocab=vocab.Vocab(("gpt2",)),
-                    extra_tensors=hp.extra_tensors_exaone4, block=None)
+                    extra_tensors=hp.extra_tensors_exaone4, block=None, hf_config=None)
 _COHERE2 = ArchSpec("cohere2", gguf.MODEL_ARCH.COHERE2, hp.hp_cohere2, vocab=vocab.Vocab(("gpt2",)),
-                    zero_biases=True, block=None)
+                    zero_biases=True, block=None, hf_config=None)
 _SEED_OSS = ArchSpec("seed_oss", gguf.MODEL_ARCH.SEED_OSS, hp.hp_text, vocab=vocab.Vocab(("gpt2",)))
 # the converter reads tokenizer.model only
 _ERNIE4_5 = ArchSpec("ernie4_5", gguf.MODEL_ARCH.ERNIE4_5, hp.hp_text,
-                     vocab=vocab.Vocab(("spm",), after_config=vocab.ernie4_5_after_config))
+                     vocab=vocab.Vocab(("spm",), after_config=vocab.ernie4_5_after_config), hf_config=None)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA, "MistralForCausalLM": _LLAMA, "Qwen2ForCausalLM": _QWEN2,
@@ -189,10 +191,10 @@ def resolve_gguf(arch: str, has_experts: bool, source: object = None) -> tuple[s
     """(HF architectures[0], model_type, spec) of a GGUF file's general.architecture: the first family of
     the table written as that arch (the llama arch with experts is Mixtral)."""
     for hf_arch, spec in ARCHITECTURES.items():
-        if spec.name == arch and (spec.experts is not None) == has_experts:
+        if spec.name == arch and (spec.experts is not None) == has_experts and spec.hf_config is not None:
             model_type = next(m for m, s in MODEL_TYPES.items() if s is spec)
             return hf_arch, model_type, spec
     found = arch + (" with experts" if has_experts else "")
-    supported = ", ".join(sorted({s.name for s in ARCHITECTURES.values()}))
+    supported = ", ".join(sorted({s.name for s in ARCHITECTURES.values() if s.hf_config is not None}))
     raise BadInput(f"GGUF architecture {found} cannot be converted back to HF (supported: {supported})",
                    source)
