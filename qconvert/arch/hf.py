@@ -52,7 +52,7 @@ ROPE_LONG = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
 ROPE_SHORT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
 GENERATED = (ROPE_FREQS, ROPE_LONG, ROPE_SHORT)
 _EXPERT_STEMS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-_BLOCK = re.compile(r"^blk\.(?P<bid>\d+)\.(?P<stem>[^.]+)\.(?P<suffix>weight|bias)$")
+_BLOCK = re.compile(r"^blk\.(?P<bid>\d+)\.(?P<stem>(?:nextn\.)?[^.]+)\.(?P<suffix>weight|bias)$")
 
 Reader = Callable[[str], np.ndarray]  # gguf name -> float32 array in numpy order
 
@@ -107,7 +107,8 @@ def _expert_outputs(spec: ArchSpec, n_layer: int, name: str, shape: tuple[int, .
 
 def plan_hf(spec: ArchSpec, cfg: dict, shapes: dict[str, tuple[int, ...]], read: Reader) -> list[HFGroup]:
     """Every HF tensor of the GGUF file, grouped by the GGUF tensors each read needs, in file order."""
-    n_layer = int(cfg["num_hidden_layers"])
+    # the MTP layers a family keeps (glm4moe) are blocks too: blk.{>= num_hidden_layers}
+    n_layer = int(cfg["num_hidden_layers"]) + (spec.mtp_layers(cfg) if spec.mtp_layers else 0)
     groups: list[HFGroup] = []
     for name, shape in shapes.items():
         if name in GENERATED or name.endswith(".attn_v_b.weight"):

@@ -486,6 +486,26 @@ def hp_glm4moe(cfg: dict, w: Any) -> None:
     w.add_nextn_predict_layers(nextn)
 
 
+def cfg_glm4moe(kv: GGUFKVs) -> dict:
+    """Glm4MoeConfig: hp_glm4moe undone. The MTP layers leave num_hidden_layers (their count stays in
+    num_nextn_predict_layers); q/k/v biases and the per-head q/k norms are read from the tensors present."""
+    out = cfg_text(kv)
+    nextn = int(kv.get("nextn_predict_layers", 0))
+    head = out["head_dim"]
+    out["rope_parameters"]["partial_rotary_factor"] = plain_float(kv["rope.dimension_count"] / head)
+    out.update(num_hidden_layers=kv["block_count"] - nextn, num_nextn_predict_layers=nextn,
+               attention_bias="blk.0.attn_q.bias" in kv.tensors,
+               use_qk_norm="blk.0.attn_q_norm.weight" in kv.tensors,
+               n_routed_experts=kv.get("expert_count"),
+               moe_intermediate_size=kv.get("expert_feed_forward_length"),
+               n_shared_experts=kv.get("expert_shared_count", 0),
+               first_k_dense_replace=kv.get("leading_dense_block_count", 0),
+               n_group=kv.get("expert_group_count", 1), topk_group=kv.get("expert_group_used_count", 1),
+               routed_scaling_factor=kv.get("expert_weights_scale", 1.0),
+               norm_topk_prob=bool(kv.get("expert_weights_norm", False)))
+    return out
+
+
 def hp_exaone4(cfg: dict, w: Any) -> None:
     """Exaone4Model: the generic block, vocab_size, the sliding window and its pattern (layer_types, else
     sliding_window_pattern: an int p means every p-th layer full, a string like "LLLG" repeats)."""

@@ -115,7 +115,12 @@ _DEEPSEEK2 = ArchSpec("deepseek2", gguf.MODEL_ARCH.DEEPSEEK2, hp.hp_deepseek2, b
 # leave it with "Unprocessed experts"); the fused form is accepted here as for the Qwen families
 _GLM4MOE = ArchSpec("glm4moe", gguf.MODEL_ARCH.GLM4_MOE, hp.hp_glm4moe,
                     vocab=vocab.Vocab(("gpt2",), specials=vocab.glm4moe_specials),
-                    experts=Experts(), mtp_layers=hp.glm4moe_nextn, hf_config=None)
+                    experts=Experts(), mtp_layers=hp.glm4moe_nextn, hf_config=hp.cfg_glm4moe,
+                    hf_modules=(*_DEEPSEEK2.hf_modules, ("nextn.eh_proj", "eh_proj"),
+                                ("nextn.enorm", "enorm"), ("nextn.hnorm", "hnorm"),
+                                ("nextn.shared_head_norm", "shared_head.norm"),
+                                ("nextn.embed_tokens", "embed_tokens"),
+                                ("nextn.shared_head_head", "shared_head.head")))
 # Mixtral is llama with experts (block_sparse_moe.experts.X.w1/w3/w2 = gate/up/down); the converter's
 # LlamaModel knows no fused form for it
 _MIXTRAL = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama, vocab=_LLAMA.vocab, permute_qk=True,

@@ -102,22 +102,42 @@ def test_fused_experts_equal_the_per_expert_layout(model, reference_bf16, tmp_pa
     assert_same_gguf(ours, reference_bf16, order=False)
 
 
+def _add_mtp(t):
+    """model.layers.4: the hub's MTP layer (layer 3 copied, plus eh_proj, enorm, hnorm, shared_head.norm)."""
+    import torch
+
+    src, dst = "model.layers.3.", "model.layers.4."
+    for k in [k for k in t if k.startswith(src)]:
+        t[dst + k[len(src):]] = t[k].clone()
+    gen = torch.Generator().manual_seed(5)
+    t[dst + "eh_proj.weight"] = (torch.randn(256, 512, generator=gen) / 512 ** 0.5).to(torch.bfloat16)
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        t[dst + f"{norm}.weight"] = (1 + 0.1 * torch.randn(256, generator=gen)).to(torch.bfloat16)
+
+
+def test_mtp_layer_comes_back_under_the_hub_names(model, tmp_path):
+    """--to hf of a GGUF with the MTP layer: blk.4.* and blk.4.nextn.* return as model.layers.4.*, bit for
+    bit, and num_hidden_layers leaves the MTP layer out again (the trunk-only case: test_gguf_to_hf)."""
+    import torch
+
+    from qconvert.pipelines.to_hf import convert_to_hf
+    from tests.helpers import read_tensors
+
+    mtp = _edit(model, tmp_path / "mtp", _add_mtp)
+    back = convert_to_hf(_convert(mtp, tmp_path / "m.gguf", "BF16"), tmp_path / "hf").output
+    orig, got = read_tensors(mtp), read_tensors(back)
+    assert sorted(got) == sorted(orig)
+    for name, t in orig.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    cfg = json.loads((back / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["num_nextn_predict_layers"]) == (4, 1)
+
+
 def test_mtp_layer_equals_convert_hf_to_gguf(llamacpp_converter, model, tmp_path):
     """A checkpoint that holds the MTP layer, as the hub's GLM-4.5 files do (model.layers.L: a full decoder
     layer plus eh_proj, enorm, hnorm, shared_head.norm): it is written as blk.L.* and blk.L.nextn.*, as the
     converter writes it, and llama.cpp still runs the trunk like transformers (which ignores layer L)."""
-    import torch
-
-    def add_mtp(t):
-        src, dst = "model.layers.3.", "model.layers.4."
-        for k in [k for k in t if k.startswith(src)]:
-            t[dst + k[len(src):]] = t[k].clone()
-        gen = torch.Generator().manual_seed(5)
-        t[dst + "eh_proj.weight"] = (torch.randn(256, 512, generator=gen) / 512 ** 0.5).to(torch.bfloat16)
-        for norm in ("enorm", "hnorm", "shared_head.norm"):
-            t[dst + f"{norm}.weight"] = (1 + 0.1 * torch.randn(256, generator=gen)).to(torch.bfloat16)
-
-    mtp = _edit(model, tmp_path / "mtp", add_mtp)
+    mtp = _edit(model, tmp_path / "mtp", _add_mtp)
     ref = convert_hf_to_gguf(llamacpp_converter, mtp, tmp_path / "ref.gguf", PRE)
     ours = _convert(mtp, tmp_path / "ours.gguf", "BF16")
     assert_same_gguf(ours, ref, order=False)
