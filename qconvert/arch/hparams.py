@@ -244,6 +244,17 @@ def hp_granite(cfg: dict, w: Any) -> None:
         w.add_logit_scale(cfg["logits_scaling"])
 
 
+def cfg_granite(kv: GGUFKVs) -> dict:
+    """GraniteConfig: llama's, with each multiplier back from its scale KV (absent: transformers' 1.0)."""
+    out = cfg_llama(kv)
+    for key, name in (("attention.scale", "attention_multiplier"),
+                      ("embedding_scale", "embedding_multiplier"),
+                      ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling")):
+        if (value := kv.get(key)) is not None:
+            out[name] = plain_float(value)
+    return out
+
+
 def cfg_llama(kv: GGUFKVs) -> dict:
     """LlamaConfig (and MixtralConfig: the llama arch with experts) from the KVs."""
     out = cfg_text(kv)

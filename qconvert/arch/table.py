@@ -144,7 +144,7 @@ _SMOLLM3 = ArchSpec("smollm3", gguf.MODEL_ARCH.SMOLLM3, hp.hp_smollm3, vocab=_LL
 _OLMO2 = ArchSpec("olmo2", gguf.MODEL_ARCH.OLMO2, hp.hp_olmo2, vocab=vocab.Vocab(("gpt2",)), block=None,
                   needs_output=True, hf_config=hp.cfg_olmo2)
 _GRANITE = ArchSpec("granite", gguf.MODEL_ARCH.GRANITE, hp.hp_granite, vocab=_LLAMA.vocab, permute_qk=True,
-                    extra_tensors=hp.extra_tensors_llama, hf_config=None)
+                    extra_tensors=hp.extra_tensors_llama, hf_config=hp.cfg_granite)
 _GLM4 = ArchSpec("glm4", gguf.MODEL_ARCH.GLM4, hp.hp_glm4, vocab=vocab.Vocab(("gpt2",),
                  specials=vocab.glm4_specials), block=None, hf_config=None)
 _EXAONE4 = ArchSpec("exaone4", gguf.MODEL_ARCH.EXAONE4, hp.hp_exaone4, vocab=vocab.Vocab(("gpt2",)),
