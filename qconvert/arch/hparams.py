@@ -453,6 +453,16 @@ def hp_glm4(cfg: dict, w: Any) -> None:
     w.add_rope_dimension_count(int(head_dim(cfg) * rp.get("partial_rotary_factor", 0.5)))
 
 
+def cfg_glm4(kv: GGUFKVs) -> dict:
+    """Glm4Config: hp_glm4 undone (the rotary fraction from rope.dimension_count; q/k/v biases from the
+    tensors present)."""
+    out = cfg_text(kv)
+    rotary = kv["rope.dimension_count"] / out["head_dim"]
+    out["rope_parameters"]["partial_rotary_factor"] = plain_float(rotary)
+    out["attention_bias"] = "blk.0.attn_q.bias" in kv.tensors
+    return out
+
+
 # what transformers' Glm4MoeConfig fills in for a key config.json lacks (the converter reads AutoConfig's
 # to_dict(), A.1 of the reference): the hub configs carry them all, older ones may not
 GLM4MOE_DEFAULTS = {"num_nextn_predict_layers": 1, "first_k_dense_replace": 1, "n_shared_experts": 1,
@@ -498,14 +508,11 @@ def hp_glm4moe(cfg: dict, w: Any) -> None:
 
 
 def cfg_glm4moe(kv: GGUFKVs) -> dict:
-    """Glm4MoeConfig: hp_glm4moe undone. The MTP layers leave num_hidden_layers (their count stays in
-    num_nextn_predict_layers); q/k/v biases and the per-head q/k norms are read from the tensors present."""
-    out = cfg_text(kv)
+    """Glm4MoeConfig: glm4's, the MoE sizes and routing, and the MTP layers out of num_hidden_layers (their
+    count stays in num_nextn_predict_layers); the per-head q/k norms are read from the tensors present."""
+    out = cfg_glm4(kv)
     nextn = int(kv.get("nextn_predict_layers", 0))
-    head = out["head_dim"]
-    out["rope_parameters"]["partial_rotary_factor"] = plain_float(kv["rope.dimension_count"] / head)
     out.update(num_hidden_layers=kv["block_count"] - nextn, num_nextn_predict_layers=nextn,
-               attention_bias="blk.0.attn_q.bias" in kv.tensors,
                use_qk_norm="blk.0.attn_q_norm.weight" in kv.tensors,
                n_routed_experts=kv.get("expert_count"),
                moe_intermediate_size=kv.get("expert_feed_forward_length"),

@@ -146,7 +146,10 @@ _OLMO2 = ArchSpec("olmo2", gguf.MODEL_ARCH.OLMO2, hp.hp_olmo2, vocab=vocab.Vocab
 _GRANITE = ArchSpec("granite", gguf.MODEL_ARCH.GRANITE, hp.hp_granite, vocab=_LLAMA.vocab, permute_qk=True,
                     extra_tensors=hp.extra_tensors_llama, hf_config=hp.cfg_granite)
 _GLM4 = ArchSpec("glm4", gguf.MODEL_ARCH.GLM4, hp.hp_glm4, vocab=vocab.Vocab(("gpt2",),
-                 specials=vocab.glm4_specials), block=None, hf_config=None)
+                 specials=vocab.glm4_specials), block=None, hf_config=hp.cfg_glm4,
+                 # the sandwich norms: post_self_attn / post_mlp norms on the outputs, gate and up fused
+                 hf_modules=(("post_attention_norm", "post_self_attn_layernorm"),
+                             ("post_ffw_norm", "post_mlp_layernorm"), ("ffn_up", "mlp.gate_up_proj")))
 _EXAONE4 = ArchSpec("exaone4", gguf.MODEL_ARCH.EXAONE4, hp.hp_exaone4, vocab=vocab.Vocab(("gpt2",)),
                     extra_tensors=hp.extra_tensors_exaone4, block=None, hf_config=None)
 _COHERE2 = ArchSpec("cohere2", gguf.MODEL_ARCH.COHERE2, hp.hp_cohere2, vocab=vocab.Vocab(("gpt2",)),
