@@ -135,12 +135,13 @@ def awq_plan(layout: BlockLayout, linear: LinearShape, heads: Heads, norm_offset
     attn, mlp = norm_groups(layout, norm_offset, moe)
     groups = [attn]
     if layout.attn_inner:
-        for lin in (*layout.qkv, *(lin for _, lin in layout.attn_inner)):
+        attention = (*layout.qkv, *(lin for _, lin in layout.attn_inner))
+        for lin in attention:
             linear(lin)  # refuses a block without it
         for norm, lin in layout.attn_inner:
             name = f"{norm.rsplit('.', 1)[-1]}-{lin.rsplit('.', 1)[-1]}"  # "q_a_layernorm-q_b_proj"
             groups.append(ScalingGroup(name, norm, [lin], lin, norm_offset=norm_offset))
-        no_clip = {*layout.qkv, *(lin for _, lin in layout.attn_inner)}
+        no_clip = set(attention)
     else:
         q, k, v = layout.qkv
         v_out, o_in = linear(v)[0], linear(layout.o)[1]

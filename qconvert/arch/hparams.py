@@ -347,6 +347,18 @@ def hp_deepseek2(cfg: dict, w: Any) -> None:
         w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)  # the loader divides by 0.1 again (legacy)
 
 
+def _cfg_shared_expert_moe(kv: GGUFKVs) -> dict:
+    """DeepseekV3Config's / Glm4MoeConfig's MoE keys: sizes, shared experts, leading dense layers, expert
+    groups, routed scaling and the top-k renormalisation."""
+    return dict(first_k_dense_replace=kv.get("leading_dense_block_count", 0),
+                n_shared_experts=kv.get("expert_shared_count", 0),
+                moe_intermediate_size=kv.get("expert_feed_forward_length"),
+                n_routed_experts=kv.get("expert_count"),
+                n_group=kv.get("expert_group_count", 1), topk_group=kv.get("expert_group_used_count", 1),
+                routed_scaling_factor=kv.get("expert_weights_scale", 1.0),
+                norm_topk_prob=bool(kv.get("expert_weights_norm", False)))
+
+
 def cfg_deepseek2(kv: GGUFKVs) -> dict:
     """DeepseekV3Config: MLA back from its MQA form (heads of kv_b_proj = attention heads)."""
     out = cfg_text(kv)
@@ -356,13 +368,7 @@ def cfg_deepseek2(kv: GGUFKVs) -> dict:
                qk_nope_head_dim=kv["attention.key_length_mla"] - rope,
                v_head_dim=kv["attention.value_length_mla"],
                kv_lora_rank=kv["attention.kv_lora_rank"], q_lora_rank=kv.get("attention.q_lora_rank"),
-               first_k_dense_replace=kv.get("leading_dense_block_count", 0),
-               n_shared_experts=kv.get("expert_shared_count", 0),
-               moe_intermediate_size=kv.get("expert_feed_forward_length"),
-               n_routed_experts=kv.get("expert_count"),
-               n_group=kv.get("expert_group_count", 1), topk_group=kv.get("expert_group_used_count", 1),
-               routed_scaling_factor=kv.get("expert_weights_scale", 1.0),
-               norm_topk_prob=bool(kv.get("expert_weights_norm", False)), num_nextn_predict_layers=0)
+               **_cfg_shared_expert_moe(kv), num_nextn_predict_layers=0)
     gating = {v: k for k, v in _GATING.items()}.get(kv.get("expert_gating_func", 1), "softmax")
     out["scoring_func"] = gating
     if (log_mul := kv.get("rope.scaling.yarn_log_multiplier")) is not None:
@@ -513,14 +519,7 @@ def cfg_glm4moe(kv: GGUFKVs) -> dict:
     out = cfg_glm4(kv)
     nextn = int(kv.get("nextn_predict_layers", 0))
     out.update(num_hidden_layers=kv["block_count"] - nextn, num_nextn_predict_layers=nextn,
-               use_qk_norm="blk.0.attn_q_norm.weight" in kv.tensors,
-               n_routed_experts=kv.get("expert_count"),
-               moe_intermediate_size=kv.get("expert_feed_forward_length"),
-               n_shared_experts=kv.get("expert_shared_count", 0),
-               first_k_dense_replace=kv.get("leading_dense_block_count", 0),
-               n_group=kv.get("expert_group_count", 1), topk_group=kv.get("expert_group_used_count", 1),
-               routed_scaling_factor=kv.get("expert_weights_scale", 1.0),
-               norm_topk_prob=bool(kv.get("expert_weights_norm", False)))
+               use_qk_norm="blk.0.attn_q_norm.weight" in kv.tensors, **_cfg_shared_expert_moe(kv))
     return out
 
 

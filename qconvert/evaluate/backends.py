@@ -343,8 +343,8 @@ def _load_unpacked(ckpt):
     params = dict(model.named_parameters())
     # persistent buffers the checkpoint holds (DeepSeek-V3 / GLM-4.5's router e_score_correction_bias):
     # from_config leaves them at their initial zeros
-    buffers = {n: b for n, b in model.named_buffers()
-               if n.rpartition(".")[2] not in _non_persistent(model, n)}
+    persistent = model.state_dict().keys()
+    buffers = {n: b for n, b in model.named_buffers() if n in persistent}
     seen: set[str] = set()
     for name, value in dense_tensors(ckpt):
         if name in buffers and tuple(value.shape) == tuple(buffers[name].shape):
@@ -374,11 +374,6 @@ def _per_expert_linears(model: torch.nn.Module, ckpt) -> None:
     spec = resolve(ckpt.config, ckpt.path)
     if spec.experts is not None and any(f".{spec.experts.module}.0." in n for n in ckpt.tensors):
         linearise(model, spec)
-
-
-def _non_persistent(model: torch.nn.Module, dotted: str) -> set[str]:
-    owner_name = dotted.rpartition(".")[0]
-    return set((model.get_submodule(owner_name) if owner_name else model)._non_persistent_buffers_set)
 
 
 def _set_param(model: torch.nn.Module, dotted: str, value: torch.Tensor) -> None:
