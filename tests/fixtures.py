@@ -53,7 +53,8 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi
 # Mixture-of-Experts families (HF model_type), built like the dense ones: experts under their hub names
 MOE_ARCHS = ("qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe")
 # the dense 2026 families (HF model_type), held to llama.cpp by tests/pipelines/test_convert_families.py
-FAMILY_ARCHS = ("smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5")
+FAMILY_ARCHS = ("smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5",
+                "lfm2")
 SEED = 1234
 
 # Bump a recipe when the way an artefact is built changes: the stale cached copy is then rebuilt.
@@ -637,6 +638,9 @@ FAMILY_EXTRA: dict[str, dict] = {
     "cohere2": {"sliding_window": 4, "layer_norm_eps": 1e-5, "logit_scale": 0.0625, "rotary_pct": 1.0},
     "seed_oss": {},
     "ernie4_5": {"bos_token_id": 1, "eos_token_id": 2},  # the SentencePiece model's <s> and </s>
+    # LFM2-350M's pattern in small: short-conv layers first, attention after; the MLP width auto-adjusted
+    # (2/3 of 768, rounded to 256: 512) as on the hub
+    "lfm2": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "norm_eps": 1e-5},
 }
 
 
@@ -678,7 +682,9 @@ def synthetic_config(arch: str, *, tied: bool = True, vocab_size: int = SYN_VOCA
         cfg.layer_types = ["sliding_attention", "full_attention"] * 2
     if arch == "cohere2":
         del cfg.rms_norm_eps  # a LayerNorm family (layer_norm_eps): Cohere2Config would keep it as an extra
-    if arch in ("phi3", "granite"):
+    if arch == "lfm2":
+        del cfg.rms_norm_eps  # Lfm2Config's is norm_eps
+    if arch in ("phi3", "granite", "lfm2"):
         del cfg.head_dim  # derived from hidden_size / num_attention_heads (GraniteConfig has none either)
     return cfg
 

@@ -230,6 +230,41 @@ def hp_smollm3(cfg: dict, w: Any) -> None:
     hp_llama(cfg, w)
 
 
+LFM2_LAYER_TYPES = ("conv", "full_attention")
+
+
+def lfm2_feed_forward_length(cfg: dict) -> int:
+    """Lfm2MLP's width: with block_auto_adjust_ff_dim, 2/3 of the configured one, times the multiplier,
+    rounded up to block_multiple_of (LFM2Model._add_feed_forward_length)."""
+    ff = int(find(cfg, ["block_ff_dim", "intermediate_size"]))
+    if cfg.get("block_auto_adjust_ff_dim"):
+        ff = int(2 * ff / 3)
+        if cfg.get("block_ffn_dim_multiplier") is not None:
+            ff = int(cfg["block_ffn_dim_multiplier"] * ff)
+        multiple = int(cfg["block_multiple_of"])
+        ff = multiple * ((ff + multiple - 1) // multiple)
+    return ff
+
+
+def check_lfm2(cfg: dict, arch: str) -> None:
+    types = cfg.get("layer_types") or []
+    if len(types) != n_layer(cfg):
+        raise BadInput(f"{arch}: layer_types has {len(types)} entries for {n_layer(cfg)} layers")
+    for i, t in enumerate(types):
+        if t not in LFM2_LAYER_TYPES:
+            raise BadInput(f"{arch}: layer_types[{i}] is {t!r}, not one of {', '.join(LFM2_LAYER_TYPES)}")
+
+
+def hp_lfm2(cfg: dict, w: Any) -> None:
+    """LFM2Model: the short-convolution layers have no KV heads (head_count_kv is per layer, 0 there), the
+    convolution's cache length, and the adjusted feed-forward width."""
+    n_kv = cfg["num_key_value_heads"]
+    hp_text({**cfg, "num_key_value_heads": [0 if t == "conv" else n_kv for t in cfg["layer_types"]],
+             "intermediate_size": lfm2_feed_forward_length(cfg)}, w)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_shortconv_l_cache(cfg["conv_L_cache"])
+
+
 def hp_granite(cfg: dict, w: Any) -> None:
     """GraniteModel: llama's KVs without head_dim (the converter pops it), then each multiplier as its
     scale KV when it is truthy; the weights stay as they are (llama.cpp applies the scales)."""

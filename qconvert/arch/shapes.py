@@ -20,7 +20,7 @@ Shape = tuple[int, ...]
 _GGUF_NAME = re.compile(r"^(?:blk\.\d+\.)?(?P<kind>[a-z0-9_]+)\.(?P<part>weight|bias)$")
 
 
-def _dims(cfg: dict) -> dict[str, int] | None:
+def _dims(spec: ArchSpec, cfg: dict) -> dict[str, int] | None:
     """The config's sizes the rules use; None when one is missing or not a plain int (per-layer lists)."""
     if "kv_lora_rank" in cfg or "qk_nope_head_dim" in cfg:
         return None  # MLA (deepseek2): q/k/v widths follow other sizes; its own rules belong with its spec
@@ -29,7 +29,7 @@ def _dims(cfg: dict) -> dict[str, int] | None:
         kv = int(cfg.get("num_key_value_heads") or heads)
         dims = {"hidden": hidden, "vocab": int(cfg["vocab_size"]), "head_dim": head_dim(cfg),
                 "q": heads * head_dim(cfg), "kv": kv * head_dim(cfg)}
-        inter = find(cfg, ["intermediate_size"])
+        inter = spec.ffn_length(cfg) if spec.ffn_length else find(cfg, ["intermediate_size"])
         if inter is not None:
             dims["inter"] = int(inter)
     except (KeyError, TypeError, ValueError):
@@ -67,7 +67,7 @@ _FULL_QK_NORM = (gguf.MODEL_ARCH.OLMOE, gguf.MODEL_ARCH.OLMO2)
 def expected_shape(spec: ArchSpec, cfg: dict, gguf_name: str) -> Shape | None:
     """The HF shape config.json implies for the tensor that becomes `gguf_name`; None if there is no rule."""
     m = _GGUF_NAME.match(gguf_name)
-    dims = _dims(cfg)
+    dims = _dims(spec, cfg)
     if m is None or dims is None or m["kind"] not in _RULES:
         return None
     if spec.arch in _FUSED_GATE_UP:

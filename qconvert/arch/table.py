@@ -70,6 +70,11 @@ class ArchSpec:
     # refused in one line rather than writing a checkpoint transformers loads wrong
     hf_config: Callable[[Any], dict] | None = hp.cfg_text
     hf_modules: tuple[tuple[str, str], ...] = ()
+    # the MLP's real width where it is not intermediate_size (LFM2's auto-adjusted one), for the shape checks
+    ffn_length: Callable[[dict], int] | None = None
+    # hybrid families: the GGUF tensors (blk.N.<stem>.weight) every layer of each config layer_types entry
+    # must have, so that a checkpoint missing one layer's tensors is refused by name before any output
+    layer_tensors: dict[str, tuple[str, ...]] | None = None
 
 
 _LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama,
@@ -159,6 +164,14 @@ _SEED_OSS = ArchSpec("seed_oss", gguf.MODEL_ARCH.SEED_OSS, hp.hp_text, vocab=voc
 _ERNIE4_5 = ArchSpec("ernie4_5", gguf.MODEL_ARCH.ERNIE4_5, hp.hp_text,
                      vocab=vocab.Vocab(("spm",), after_config=vocab.ernie4_5_after_config), hf_config=None)
 
+# the hybrid families: layers that are not all attention (layer_types). LFM2's short-convolution layers
+# (in_proj -> depthwise conv over conv_L_cache tokens -> out_proj) beside full-attention ones with q/k norms;
+# no block layout (a conv layer has no q/k/v for AWQ to balance)
+_LFM2 = ArchSpec("lfm2", gguf.MODEL_ARCH.LFM2, hp.hp_lfm2, vocab=vocab.Vocab(("gpt2",)), check=hp.check_lfm2,
+                 block=None, hf_config=None, ffn_length=hp.lfm2_feed_forward_length,
+                 layer_tensors={"conv": ("shortconv.conv", "shortconv.in_proj", "shortconv.out_proj"),
+                                "full_attention": ("attn_q", "attn_k", "attn_v", "attn_output")})
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA, "MistralForCausalLM": _LLAMA, "Qwen2ForCausalLM": _QWEN2,
     "Qwen3ForCausalLM": _QWEN3, "GemmaForCausalLM": _GEMMA, "Gemma2ForCausalLM": _GEMMA2,
@@ -169,7 +182,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "SmolLM3ForCausalLM": _SMOLLM3, "Olmo2ForCausalLM": _OLMO2, "Olmo3ForCausalLM": _OLMO2,
     "GraniteForCausalLM": _GRANITE, "Glm4ForCausalLM": _GLM4, "Exaone4ForCausalLM": _EXAONE4,
     "Cohere2ForCausalLM": _COHERE2, "SeedOssForCausalLM": _SEED_OSS, "Ernie4_5ForCausalLM": _ERNIE4_5,
-    "Ernie4_5_ForCausalLM": _ERNIE4_5,
+    "Ernie4_5_ForCausalLM": _ERNIE4_5, "Lfm2ForCausalLM": _LFM2, "LFM2ForCausalLM": _LFM2,
 }
 MODEL_TYPES: dict[str, ArchSpec] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2, "qwen3": _QWEN3, "gemma": _GEMMA,
@@ -178,6 +191,7 @@ MODEL_TYPES: dict[str, ArchSpec] = {
     "glm4_moe": _GLM4MOE, "gpt_oss": _GPT_OSS,
     "smollm3": _SMOLLM3, "olmo2": _OLMO2, "olmo3": _OLMO2, "granite": _GRANITE, "glm4": _GLM4,
     "exaone4": _EXAONE4, "cohere2": _COHERE2, "seed_oss": _SEED_OSS, "ernie4_5": _ERNIE4_5,
+    "lfm2": _LFM2,
 }
 # families whose decoder blocks methods (AWQ) can walk, in table order
 BLOCK_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in MODEL_TYPES.values() if s.block))

@@ -105,8 +105,10 @@ def gguf_tensor_name(config: dict, hf_name: str) -> str | None:
 
 
 # besides 1-D tensors and norms, the converter writes these as F32 whatever --outtype says: the MoE routers
+# and the depthwise convolutions
 _F32_STEMS = tuple(gguf.TENSOR_NAMES[t].replace("{bid}", "") for t in
-                   (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP))
+                   (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+                    gguf.MODEL_TENSOR.SSM_CONV1D, gguf.MODEL_TENSOR.SHORTCONV_CONV))
 _BLOCK_PREFIX = re.compile(r"^blk\.\d+\.")
 
 
@@ -214,6 +216,8 @@ def _transform(spec: ArchSpec, cfg: dict, hf_name: str, n_vocab_real: int | None
         steps.append(lambda x, n=n_vocab_real: x[:n])
     if is_shifted_norm(spec, hf_name):
         steps.append(lambda x, s=spec.norm_shift: x + np.float32(s))  # in float32, as the converter does
+    if is_depthwise_conv(hf_name):
+        steps.append(lambda x: x.reshape(x.shape[0], x.shape[-1]))
     if not steps:
         return None
 
@@ -222,6 +226,15 @@ def _transform(spec: ArchSpec, cfg: dict, hf_name: str, n_vocab_real: int | None
             x = step(x)
         return np.ascontiguousarray(x, dtype=np.float32)
     return apply
+
+
+# depthwise convolutions (LFM2's short conv, Mamba's conv1d) are nn.Conv1d weights [channels, 1, kernel];
+# llama.cpp's ssm_conv op takes them 2-D, so the converter squeezes the middle axis
+_DEPTHWISE_CONV = ("conv.conv.weight", "conv1d.weight")
+
+
+def is_depthwise_conv(hf_name: str) -> bool:
+    return hf_name.endswith(_DEPTHWISE_CONV)
 
 
 def _hf_name(name: str) -> str:
@@ -314,9 +327,28 @@ def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
         fn = _transform(spec, cfg, hf, n_vocab_real)
         if spec.trim_vocab and n_vocab_real is not None and hf.endswith("embed_tokens.weight"):
             shape = (min(n_vocab_real, shape[0]), *shape[1:])
+        if is_depthwise_conv(hf):
+            if len(shape) != 3 or shape[1] != 1:
+                raise BadInput(f"{raw} has shape {list(shape)}, expected a depthwise convolution "
+                               f"[channels, 1, kernel]", ckpt.path)
+            shape = (shape[0], shape[2])
         planned.append(PlannedTensor(name, shape, raw, _reader(ckpt, raw, fn), str(info.dtype).upper()))
     _check_unique(planned, ckpt)
+    _check_layer_tensors(planned, spec, cfg, ckpt)
     return planned
+
+
+def _check_layer_tensors(planned: list[PlannedTensor], spec: ArchSpec, cfg: dict, ckpt: Any) -> None:
+    """Hybrid families: every layer has the tensors of its layer_types entry (a checkpoint missing one
+    layer's linear-attention or convolution weights would otherwise convert to a file llama.cpp refuses)."""
+    if spec.layer_tensors is None:
+        return
+    names = {p.name for p in planned}
+    for i, kind in enumerate(cfg.get("layer_types") or []):
+        for stem in spec.layer_tensors.get(kind, ()):
+            if f"blk.{i}.{stem}.weight" not in names:
+                raise BadInput(f"{spec.name} layer {i} ({kind}) has no blk.{i}.{stem}.weight: the checkpoint "
+                               f"lacks that tensor of model.layers.{i}", ckpt.path)
 
 
 def _check_zero_bias(ckpt: Any, spec: ArchSpec, raw: str) -> None:

@@ -48,8 +48,30 @@ def _summary_table(result):
     return table
 
 
+def _list_architectures(value: bool) -> None:
+    """Print every HF class the architecture table knows, with its GGUF arch, and exit."""
+    if not value:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from qconvert.arch.table import ARCHITECTURES
+
+    table = Table(title="architectures (convert --to gguf)")
+    for col in ("HF class", "GGUF arch", "experts", "--to hf", "awq / smoothquant"):
+        table.add_column(col)
+    for hf_class, spec in ARCHITECTURES.items():
+        table.add_row(hf_class, spec.name, "yes" if spec.experts else "", "yes" if spec.hf_config else "",
+                      "yes" if spec.block else "")
+    Console(highlight=False, width=120).print(table)
+    raise typer.Exit()
+
+
 def convert_command(
     model: str = typer.Argument(..., help="HF checkpoint directory, hub id, or .gguf file (F32/F16/BF16)."),
+    list_architectures: bool = typer.Option(
+        False, "--list-architectures", is_eager=True, expose_value=False, callback=_list_architectures,
+        help="Print the supported HF model classes with their GGUF arch, and exit."),
     to: str = typer.Option("gguf", "--to", help="Output format: gguf, or hf (a .gguf back to safetensors)."),
     type_: str = typer.Option(None, "--type", "-t", help="GGUF file type: Q4_K_M (default), Q8_0, BF16..."),
     output: Path = typer.Option(None, "-o", "--output", help="Output file (default ./<model>-<TYPE>.gguf)."),

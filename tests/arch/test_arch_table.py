@@ -21,3 +21,13 @@ def test_every_family_has_a_block_layout():
                               "olmoe", "qwen2moe", "deepseek2", "glm4moe", "smollm3", "granite", "seed_oss",
                               "ernie4_5")
     assert {s.name for s in ARCHITECTURES.values()} == {s.name for s in MODEL_TYPES.values()}
+
+
+def test_list_architectures_prints_every_class(capsys):
+    from tests.helpers import run_cli
+
+    code, out, err = run_cli(capsys, "convert", "--list-architectures")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    listed = {cells[1].strip(): cells[2].strip() for cells in (row.split("│") for row in rows)}
+    assert listed == {hf_class: spec.name for hf_class, spec in ARCHITECTURES.items()}

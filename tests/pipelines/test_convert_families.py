@@ -31,7 +31,8 @@ from tests.oracle.llamacpp import model_quantize
 
 FT = gguf.LlamaFileType
 # HF model_type of each synthetic checkpoint (tests/fixtures.py FAMILY_EXTRA)
-FAMILIES = ["smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5"]
+FAMILIES = ["smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5",
+            "lfm2"]
 OUTTYPES = ["bf16", "f32"]
 # the llama.cpp name the converter's hash gives the real tokenizer a fixture tokenizer style imitates (the
 # SentencePiece path never asks)
@@ -154,3 +155,35 @@ def test_ernie4_5_without_tokenizer_model_is_refused(synthetic_dir, tmp_path):
     model = _copy(synthetic_dir("ernie4_5"), tmp_path / "m")
     (model / "tokenizer.model").unlink()
     assert_convert_refused(model, tmp_path, r"no tokenizer found for ernie4_5 \(needs tokenizer\.model\)")
+
+
+# ---------------------------------------------------------------- hybrid stacks: layer_types, their tensors
+
+def test_lfm2_unknown_layer_type_is_refused(synthetic_dir, tmp_path):
+    model = _copy(synthetic_dir("lfm2"), tmp_path / "m",
+                  {"layer_types": ["conv", "full_attention", "mamba", "full_attention"]})
+    assert_convert_refused(model, tmp_path,
+                           r"lfm2: layer_types\[2\] is 'mamba', not one of conv, full_attention")
+
+
+def test_lfm2_layer_without_its_conv_tensor_is_refused(synthetic_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(synthetic_dir("lfm2"), tmp_path / "m")
+    tensors = load_file(str(model / "model.safetensors"))
+    del tensors["model.layers.2.conv.in_proj.weight"]
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert_convert_refused(model, tmp_path,
+                           r"lfm2 layer 2 \(conv\) has no blk\.2\.shortconv\.in_proj\.weight")
+
+
+def test_lfm2_conv_weight_of_another_shape_is_refused(synthetic_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(synthetic_dir("lfm2"), tmp_path / "m")
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["model.layers.0.conv.conv.weight"] = torch.zeros(256, 3, dtype=torch.bfloat16)
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert_convert_refused(model, tmp_path, r"model\.layers\.0\.conv\.conv\.weight has shape \[256, 3\], "
+                                            r"expected a depthwise convolution")
