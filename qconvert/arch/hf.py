@@ -23,6 +23,7 @@ from qconvert.arch.tensors import (
     LM_HEAD,
     _hf_name,
     inverse_transform,
+    is_depthwise_conv,
     join_interleaved,
     join_kv_b,
     name_map,
@@ -45,14 +46,14 @@ HF_MODULES: dict[str, str] = {
     "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_sinks": "self_attn.sinks",
 }
 TOP_MODULES: dict[str, str] = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
-                               "output": LM_HEAD}
+                               "output": LM_HEAD, "token_embd_norm": "model.embedding_norm"}
 # tensors the converter generates from config.json: read back into it, never written
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 ROPE_LONG = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
 ROPE_SHORT = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
 GENERATED = (ROPE_FREQS, ROPE_LONG, ROPE_SHORT)
 _EXPERT_STEMS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-_BLOCK = re.compile(r"^blk\.(?P<bid>\d+)\.(?P<stem>(?:nextn\.)?[^.]+)\.(?P<suffix>weight|bias)$")
+_BLOCK = re.compile(r"^blk\.(?P<bid>\d+)\.(?P<stem>(?:nextn\.|shortconv\.)?[^.]+)\.(?P<suffix>weight|bias)$")
 
 Reader = Callable[[str], np.ndarray]  # gguf name -> float32 array in numpy order
 
@@ -125,6 +126,8 @@ def plan_hf(spec: ArchSpec, cfg: dict, shapes: dict[str, tuple[int, ...]], read:
         else:
             hf = hf_name(spec, n_layer, name)
             fn = inverse_transform(spec, cfg, hf)
+            if is_depthwise_conv(hf):  # back to nn.Conv1d's [channels, 1, kernel]
+                shape = (shape[0], 1, shape[1])
             groups.append(HFGroup((name,), [(hf, shape)], _one(read, name, fn)))
     _check_unique(groups)
     return groups

@@ -265,6 +265,24 @@ def hp_lfm2(cfg: dict, w: Any) -> None:
     w.add_shortconv_l_cache(cfg["conv_L_cache"])
 
 
+def cfg_lfm2(kv: GGUFKVs) -> dict:
+    """The inverse of hp_lfm2: layer_types from the per-layer KV head counts (0: a short-conv layer), the
+    MLP width as it is (no auto-adjust), the norm epsilon under LFM2's name."""
+    out = cfg_text(kv)
+    n_kv = out.pop("num_key_value_heads")
+    per_layer = list(n_kv) if isinstance(n_kv, (list, tuple, np.ndarray)) else \
+        [n_kv] * out["num_hidden_layers"]
+    attn = {int(n) for n in per_layer if n}
+    if len(attn) != 1:
+        raise BadInput(f"lfm2 GGUF head_count_kv {per_layer}: expected one count on the attention layers")
+    out.update(layer_types=["full_attention" if n else "conv" for n in per_layer],
+               num_key_value_heads=attn.pop(), block_auto_adjust_ff_dim=False,
+               norm_eps=out.pop("rms_norm_eps"),
+               conv_L_cache=kv["shortconv.l_cache"],
+               conv_bias=any(name.endswith("shortconv.in_proj.bias") for name in kv.tensors))
+    return out
+
+
 def hp_granite(cfg: dict, w: Any) -> None:
     """GraniteModel: llama's KVs without head_dim (the converter pops it), then each multiplier as its
     scale KV when it is truthy; the weights stay as they are (llama.cpp applies the scales)."""

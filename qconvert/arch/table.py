@@ -168,7 +168,14 @@ _ERNIE4_5 = ArchSpec("ernie4_5", gguf.MODEL_ARCH.ERNIE4_5, hp.hp_text,
 # (in_proj -> depthwise conv over conv_L_cache tokens -> out_proj) beside full-attention ones with q/k norms;
 # no block layout (a conv layer has no q/k/v for AWQ to balance)
 _LFM2 = ArchSpec("lfm2", gguf.MODEL_ARCH.LFM2, hp.hp_lfm2, vocab=vocab.Vocab(("gpt2",)), check=hp.check_lfm2,
-                 block=None, hf_config=None, ffn_length=hp.lfm2_feed_forward_length,
+                 block=None, hf_config=hp.cfg_lfm2, ffn_length=hp.lfm2_feed_forward_length,
+                 hf_modules=(("attn_norm", "operator_norm"), ("attn_output", "self_attn.out_proj"),
+                             ("attn_q_norm", "self_attn.q_layernorm"),
+                             ("attn_k_norm", "self_attn.k_layernorm"),
+                             ("ffn_norm", "ffn_norm"), ("ffn_gate", "feed_forward.w1"),
+                             ("ffn_up", "feed_forward.w3"), ("ffn_down", "feed_forward.w2"),
+                             ("shortconv.conv", "conv.conv"), ("shortconv.in_proj", "conv.in_proj"),
+                             ("shortconv.out_proj", "conv.out_proj")),
                  layer_tensors={"conv": ("shortconv.conv", "shortconv.in_proj", "shortconv.out_proj"),
                                 "full_attention": ("attn_q", "attn_k", "attn_v", "attn_output")})
 

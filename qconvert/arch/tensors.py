@@ -194,6 +194,8 @@ def inverse_transform(spec: ArchSpec, cfg: dict, hf_name: str) -> Transform | No
         steps.append(lambda x, n=n_kv: unpermute_rows(x, n))
     if is_shifted_norm(spec, hf_name):
         steps.append(lambda x: unshift_norm(x, spec))
+    if is_depthwise_conv(hf_name):
+        steps.append(lambda x: x[:, None, :])
     if not steps:
         return None
 
