@@ -1,0 +1,36 @@
+"""`qconvert imatrix` on a hybrid stack (LFM2: short-convolution layers beside attention): the convolution
+layers' in_proj / out_proj are matmuls llama-imatrix collects too. Checked against llama-imatrix on the
+converter's F32 GGUF of the same synthetic checkpoint: the same entries, identical counts, cosine >= 0.999."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qconvert.formats.gguf.imatrix import read_imatrix
+from qconvert.load import open_checkpoint
+from qconvert.pipelines.imatrix import compute_imatrix
+from tests.oracle.convert_hf import convert_hf_to_gguf
+from tests.pipelines.test_imatrix_moe import CHUNKS, CTX, _llama_imatrix
+from tests.pipelines.test_imatrix_run import _cos
+
+
+def test_lfm2_matches_llama_imatrix(llamacpp_bin, llamacpp_converter, synthetic_dir, calib_text, tmp_path):
+    model = synthetic_dir("lfm2")
+    f32 = convert_hf_to_gguf(llamacpp_converter, model, tmp_path / "f32.gguf", "smollm", outtype="f32")
+    ref_path = tmp_path / "ref.gguf"
+    _llama_imatrix(llamacpp_bin, f32, calib_text, ref_path)
+    ref = read_imatrix(ref_path)
+
+    ours = compute_imatrix(open_checkpoint(model), str(calib_text), ctx_size=CTX, chunks=CHUNKS, device="cpu",
+                           dtype="f32", threads=1, batch_tokens=CTX * CHUNKS, compute_ppl=False).imatrix
+    assert (ours.chunk_count, ours.chunk_size) == (ref.chunk_count, ref.chunk_size)
+    assert set(ours.entries) == set(ref.entries)
+    assert {n for n in ref.entries if ".shortconv." in n} == {
+        f"blk.{i}.shortconv.{p}.weight" for i in (0, 2) for p in ("in_proj", "out_proj")}
+    worst = 1.0
+    for name, (ref_sums, ref_counts) in ref.entries.items():
+        sums, counts = ours.entries[name]
+        assert sums.shape == ref_sums.shape, name
+        assert np.array_equal(counts, ref_counts), (name, counts, ref_counts)
+        worst = min(worst, _cos(sums[0] / counts[0], ref_sums[0] / ref_counts[0]))
+    assert worst >= 0.999, f"lowest per-entry cosine similarity {worst:.6f}"
