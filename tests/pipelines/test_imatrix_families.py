@@ -1,10 +1,12 @@
-"""`qconvert imatrix` on a hybrid stack (LFM2: short-convolution layers beside attention): the convolution
-layers' in_proj / out_proj are matmuls llama-imatrix collects too. Checked against llama-imatrix on the
-converter's F32 GGUF of the same synthetic checkpoint: the same entries, identical counts, cosine >= 0.999."""
+"""`qconvert imatrix` on the 2026 families: a hybrid stack (LFM2: short-convolution layers beside attention,
+whose in_proj / out_proj are matmuls llama-imatrix collects too) and a dense one (SmolLM3: NoPE layers).
+Checked against llama-imatrix on the converter's F32 GGUF of the same synthetic checkpoint: the same entries,
+identical counts, cosine >= 0.999."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from qconvert.formats.gguf.imatrix import read_imatrix
 from qconvert.load import open_checkpoint
@@ -13,9 +15,14 @@ from tests.oracle.convert_hf import convert_hf_to_gguf
 from tests.pipelines.test_imatrix_moe import CHUNKS, CTX, _llama_imatrix
 from tests.pipelines.test_imatrix_run import _cos
 
+# the short-conv projections each family has (blk.N.shortconv.*)
+SHORTCONV = {"lfm2": {f"blk.{i}.shortconv.{p}.weight" for i in (0, 2) for p in ("in_proj", "out_proj")},
+             "smollm3": set()}
 
-def test_lfm2_matches_llama_imatrix(llamacpp_bin, llamacpp_converter, synthetic_dir, calib_text, tmp_path):
-    model = synthetic_dir("lfm2")
+
+@pytest.mark.parametrize("family", sorted(SHORTCONV))
+def test_matches_llama_imatrix(family, llamacpp_bin, llamacpp_converter, synthetic_dir, calib_text, tmp_path):
+    model = synthetic_dir(family)
     f32 = convert_hf_to_gguf(llamacpp_converter, model, tmp_path / "f32.gguf", "smollm", outtype="f32")
     ref_path = tmp_path / "ref.gguf"
     _llama_imatrix(llamacpp_bin, f32, calib_text, ref_path)
@@ -25,8 +32,7 @@ def test_lfm2_matches_llama_imatrix(llamacpp_bin, llamacpp_converter, synthetic_
                            dtype="f32", threads=1, batch_tokens=CTX * CHUNKS, compute_ppl=False).imatrix
     assert (ours.chunk_count, ours.chunk_size) == (ref.chunk_count, ref.chunk_size)
     assert set(ours.entries) == set(ref.entries)
-    assert {n for n in ref.entries if ".shortconv." in n} == {
-        f"blk.{i}.shortconv.{p}.weight" for i in (0, 2) for p in ("in_proj", "out_proj")}
+    assert {n for n in ref.entries if ".shortconv." in n} == SHORTCONV[family]
     worst = 1.0
     for name, (ref_sums, ref_counts) in ref.entries.items():
         sums, counts = ours.entries[name]

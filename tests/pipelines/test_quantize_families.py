@@ -1,4 +1,5 @@
-"""`qconvert quantize` on a hybrid stack (LFM2: short-convolution layers beside attention): GPTQ W4 in
+"""`qconvert quantize` on the 2026 families, a hybrid stack (LFM2: short-convolution layers beside attention)
+and a dense one (SmolLM3): GPTQ W4 in
 compressed-tensors loads in transformers, generates, and its perplexity on real text is finite and below
 RTN's at the same scheme (GPTQ's whole point, measured through the consumer)."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from tests.helpers import run_cli
@@ -25,10 +27,11 @@ def _quantize_and_eval(capsys, model, method: str, calib_text, eval_text, out) -
     return float(report["perplexity"])
 
 
-def test_lfm2_gptq_loads_generates_and_beats_rtn(capsys, synthetic_dir, calib_text, eval_text, tmp_path):
+@pytest.mark.parametrize("family", ["lfm2", "smollm3"])
+def test_gptq_loads_generates_and_beats_rtn(family, capsys, synthetic_dir, calib_text, eval_text, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = synthetic_dir("lfm2")
+    model = synthetic_dir(family)
     ppl = {m: _quantize_and_eval(capsys, model, m, calib_text, eval_text, tmp_path / m)
            for m in ("gptq", "rtn")}
     assert all(math.isfinite(p) for p in ppl.values()), ppl
