@@ -54,7 +54,7 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi
 MOE_ARCHS = ("qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe")
 # the dense 2026 families (HF model_type), held to llama.cpp by tests/pipelines/test_convert_families.py
 FAMILY_ARCHS = ("smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5",
-                "lfm2")
+                "lfm2", "falcon_h1")
 SEED = 1234
 
 # Bump a recipe when the way an artefact is built changes: the stale cached copy is then rebuilt.
@@ -641,6 +641,16 @@ FAMILY_EXTRA: dict[str, dict] = {
     # LFM2-350M's pattern in small: short-conv layers first, attention after; the MLP width auto-adjusted
     # (2/3 of 768, rounded to 256: 512) as on the hub
     "lfm2": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "norm_eps": 1e-5},
+    # Falcon-H1-0.5B's multipliers (folded into the weights by the converter) on a small Mamba-2 mixer:
+    # d_ssm 512 in 8 heads of 64, one group, state 64; untied as on the hub
+    "falcon_h1": {"mamba_d_ssm": 512, "mamba_n_heads": 8, "mamba_d_head": 64, "mamba_d_state": 64,
+                  "mamba_n_groups": 1, "tie_word_embeddings": False,
+                  "embedding_multiplier": 5.656854249492381, "lm_head_multiplier": 0.0390625,
+                  "attention_in_multiplier": 1.0, "attention_out_multiplier": 0.9375,
+                  "key_multiplier": 0.390625,
+                  "ssm_in_multiplier": 1.25, "ssm_out_multiplier": 0.23570226039551587,
+                  "mlp_multipliers": [0.8838834764831844, 0.5859375],
+                  "ssm_multipliers": [0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738]},
 }
 
 

@@ -8,6 +8,7 @@ uses.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import gguf
@@ -281,6 +282,92 @@ def cfg_lfm2(kv: GGUFKVs) -> dict:
                conv_L_cache=kv["shortconv.l_cache"],
                conv_bias=any(name.endswith("shortconv.in_proj.bias") for name in kv.tensors))
     return out
+
+
+def find_mamba(cfg: dict, keys: list[str], default: Any = None) -> Any:
+    """find() over the keys and then their ``mamba_``-prefixed spellings (FalconH1Model.find_hparam)."""
+    return find(cfg, [*keys, *(f"mamba_{k}" for k in keys)], default)
+
+
+def falcon_h1_ssm(cfg: dict) -> tuple[int, int]:
+    """(d_inner, n_group) of Falcon-H1's Mamba-2 mixers."""
+    return int(find_mamba(cfg, ["mamba_d_ssm"])), int(find_mamba(cfg, ["n_groups"]))
+
+
+def check_falcon_h1(cfg: dict, arch: str) -> None:
+    """What FalconH1Model asserts, and the multiplier lists its folding indexes."""
+    d_inner, _ = falcon_h1_ssm(cfg)
+    if cfg.get("hidden_act") not in (None, "silu"):
+        raise BadInput(f"{arch} hidden_act {cfg['hidden_act']!r}: llama.cpp's graph runs silu only")
+    if d_inner % int(find_mamba(cfg, ["d_head"])):
+        raise BadInput(f"{arch} mamba_d_ssm {d_inner} is not a multiple of mamba_d_head")
+    for key, n in (("ssm_multipliers", 5), ("mlp_multipliers", 2)):
+        if len(cfg.get(key) or []) != n:
+            raise BadInput(f"{arch} {key} {cfg.get(key)}: expected {n} values")
+
+
+def hp_falcon_h1(cfg: dict, w: Any) -> None:
+    """FalconH1Model: Mamba2Model's KVs (from config.json as it is), then the attention ones over them."""
+    d_inner, n_group = falcon_h1_ssm(cfg)
+    ssm_head = find_mamba(cfg, ["mamba_d_head", "head_dim"]) or 64
+    w.add_context_length(2**20)
+    w.add_embedding_length(find_mamba(cfg, ["hidden_size", "d_model", "dim"]))
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_block_count(n_layer(cfg))
+    w.add_ssm_conv_kernel(find_mamba(cfg, ["conv_kernel", "d_conv"]) or 4)
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(find_mamba(cfg, ["state_size", "d_state"]) or 128)
+    w.add_ssm_time_step_rank(d_inner // ssm_head)
+    w.add_ssm_group_count(n_group)
+    w.add_layer_norm_rms_eps(find_mamba(cfg, ["layer_norm_epsilon", "rms_norm_eps"]) or 1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)  # placeholder; re-set at the end like llama-quantize
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_block_count(n_layer(cfg))
+    w.add_context_length(cfg.get("max_position_embeddings", 0))
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_freq_base(_full_rope(cfg)["rope_theta"])
+
+
+def falcon_h1_multipliers(cfg: dict, hf_name: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Falcon-H1's µP multipliers folded into the weights, as FalconH1Model.modify_tensors does: float32
+    products, k_proj's two factors one after the other, and mamba.in_proj's five row blocks
+    [z, x, B, C, dt] each by its ssm_multipliers entry after ssm_in_multiplier."""
+    def scalars(*keys: str) -> Callable[[np.ndarray], np.ndarray]:
+        def apply(x: np.ndarray) -> np.ndarray:
+            for key in keys:
+                x = x * np.float32(cfg[key])
+            return x
+        return apply
+
+    mlp = cfg.get("mlp_multipliers")
+    # the converter's substring tests, in its order (the first that matches wins)
+    for needle, fn in (("down_proj", lambda x: x * np.float32(mlp[1])),
+                       ("gate_proj", lambda x: x * np.float32(mlp[0])),
+                       ("k_proj", scalars("key_multiplier", "attention_in_multiplier")),
+                       ("q_proj", scalars("attention_in_multiplier")),
+                       ("v_proj", scalars("attention_in_multiplier")),
+                       ("o_proj", scalars("attention_out_multiplier")),
+                       ("out_proj", scalars("ssm_out_multiplier")),
+                       ("in_proj", lambda x: _falcon_h1_in_proj(cfg, x)),
+                       ("lm_head", scalars("lm_head_multiplier")),
+                       ("embed_tokens", scalars("embedding_multiplier"))):
+        if needle in hf_name:
+            return fn
+    return None
+
+
+def _falcon_h1_in_proj(cfg: dict, x: np.ndarray) -> np.ndarray:
+    x = x * np.float32(cfg["ssm_in_multiplier"])
+    d_inner, g_state = int(cfg["mamba_d_ssm"]), int(cfg["mamba_n_groups"]) * int(cfg["mamba_d_state"])
+    edges = [0, d_inner, 2 * d_inner, 2 * d_inner + g_state, 2 * d_inner + 2 * g_state, x.shape[0]]
+    for lo, hi, m in zip(edges, edges[1:], cfg["ssm_multipliers"], strict=False):
+        x[lo:hi] *= np.float32(m)
+    return x
 
 
 def hp_granite(cfg: dict, w: Any) -> None:

@@ -72,9 +72,12 @@ class ArchSpec:
     hf_modules: tuple[tuple[str, str], ...] = ()
     # the MLP's real width where it is not intermediate_size (LFM2's auto-adjusted one), for the shape checks
     ffn_length: Callable[[dict], int] | None = None
-    # hybrid families: the GGUF tensors (blk.N.<stem>.weight) every layer of each config layer_types entry
-    # must have, so that a checkpoint missing one layer's tensors is refused by name before any output
+    # hybrid families: the GGUF tensors (blk.N.<tensor>) every layer of each config layer_types entry must
+    # have ("*": every layer, for stacks without layer_types), so that a checkpoint missing one layer's
+    # tensors is refused by name before any output
     layer_tensors: dict[str, tuple[str, ...]] | None = None
+    # a family's own weight transform (Falcon-H1's folded multipliers), before the generic ones
+    weight_transform: Callable[[dict, str], Callable[[np.ndarray], np.ndarray] | None] | None = None
 
 
 _LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama,
@@ -164,6 +167,10 @@ _SEED_OSS = ArchSpec("seed_oss", gguf.MODEL_ARCH.SEED_OSS, hp.hp_text, vocab=voc
 _ERNIE4_5 = ArchSpec("ernie4_5", gguf.MODEL_ARCH.ERNIE4_5, hp.hp_text,
                      vocab=vocab.Vocab(("spm",), after_config=vocab.ernie4_5_after_config), hf_config=None)
 
+def _weights(*stems: str) -> tuple[str, ...]:
+    return tuple(f"{stem}.weight" for stem in stems)
+
+
 # the hybrid families: layers that are not all attention (layer_types). LFM2's short-convolution layers
 # (in_proj -> depthwise conv over conv_L_cache tokens -> out_proj) beside full-attention ones with q/k norms;
 # no block layout (a conv layer has no q/k/v for AWQ to balance)
@@ -176,8 +183,16 @@ _LFM2 = ArchSpec("lfm2", gguf.MODEL_ARCH.LFM2, hp.hp_lfm2, vocab=vocab.Vocab(("g
                              ("ffn_up", "feed_forward.w3"), ("ffn_down", "feed_forward.w2"),
                              ("shortconv.conv", "conv.conv"), ("shortconv.in_proj", "conv.in_proj"),
                              ("shortconv.out_proj", "conv.out_proj")),
-                 layer_tensors={"conv": ("shortconv.conv", "shortconv.in_proj", "shortconv.out_proj"),
-                                "full_attention": ("attn_q", "attn_k", "attn_v", "attn_output")})
+                 layer_tensors={"conv": _weights("shortconv.conv", "shortconv.in_proj", "shortconv.out_proj"),
+                                "full_attention": _weights("attn_q", "attn_k", "attn_v", "attn_output")})
+# Falcon-H1: every layer runs a Mamba-2 mixer and attention side by side, then the MLP; the µP multipliers
+# are folded into the weights (llama.cpp has no KVs for them)
+_FALCON_H1 = ArchSpec("falcon-h1", gguf.MODEL_ARCH.FALCON_H1, hp.hp_falcon_h1, vocab=vocab.Vocab(("gpt2",)),
+                      check=hp.check_falcon_h1, block=None, hf_config=None,
+                      weight_transform=hp.falcon_h1_multipliers,
+                      layer_tensors={"*": (*_weights("ssm_in", "ssm_conv1d", "ssm_out", "attn_q", "attn_k",
+                                                     "attn_v", "attn_output"), "ssm_a", "ssm_d",
+                                           "ssm_dt.bias")})
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA, "MistralForCausalLM": _LLAMA, "Qwen2ForCausalLM": _QWEN2,
@@ -190,6 +205,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "GraniteForCausalLM": _GRANITE, "Glm4ForCausalLM": _GLM4, "Exaone4ForCausalLM": _EXAONE4,
     "Cohere2ForCausalLM": _COHERE2, "SeedOssForCausalLM": _SEED_OSS, "Ernie4_5ForCausalLM": _ERNIE4_5,
     "Ernie4_5_ForCausalLM": _ERNIE4_5, "Lfm2ForCausalLM": _LFM2, "LFM2ForCausalLM": _LFM2,
+    "FalconH1ForCausalLM": _FALCON_H1,
 }
 MODEL_TYPES: dict[str, ArchSpec] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2, "qwen3": _QWEN3, "gemma": _GEMMA,
@@ -198,7 +214,7 @@ MODEL_TYPES: dict[str, ArchSpec] = {
     "glm4_moe": _GLM4MOE, "gpt_oss": _GPT_OSS,
     "smollm3": _SMOLLM3, "olmo2": _OLMO2, "olmo3": _OLMO2, "granite": _GRANITE, "glm4": _GLM4,
     "exaone4": _EXAONE4, "cohere2": _COHERE2, "seed_oss": _SEED_OSS, "ernie4_5": _ERNIE4_5,
-    "lfm2": _LFM2,
+    "lfm2": _LFM2, "falcon_h1": _FALCON_H1,
 }
 # families whose decoder blocks methods (AWQ) can walk, in table order
 BLOCK_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in MODEL_TYPES.values() if s.block))

@@ -16,7 +16,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from qconvert.arch.hparams import n_expert, n_layer
+from qconvert.arch.hparams import find, n_expert, n_layer
 from qconvert.arch.shapes import expected_shape
 from qconvert.arch.table import ArchSpec, Experts, resolve
 from qconvert.errors import BadInput
@@ -79,6 +79,10 @@ class PlannedTensor:
     # a tensor the checkpoint already holds as GGML blocks (gpt-oss's MXFP4 experts; dtype names the type):
     # those bytes, uint8 [rows, row bytes], copied as they are when the output keeps the type
     raw: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    # the family's own transform changed the values (Falcon-H1's folded multipliers): a quantized output
+    # starts from them rounded to the source's 16-bit type, as llama-quantize starts from the converter's
+    # BF16 / F16 file
+    rescaled: bool = False
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -206,8 +210,13 @@ def inverse_transform(spec: ArchSpec, cfg: dict, hf_name: str) -> Transform | No
     return apply
 
 
-def _transform(spec: ArchSpec, cfg: dict, hf_name: str, n_vocab_real: int | None) -> Transform | None:
+def _transform(spec: ArchSpec, cfg: dict, hf_name: str, n_vocab_real: int | None,
+               new_shape: tuple[int, ...] | None = None) -> Transform | None:
     steps: list[Transform] = []
+    if spec.weight_transform is not None and (fn := spec.weight_transform(cfg, hf_name)) is not None:
+        steps.append(fn)
+    if hf_name.endswith(".A_log"):  # Mamba2Model: the state decay as A = -exp(A_log)
+        steps.append(_minus_exp)
     if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
         n = int(cfg["num_attention_heads"])
         steps.append(lambda x, n=n: permute_rows(x, n))
@@ -218,8 +227,8 @@ def _transform(spec: ArchSpec, cfg: dict, hf_name: str, n_vocab_real: int | None
         steps.append(lambda x, n=n_vocab_real: x[:n])
     if is_shifted_norm(spec, hf_name):
         steps.append(lambda x, s=spec.norm_shift: x + np.float32(s))  # in float32, as the converter does
-    if is_depthwise_conv(hf_name):
-        steps.append(lambda x: x.reshape(x.shape[0], x.shape[-1]))
+    if new_shape is not None:
+        steps.append(lambda x, shape=new_shape: x.reshape(shape))
     if not steps:
         return None
 
@@ -239,12 +248,40 @@ def is_depthwise_conv(hf_name: str) -> bool:
     return hf_name.endswith(_DEPTHWISE_CONV)
 
 
+def _minus_exp(x: np.ndarray) -> np.ndarray:
+    # torch's float32 exp, as the converter computes it (numpy's differs in the last bit for some inputs)
+    import torch
+
+    return -torch.exp(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+def _reshaped(cfg: dict, raw: str, hf: str, name: str, shape: tuple[int, ...],
+              ckpt: Any) -> tuple[int, ...] | None:
+    """The shape llama.cpp's ops want where the converter reshapes (None: as stored). Depthwise convs are
+    squeezed to [channels, kernel]; Mamba-2's A and D become [n_head, 1] (Mamba2Model, Mamba-1's layout);
+    its grouped norm [n_group, d_inner / n_group]."""
+    if is_depthwise_conv(hf):
+        if len(shape) != 3 or shape[1] != 1:
+            raise BadInput(f"{raw} has shape {list(shape)}, expected a depthwise convolution "
+                           f"[channels, 1, kernel]", ckpt.path)
+        return (shape[0], shape[2])
+    if _BLOCK_PREFIX.sub("", name) in ("ssm_a", "ssm_d"):
+        return (*shape, 1)
+    if name.endswith(".ssm_norm.weight"):
+        n_group = int(find(cfg, ["n_groups", "mamba_n_groups"], 1))
+        return (n_group, shape[0] // n_group)
+    return None
+
+
 def _hf_name(name: str) -> str:
     # SmolVLM-style text towers are stored under text_model.
     name = name.replace("text_model.", "") if "text_model." in name else name
     # GptOssModel.filter_tensors: the attention sinks are a parameter of their own (attn_sinks.weight)
     if name.endswith(".self_attn.sinks"):
         return name + ".weight"
+    # Mamba2Model.filter_tensors: the time-step bias is dt_proj's
+    if name.endswith(".dt_bias"):
+        return name.removesuffix(".dt_bias") + ".dt_proj.bias"
     # ModelBase.filter_tensors: DeepSeek/GLM's router correction bias is a .bias of its own module
     return name.replace("e_score_correction_bias", "e_score_correction.bias")
 
@@ -326,15 +363,14 @@ def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
             raise BadInput(f"cannot map tensor {raw!r} to a {spec.name} GGUF tensor", ckpt.path)
         info = ckpt.tensors[raw]
         shape = tuple(info.shape)
-        fn = _transform(spec, cfg, hf, n_vocab_real)
         if spec.trim_vocab and n_vocab_real is not None and hf.endswith("embed_tokens.weight"):
             shape = (min(n_vocab_real, shape[0]), *shape[1:])
-        if is_depthwise_conv(hf):
-            if len(shape) != 3 or shape[1] != 1:
-                raise BadInput(f"{raw} has shape {list(shape)}, expected a depthwise convolution "
-                               f"[channels, 1, kernel]", ckpt.path)
-            shape = (shape[0], shape[2])
-        planned.append(PlannedTensor(name, shape, raw, _reader(ckpt, raw, fn), str(info.dtype).upper()))
+        new_shape = _reshaped(cfg, raw, hf, name, shape, ckpt)
+        fn = _transform(spec, cfg, hf, n_vocab_real, new_shape)
+        shape = new_shape or shape
+        rescaled = spec.weight_transform is not None and spec.weight_transform(cfg, hf) is not None
+        planned.append(PlannedTensor(name, shape, raw, _reader(ckpt, raw, fn), str(info.dtype).upper(),
+                                     rescaled=rescaled))
     _check_unique(planned, ckpt)
     _check_layer_tensors(planned, spec, cfg, ckpt)
     return planned
@@ -346,11 +382,13 @@ def _check_layer_tensors(planned: list[PlannedTensor], spec: ArchSpec, cfg: dict
     if spec.layer_tensors is None:
         return
     names = {p.name for p in planned}
-    for i, kind in enumerate(cfg.get("layer_types") or []):
-        for stem in spec.layer_tensors.get(kind, ()):
-            if f"blk.{i}.{stem}.weight" not in names:
-                raise BadInput(f"{spec.name} layer {i} ({kind}) has no blk.{i}.{stem}.weight: the checkpoint "
-                               f"lacks that tensor of model.layers.{i}", ckpt.path)
+    kinds = cfg.get("layer_types") or ["*"] * n_layer(cfg)
+    for i, kind in enumerate(kinds):
+        for tensor in spec.layer_tensors.get(kind, ()):
+            if f"blk.{i}.{tensor}" not in names:
+                what = "" if kind == "*" else f" ({kind})"
+                raise BadInput(f"{spec.name} layer {i}{what} has no blk.{i}.{tensor}: the checkpoint lacks "
+                               f"that tensor of model.layers.{i}", ckpt.path)
 
 
 def _check_zero_bias(ckpt: Any, spec: ArchSpec, raw: str) -> None:

@@ -354,7 +354,22 @@ def _prepare(t: PlannedTensor, r: TensorRecord, src: _Source, opts: ConvertOptio
         raise BadInput(f"tensor {t.source or t.name} has shape {x.shape}, expected {t.shape}", src.label)
     if not np.isfinite(x).all():
         raise BadInput(f"tensor {t.source or t.name} contains NaN or Inf values", src.label)
+    if t.rescaled and t.dtype in ("BF16", "F16"):
+        x = _rounded_for_quantizer(x, t.dtype, r.qtype)
     return x
+
+
+def _rounded_for_quantizer(x: np.ndarray, dtype: str, qtype: Any) -> np.ndarray:
+    """A rescaled tensor rounded to its source's 16-bit type when it is quantized: llama-quantize quantizes
+    the converter's BF16 / F16 file, not the float32 product."""
+    import torch
+
+    from qconvert.formats.gguf.mixture import is_quantized
+
+    if not is_quantized(qtype):
+        return x
+    half = torch.bfloat16 if dtype == "BF16" else torch.float16
+    return torch.from_numpy(np.ascontiguousarray(x)).to(half).float().numpy()
 
 
 def _prefetched(jobs: list[Callable[[], np.ndarray]]) -> Iterator[np.ndarray]:

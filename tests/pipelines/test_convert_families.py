@@ -32,7 +32,7 @@ from tests.oracle.llamacpp import model_quantize
 FT = gguf.LlamaFileType
 # HF model_type of each synthetic checkpoint (tests/fixtures.py FAMILY_EXTRA)
 FAMILIES = ["smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5",
-            "lfm2"]
+            "lfm2", "falcon_h1"]
 OUTTYPES = ["bf16", "f32"]
 # the llama.cpp name the converter's hash gives the real tokenizer a fixture tokenizer style imitates (the
 # SentencePiece path never asks)
@@ -187,3 +187,18 @@ def test_lfm2_conv_weight_of_another_shape_is_refused(synthetic_dir, tmp_path):
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     assert_convert_refused(model, tmp_path, r"model\.layers\.0\.conv\.conv\.weight has shape \[256, 3\], "
                                             r"expected a depthwise convolution")
+
+
+def test_falcon_h1_layer_without_its_mamba_tensor_is_refused(synthetic_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(synthetic_dir("falcon_h1"), tmp_path / "m")
+    tensors = load_file(str(model / "model.safetensors"))
+    del tensors["model.layers.1.mamba.A_log"]
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert_convert_refused(model, tmp_path, r"falcon-h1 layer 1 has no blk\.1\.ssm_a: the checkpoint lacks")
+
+
+def test_falcon_h1_short_ssm_multipliers_are_refused(synthetic_dir, tmp_path):
+    model = _copy(synthetic_dir("falcon_h1"), tmp_path / "m", {"ssm_multipliers": [1.0, 1.0]})
+    assert_convert_refused(model, tmp_path, r"falcon-h1 ssm_multipliers \[1\.0, 1\.0\]: expected 5 values")

@@ -24,7 +24,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi
          "qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3", "smollm3", "olmo2", "seed_oss",
          "glm4_moe", "granite", "glm4", "lfm2"]
 # no way back yet, refused in one line (arch/table.py hf_config=None; OLMo 3: its sliding window)
-NO_WAY_BACK = ["olmo3", "exaone4", "cohere2", "ernie4_5"]
+NO_WAY_BACK = ["olmo3", "exaone4", "cohere2", "ernie4_5", "falcon_h1"]
 TOKENS = [1, 17, 400, 1021, 33, 2048, 5, 900]
 TEXT = "Hello world! The 3 quick brown foxes jumped over 1234 lazy dogs, didn't they?\n  Indented."
 # what the GGUF itself holds differently from config.json: olmoe's converter forces rms_norm_eps 1e-5

@@ -1,5 +1,6 @@
-"""`qconvert imatrix` on the 2026 families: a hybrid stack (LFM2: short-convolution layers beside attention,
-whose in_proj / out_proj are matmuls llama-imatrix collects too) and a dense one (SmolLM3: NoPE layers).
+"""`qconvert imatrix` on the 2026 families: hybrid stacks (LFM2: short-convolution layers beside attention;
+Falcon-H1: a Mamba-2 mixer beside attention in every layer), whose mixer projections are matmuls
+llama-imatrix collects too, and a dense one (SmolLM3: NoPE layers).
 Checked against llama-imatrix on the converter's F32 GGUF of the same synthetic checkpoint: the same entries,
 identical counts, cosine >= 0.999."""
 
@@ -15,12 +16,14 @@ from tests.oracle.convert_hf import convert_hf_to_gguf
 from tests.pipelines.test_imatrix_moe import CHUNKS, CTX, _llama_imatrix
 from tests.pipelines.test_imatrix_run import _cos
 
-# the short-conv projections each family has (blk.N.shortconv.*)
-SHORTCONV = {"lfm2": {f"blk.{i}.shortconv.{p}.weight" for i in (0, 2) for p in ("in_proj", "out_proj")},
-             "smollm3": set()}
+# the entries of each family's non-attention mixers: LFM2's short-conv projections on its conv layers,
+# Falcon-H1's Mamba-2 in/out projections on every layer
+MIXER = {"lfm2": {f"blk.{i}.shortconv.{p}.weight" for i in (0, 2) for p in ("in_proj", "out_proj")},
+         "falcon_h1": {f"blk.{i}.ssm_{p}.weight" for i in range(4) for p in ("in", "out")},
+         "smollm3": set()}
 
 
-@pytest.mark.parametrize("family", sorted(SHORTCONV))
+@pytest.mark.parametrize("family", sorted(MIXER))
 def test_matches_llama_imatrix(family, llamacpp_bin, llamacpp_converter, synthetic_dir, calib_text, tmp_path):
     model = synthetic_dir(family)
     f32 = convert_hf_to_gguf(llamacpp_converter, model, tmp_path / "f32.gguf", "smollm", outtype="f32")
@@ -32,7 +35,7 @@ def test_matches_llama_imatrix(family, llamacpp_bin, llamacpp_converter, synthet
                            dtype="f32", threads=1, batch_tokens=CTX * CHUNKS, compute_ppl=False).imatrix
     assert (ours.chunk_count, ours.chunk_size) == (ref.chunk_count, ref.chunk_size)
     assert set(ours.entries) == set(ref.entries)
-    assert {n for n in ref.entries if ".shortconv." in n} == SHORTCONV[family]
+    assert {n for n in ref.entries if ".shortconv." in n or ".ssm_" in n} == MIXER[family]
     worst = 1.0
     for name, (ref_sums, ref_counts) in ref.entries.items():
         sums, counts = ours.entries[name]
