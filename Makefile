@@ -13,6 +13,10 @@ PIP = $(PY) -m pip
 CACHE_DIR = $(or $(QCONVERT_CACHE),$(HOME)/.cache/qconvert)
 SMOLLM2 = $(CACHE_DIR)/fixtures/smollm2-135m-instruct
 DEMO_OUT = out/smollm2-Q4_K_M.gguf
+# pytest workers: CI has 2 cores. --dist loadfile keeps a file's tests (and its module fixtures) on one worker;
+# the cache builders lock, so two workers never build the same artefact
+WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 .PHONY: venv install dev oracle fixtures test test-fast demo
 
@@ -52,11 +56,11 @@ fixtures: install
 # ruff first: pytest's summary stays the last line CI reads
 test: dev fixtures
 	$(PY) -m ruff check qconvert tests scripts
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # the inner loop: small synthetic fixtures are built on demand; no oracle, no SmolLM2
 test-fast: dev
-	$(PY) -m pytest -q -m "not oracle and not model and not slow"
+	$(PYTEST) -m "not oracle and not model and not slow"
 
 demo: install
 	$(PY) tests/fixtures.py model
