@@ -54,7 +54,7 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi
 MOE_ARCHS = ("qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe")
 # the dense 2026 families (HF model_type), held to llama.cpp by tests/pipelines/test_convert_families.py
 FAMILY_ARCHS = ("smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5",
-                "lfm2", "falcon_h1")
+                "lfm2", "falcon_h1", "qwen3_5")
 SEED = 1234
 
 # Bump a recipe when the way an artefact is built changes: the stale cached copy is then rebuilt.
@@ -494,7 +494,7 @@ QWEN2_REGEX = (
 # transformers 5 imposes that pre-tokenizer on model_type qwen2/qwen3 whatever tokenizer.json says, so a
 # SmolLM2-style file there would encode differently through AutoTokenizer than through tokenizer.json.
 TOKENIZER_STYLE = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2", "qwen2_moe": "qwen2",
-                   "glm4": "glm4", "ernie4_5": "spm", "glm4_moe": "glm4_moe"}
+                   "glm4": "glm4", "ernie4_5": "spm", "glm4_moe": "glm4_moe", "qwen3_5": "qwen2"}
 # special tokens per style after SYN_SPECIALS: Glm4Model.set_vocab looks <|user|> up (its eot)
 STYLE_SPECIALS = {"glm4": ("<|user|>",)}
 # Glm4MoeModel.set_vocab (_set_vocab_glm) looks up [gMASK] (bos), <|user|> (eot), <|observation|> (eom)
@@ -651,6 +651,15 @@ FAMILY_EXTRA: dict[str, dict] = {
                   "ssm_in_multiplier": 1.25, "ssm_out_multiplier": 0.23570226039551587,
                   "mlp_multipliers": [0.8838834764831844, 0.5859375],
                   "ssm_multipliers": [0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738]},
+    # Qwen3.5's text model in small: three gated delta-net layers, then full (gated) attention; twice as many
+    # value heads as key heads, as on the hub (the converter regroups them); a quarter of each head rotary,
+    # interleaved M-RoPE sections summing to half of it
+    "qwen3_5": {"layer_types": ["linear_attention"] * 3 + ["full_attention"],
+                "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 64,
+                "linear_value_head_dim": 64, "linear_conv_kernel_dim": 4, "tie_word_embeddings": False,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
+                                    "partial_rotary_factor": 0.25, "mrope_interleaved": True,
+                                    "mrope_section": [3, 3, 2]}},
 }
 
 
@@ -686,7 +695,7 @@ def synthetic_config(arch: str, *, tied: bool = True, vocab_size: int = SYN_VOCA
         **FAMILY_EXTRA,
         "gpt_oss": GPT_OSS_EXTRA,
     }[arch]
-    model_type = "gemma3_text" if arch == "gemma3" else arch
+    model_type = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text"}.get(arch, arch)
     cfg = AutoConfig.for_model(model_type, **{**common, **extra})
     if arch == "gemma3":  # one local and one global layer each, so both kinds are present with 4 layers
         cfg.layer_types = ["sliding_attention", "full_attention"] * 2

@@ -75,6 +75,8 @@ def hp_text(cfg: dict, w: Any) -> None:
         w.add_head_count_kv(n_kv)
     rp = _full_rope(cfg)
     _rope_scaling(rp, w)
+    if (sections := rp.get("mrope_section")) is not None:  # [time, height, width, extra], zero-padded
+        w.add_rope_dimension_sections((list(sections) + [0] * 4)[:4])
     if (theta := rp.get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
     if (swa_theta := rope_parameters(cfg).get("sliding_attention", {}).get("rope_theta")) is not None:
@@ -247,13 +249,18 @@ def lfm2_feed_forward_length(cfg: dict) -> int:
     return ff
 
 
-def check_lfm2(cfg: dict, arch: str) -> None:
+def check_layer_types(cfg: dict, arch: str, kinds: tuple[str, ...]) -> None:
+    """A hybrid stack's layer_types: one entry per layer, each a kind the family's llama.cpp graph has."""
     types = cfg.get("layer_types") or []
     if len(types) != n_layer(cfg):
         raise BadInput(f"{arch}: layer_types has {len(types)} entries for {n_layer(cfg)} layers")
     for i, t in enumerate(types):
-        if t not in LFM2_LAYER_TYPES:
-            raise BadInput(f"{arch}: layer_types[{i}] is {t!r}, not one of {', '.join(LFM2_LAYER_TYPES)}")
+        if t not in kinds:
+            raise BadInput(f"{arch}: layer_types[{i}] is {t!r}, not one of {', '.join(kinds)}")
+
+
+def check_lfm2(cfg: dict, arch: str) -> None:
+    check_layer_types(cfg, arch, LFM2_LAYER_TYPES)
 
 
 def hp_lfm2(cfg: dict, w: Any) -> None:
@@ -368,6 +375,81 @@ def _falcon_h1_in_proj(cfg: dict, x: np.ndarray) -> np.ndarray:
     for lo, hi, m in zip(edges, edges[1:], cfg["ssm_multipliers"], strict=False):
         x[lo:hi] *= np.float32(m)
     return x
+
+
+QWEN35_LAYER_TYPES = ("linear_attention", "full_attention")
+_QWEN35_MROPE_SECTION = [11, 11, 10, 0]  # _Qwen35MRopeMixin's default, written when rope_parameters has none
+
+
+def check_qwen35(cfg: dict, arch: str) -> None:
+    check_layer_types(cfg, arch, QWEN35_LAYER_TYPES)
+    n_k, n_v = int(cfg["linear_num_key_heads"]), int(cfg["linear_num_value_heads"])
+    if n_v % n_k:
+        raise BadInput(f"{arch}: linear_num_value_heads {n_v} is not a multiple of "
+                       f"linear_num_key_heads {n_k}")
+
+
+def hp_qwen35(cfg: dict, w: Any) -> None:
+    """Qwen3_5TextModel (Qwen3NextModel's KVs with interleaved M-RoPE): the delta-net sizes in the ssm.*
+    keys (state = key head dim, groups = key heads, time-step rank = value heads), which layers are
+    recurrent, and the rotary part of each head."""
+    hp_text(cfg, w)
+    rp = _full_rope(cfg)
+    w.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
+    w.add_ssm_state_size(cfg["linear_key_head_dim"])
+    w.add_ssm_group_count(cfg["linear_num_key_heads"])
+    w.add_ssm_time_step_rank(cfg["linear_num_value_heads"])
+    w.add_ssm_inner_size(cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"])
+    w.add_array(f"{w.arch}.attention.recurrent_layers", [t == "linear_attention" for t in cfg["layer_types"]])
+    w.add_full_attention_interval(cfg.get("full_attention_interval", 4))
+    rope_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_rope_dimension_count(int(rope_dim * rp.get("partial_rotary_factor", 0.25)))
+    if "mrope_section" not in rp:
+        w.add_rope_dimension_sections(_QWEN35_MROPE_SECTION)
+
+
+def _tiled(x: np.ndarray, axis: int, n_k: int, per_k: int, head: int) -> np.ndarray:
+    """Value heads along `axis` from grouped by key head [k0v0, k0v1, k1v0, k1v1] to tiled [k0v0, k1v0,
+    k0v1, k1v1] (each head `head` wide)."""
+    grouped = x.reshape(*x.shape[:axis], n_k, per_k, head, *x.shape[axis + 1:])
+    return np.swapaxes(grouped, axis, axis + 1).reshape(x.shape)
+
+
+def qwen35_value_heads(cfg: dict, hf_name: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """_LinearAttentionVReorderBase: with fewer key than value heads, the delta-net's value heads are tiled
+    (see _tiled), so ggml broadcasts the key heads instead of repeating them. Every tensor indexed by value
+    head follows: the v rows of in_proj_qkv and of the conv, in_proj_z/a/b rows, A and dt, out_proj's
+    columns (qwen35_value_columns)."""
+    n_k, n_v = int(cfg["linear_num_key_heads"]), int(cfg["linear_num_value_heads"])
+    if n_k == n_v or ".linear_attn." not in hf_name:
+        return None
+    d_v, per_k = int(cfg["linear_value_head_dim"]), n_v // n_k
+    qk = 2 * n_k * int(cfg["linear_key_head_dim"])  # the q and k rows / channels before v
+
+    def rows(head: int) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda x: _tiled(x, 0, n_k, per_k, head)
+
+    def v_part(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([x[:qk], rows(d_v)(x[qk:])])
+
+    if (columns := qwen35_value_columns(cfg, hf_name)) is not None:
+        return lambda x: x[:, columns]
+    for needle, fn in ((".in_proj_qkv.", v_part), (".conv1d.", v_part), (".in_proj_z.", rows(d_v)),
+                       (".in_proj_a.", rows(1)), (".in_proj_b.", rows(1)), (".A_log", rows(1)),
+                       (".dt_proj.", rows(1))):
+        if needle in hf_name:
+            return fn
+    return None
+
+
+def qwen35_value_columns(cfg: dict, hf_name: str) -> np.ndarray | None:
+    """Which HF input column each GGUF column of the delta-net's out_proj holds (its value heads tiled);
+    imatrix entries, made per HF input, follow the same order."""
+    n_k, n_v = int(cfg["linear_num_key_heads"]), int(cfg["linear_num_value_heads"])
+    if n_k == n_v or ".linear_attn.out_proj." not in hf_name:
+        return None
+    d_v = int(cfg["linear_value_head_dim"])
+    return _tiled(np.arange(n_v * d_v), 0, n_k, n_v // n_k, d_v)
 
 
 def hp_granite(cfg: dict, w: Any) -> None:

@@ -78,6 +78,15 @@ class ArchSpec:
     layer_tensors: dict[str, tuple[str, ...]] | None = None
     # a family's own weight transform (Falcon-H1's folded multipliers), before the generic ones
     weight_transform: Callable[[dict, str], Callable[[np.ndarray], np.ndarray] | None] | None = None
+    # norms that norm_shift leaves alone (Qwen3.5's gated delta-net norm multiplies by w, not 1 + w)
+    unshifted_norms: tuple[str, ...] = ()
+    # Mamba2Model's layouts: A and D as [n_head, 1], the grouped norm as [n_group, d_inner / n_group]
+    mamba2: bool = False
+    # HF tensor prefixes the family's converter drops (Qwen3.5's MTP head, as with --no-mtp)
+    drop_prefixes: tuple[str, ...] = ()
+    # where the converter reorders a Linear's input columns (Qwen3.5's out_proj): the HF column of each GGUF
+    # column, for what is collected per HF input (imatrix entries)
+    input_order: Callable[[dict, str], np.ndarray | None] | None = None
 
 
 _LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, hp.hp_llama,
@@ -188,11 +197,22 @@ _LFM2 = ArchSpec("lfm2", gguf.MODEL_ARCH.LFM2, hp.hp_lfm2, vocab=vocab.Vocab(("g
 # Falcon-H1: every layer runs a Mamba-2 mixer and attention side by side, then the MLP; the µP multipliers
 # are folded into the weights (llama.cpp has no KVs for them)
 _FALCON_H1 = ArchSpec("falcon-h1", gguf.MODEL_ARCH.FALCON_H1, hp.hp_falcon_h1, vocab=vocab.Vocab(("gpt2",)),
-                      check=hp.check_falcon_h1, block=None, hf_config=None,
+                      check=hp.check_falcon_h1, block=None, hf_config=None, mamba2=True,
                       weight_transform=hp.falcon_h1_multipliers,
                       layer_tensors={"*": (*_weights("ssm_in", "ssm_conv1d", "ssm_out", "attn_q", "attn_k",
                                                      "attn_v", "attn_output"), "ssm_a", "ssm_d",
                                            "ssm_dt.bias")})
+# Qwen3.5 (text model): gated delta-net layers, every fourth one full attention with a gated query; the norms
+# stored as w - 1 except the delta-net's own; value heads regrouped for ggml's broadcast
+# (_LinearAttentionVReorderBase); the MTP head is dropped (convert_hf_to_gguf.py --no-mtp)
+_QWEN35 = ArchSpec("qwen35", gguf.MODEL_ARCH.QWEN35, hp.hp_qwen35, check=hp.check_qwen35, block=None,
+                   hf_config=None, norm_shift=1.0, unshifted_norms=("linear_attn.norm.weight",),
+                   weight_transform=hp.qwen35_value_heads, input_order=hp.qwen35_value_columns,
+                   drop_prefixes=("mtp.",),
+                   layer_tensors={"linear_attention": (*_weights("attn_qkv", "attn_gate", "ssm_alpha",
+                                                                 "ssm_beta", "ssm_conv1d", "ssm_norm",
+                                                                 "ssm_out"), "ssm_a", "ssm_dt.bias"),
+                                  "full_attention": _weights("attn_q", "attn_k", "attn_v", "attn_output")})
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA, "MistralForCausalLM": _LLAMA, "Qwen2ForCausalLM": _QWEN2,
@@ -205,7 +225,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "GraniteForCausalLM": _GRANITE, "Glm4ForCausalLM": _GLM4, "Exaone4ForCausalLM": _EXAONE4,
     "Cohere2ForCausalLM": _COHERE2, "SeedOssForCausalLM": _SEED_OSS, "Ernie4_5ForCausalLM": _ERNIE4_5,
     "Ernie4_5_ForCausalLM": _ERNIE4_5, "Lfm2ForCausalLM": _LFM2, "LFM2ForCausalLM": _LFM2,
-    "FalconH1ForCausalLM": _FALCON_H1,
+    "FalconH1ForCausalLM": _FALCON_H1, "Qwen3_5ForCausalLM": _QWEN35,
 }
 MODEL_TYPES: dict[str, ArchSpec] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2, "qwen3": _QWEN3, "gemma": _GEMMA,
@@ -214,7 +234,7 @@ MODEL_TYPES: dict[str, ArchSpec] = {
     "glm4_moe": _GLM4MOE, "gpt_oss": _GPT_OSS,
     "smollm3": _SMOLLM3, "olmo2": _OLMO2, "olmo3": _OLMO2, "granite": _GRANITE, "glm4": _GLM4,
     "exaone4": _EXAONE4, "cohere2": _COHERE2, "seed_oss": _SEED_OSS, "ernie4_5": _ERNIE4_5,
-    "lfm2": _LFM2, "falcon_h1": _FALCON_H1,
+    "lfm2": _LFM2, "falcon_h1": _FALCON_H1, "qwen3_5_text": _QWEN35,
 }
 # families whose decoder blocks methods (AWQ) can walk, in table order
 BLOCK_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(s.name for s in MODEL_TYPES.values() if s.block))

@@ -108,6 +108,13 @@ def gguf_tensor_name(config: dict, hf_name: str) -> str | None:
     return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
 
+def input_order(config: dict, hf_name: str) -> np.ndarray | None:
+    """The HF input column of each column of the GGUF tensor, where the converter reorders them (None: in
+    order)."""
+    spec = resolve(config)
+    return spec.input_order(text_config(config), hf_name) if spec.input_order else None
+
+
 # besides 1-D tensors and norms, the converter writes these as F32 whatever --outtype says: the MoE routers
 # and the depthwise convolutions
 _F32_STEMS = tuple(gguf.TENSOR_NAMES[t].replace("{bid}", "") for t in
@@ -179,7 +186,8 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def is_shifted_norm(spec: ArchSpec, hf_name: str) -> bool:
     """Whether _transform adds spec.norm_shift to this tensor (gemma's (1 + w) RMSNorms)."""
-    return bool(spec.norm_shift) and hf_name.endswith("norm.weight")
+    return (bool(spec.norm_shift) and hf_name.endswith("norm.weight")
+            and not hf_name.endswith(spec.unshifted_norms))
 
 
 def unshift_norm(x: np.ndarray, spec: ArchSpec) -> np.ndarray:
@@ -255,7 +263,7 @@ def _minus_exp(x: np.ndarray) -> np.ndarray:
     return -torch.exp(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
-def _reshaped(cfg: dict, raw: str, hf: str, name: str, shape: tuple[int, ...],
+def _reshaped(spec: ArchSpec, cfg: dict, raw: str, hf: str, name: str, shape: tuple[int, ...],
               ckpt: Any) -> tuple[int, ...] | None:
     """The shape llama.cpp's ops want where the converter reshapes (None: as stored). Depthwise convs are
     squeezed to [channels, kernel]; Mamba-2's A and D become [n_head, 1] (Mamba2Model, Mamba-1's layout);
@@ -265,6 +273,8 @@ def _reshaped(cfg: dict, raw: str, hf: str, name: str, shape: tuple[int, ...],
             raise BadInput(f"{raw} has shape {list(shape)}, expected a depthwise convolution "
                            f"[channels, 1, kernel]", ckpt.path)
         return (shape[0], shape[2])
+    if not spec.mamba2:
+        return None
     if _BLOCK_PREFIX.sub("", name) in ("ssm_a", "ssm_d"):
         return (*shape, 1)
     if name.endswith(".ssm_norm.weight"):
@@ -350,7 +360,7 @@ def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
             continue
         hf = _hf_name(raw)
         if hf.endswith(_SKIPPED_SUFFIXES) or (spec.drop_lm_head and hf == _LM_HEAD_WEIGHT) or \
-                _skipped(spec, cfg, hf):
+                hf.startswith(spec.drop_prefixes) or _skipped(spec, cfg, hf):
             continue
         if spec.mla and hf.endswith("self_attn.kv_b_proj.weight"):
             planned += _split_kv_b(ckpt, spec, cfg, tmap, raw, hf)
@@ -365,7 +375,7 @@ def plan_tensors(ckpt: Any, spec: ArchSpec, cfg: dict,
         shape = tuple(info.shape)
         if spec.trim_vocab and n_vocab_real is not None and hf.endswith("embed_tokens.weight"):
             shape = (min(n_vocab_real, shape[0]), *shape[1:])
-        new_shape = _reshaped(cfg, raw, hf, name, shape, ckpt)
+        new_shape = _reshaped(spec, cfg, raw, hf, name, shape, ckpt)
         fn = _transform(spec, cfg, hf, n_vocab_real, new_shape)
         shape = new_shape or shape
         rescaled = spec.weight_transform is not None and spec.weight_transform(cfg, hf) is not None

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qconvert.arch.tensors import expert_slot, gguf_tensor_name, writes_output_tensor
+from qconvert.arch.tensors import expert_slot, gguf_tensor_name, input_order, writes_output_tensor
 from qconvert.calib.datasets import load_calibration, load_tokenizer
 from qconvert.calib.runner import LayerwiseRunner, Progress
 from qconvert.calib.stats import LinearStats
@@ -154,7 +154,10 @@ def _entries(config: dict, stats: dict[str, LinearStats]) -> dict[str, tuple[np.
             raise BadInput(f"linear layer {hf_module} has no GGUF tensor name")
         if not (name.startswith("blk.") or name == "output.weight"):
             continue
-        out[name] = (_sums(name, hf_module, st).reshape(1, -1), np.array([st.count], dtype=np.float32))
+        sums = _sums(name, hf_module, st)
+        if (order := input_order(config, f"{hf_module}.weight")) is not None:
+            sums = sums[order]  # the GGUF tensor's column order (the converter reordered the inputs)
+        out[name] = (sums.reshape(1, -1), np.array([st.count], dtype=np.float32))
     for name, parts in experts.items():
         out[name] = _expert_entry(name, parts, n_exp[name])
     return out

@@ -22,10 +22,11 @@ from pathlib import Path
 
 
 def convert_hf_to_gguf(source: Path, model_dir: Path, out: Path, pre_tokenizer: str,
-                       outtype: str = "bf16") -> Path:
-    """Run the vendored converter on model_dir; raises with its stderr tail if it fails."""
+                       outtype: str = "bf16", args: tuple[str, ...] = ()) -> Path:
+    """Run the vendored converter on model_dir (more of its options in ``args``); raises with its stderr
+    tail if it fails."""
     cmd = [sys.executable, __file__, str(source), pre_tokenizer, str(model_dir), "--outtype", outtype,
-           "--outfile", str(out)]
+           "--outfile", str(out), *args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0 or not out.is_file():

@@ -32,7 +32,10 @@ from tests.oracle.llamacpp import model_quantize
 FT = gguf.LlamaFileType
 # HF model_type of each synthetic checkpoint (tests/fixtures.py FAMILY_EXTRA)
 FAMILIES = ["smollm3", "olmo2", "olmo3", "granite", "glm4", "exaone4", "cohere2", "seed_oss", "ernie4_5",
-            "lfm2", "falcon_h1"]
+            "lfm2", "falcon_h1", "qwen3_5"]
+# the converter's options a family needs: Qwen3.5 asserts an MTP head unless told there is none (the
+# synthetic checkpoint has none; we drop a checkpoint's MTP head as --no-mtp does)
+CONVERTER_ARGS = {"qwen3_5": ("--no-mtp",)}
 OUTTYPES = ["bf16", "f32"]
 # the llama.cpp name the converter's hash gives the real tokenizer a fixture tokenizer style imitates (the
 # SentencePiece path never asks)
@@ -49,7 +52,8 @@ def reference(llamacpp_converter, fixtures_lib, tmp_path_factory):
             model = fixtures_lib.synthetic_dir(family)
             pre = PRE.get(fixtures_lib.TOKENIZER_STYLE.get(family, "smollm"), "smollm")
             out = tmp_path_factory.mktemp(f"ref-{family}") / f"{family}-{outtype}.gguf"
-            made[family, outtype] = (model, convert_hf_to_gguf(llamacpp_converter, model, out, pre, outtype))
+            made[family, outtype] = (model, convert_hf_to_gguf(llamacpp_converter, model, out, pre, outtype,
+                                                               CONVERTER_ARGS.get(family, ())))
         return made[family, outtype]
 
     return get

@@ -13,6 +13,7 @@ from qconvert.formats.gguf.imatrix import read_imatrix
 from qconvert.load import open_checkpoint
 from qconvert.pipelines.imatrix import compute_imatrix
 from tests.oracle.convert_hf import convert_hf_to_gguf
+from tests.pipelines.test_convert_families import CONVERTER_ARGS, PRE
 from tests.pipelines.test_imatrix_moe import CHUNKS, CTX, _llama_imatrix
 from tests.pipelines.test_imatrix_run import _cos
 
@@ -20,13 +21,16 @@ from tests.pipelines.test_imatrix_run import _cos
 # Falcon-H1's Mamba-2 in/out projections on every layer
 MIXER = {"lfm2": {f"blk.{i}.shortconv.{p}.weight" for i in (0, 2) for p in ("in_proj", "out_proj")},
          "falcon_h1": {f"blk.{i}.ssm_{p}.weight" for i in range(4) for p in ("in", "out")},
+         "qwen3_5": {f"blk.{i}.ssm_{p}.weight" for i in range(3) for p in ("alpha", "beta", "out")},
          "smollm3": set()}
 
 
 @pytest.mark.parametrize("family", sorted(MIXER))
-def test_matches_llama_imatrix(family, llamacpp_bin, llamacpp_converter, synthetic_dir, calib_text, tmp_path):
-    model = synthetic_dir(family)
-    f32 = convert_hf_to_gguf(llamacpp_converter, model, tmp_path / "f32.gguf", "smollm", outtype="f32")
+def test_matches_llama_imatrix(family, llamacpp_bin, llamacpp_converter, fixtures_lib, calib_text, tmp_path):
+    model = fixtures_lib.synthetic_dir(family)
+    pre = PRE.get(fixtures_lib.TOKENIZER_STYLE.get(family, "smollm"), "smollm")  # llama.cpp splits as HF does
+    f32 = convert_hf_to_gguf(llamacpp_converter, model, tmp_path / "f32.gguf", pre, outtype="f32",
+                             args=CONVERTER_ARGS.get(family, ()))
     ref_path = tmp_path / "ref.gguf"
     _llama_imatrix(llamacpp_bin, f32, calib_text, ref_path)
     ref = read_imatrix(ref_path)
