@@ -206,3 +206,45 @@ def test_falcon_h1_layer_without_its_mamba_tensor_is_refused(synthetic_dir, tmp_
 def test_falcon_h1_short_ssm_multipliers_are_refused(synthetic_dir, tmp_path):
     model = _copy(synthetic_dir("falcon_h1"), tmp_path / "m", {"ssm_multipliers": [1.0, 1.0]})
     assert_convert_refused(model, tmp_path, r"falcon-h1 ssm_multipliers \[1\.0, 1\.0\]: expected 5 values")
+
+
+def test_qwen3_5_layer_without_its_delta_net_tensor_is_refused(synthetic_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(synthetic_dir("qwen3_5"), tmp_path / "m")
+    tensors = load_file(str(model / "model.safetensors"))
+    del tensors["model.layers.2.linear_attn.in_proj_b.weight"]
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert_convert_refused(model, tmp_path,
+                           r"qwen35 layer 2 \(linear_attention\) has no blk\.2\.ssm_beta\.weight")
+
+
+def test_qwen3_5_value_heads_off_the_key_heads_are_refused(synthetic_dir, tmp_path):
+    """The converter tiles value heads per key head; a count that does not divide has no such order."""
+    model = _copy(synthetic_dir("qwen3_5"), tmp_path / "m", {"linear_num_value_heads": 3})
+    assert_convert_refused(model, tmp_path, r"qwen35: linear_num_value_heads 3 is not a multiple of "
+                                            r"linear_num_key_heads 2")
+
+
+def test_qwen3_5_unknown_layer_type_is_refused(synthetic_dir, tmp_path):
+    model = _copy(synthetic_dir("qwen3_5"), tmp_path / "m", {
+        "layer_types": ["linear_attention", "mamba", "linear_attention", "full_attention"]})
+    assert_convert_refused(model, tmp_path, r"qwen35: layer_types\[1\] is 'mamba', not one of "
+                                            r"linear_attention, full_attention")
+
+
+def test_qwen3_5_mtp_head_is_dropped_as_with_no_mtp(synthetic_dir, tmp_path):
+    """The hub's Qwen3.5 checkpoints carry an MTP head (mtp.*); it is left out, as convert_hf_to_gguf.py
+    --no-mtp leaves it: the file equals the one of the same checkpoint without it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    plain = synthetic_dir("qwen3_5")
+    model = _copy(plain, tmp_path / "m")
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["mtp.fc.weight"] = torch.ones(256, 512, dtype=torch.bfloat16)
+    tensors["mtp.layers.0.input_layernorm.weight"] = torch.ones(256, dtype=torch.bfloat16)
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    ours = _convert(model, tmp_path / "mtp.gguf", "BF16")
+    assert not [n for n in tensor_bytes(ours) if "nextn" in n or n.startswith("blk.4.")]
+    assert_same_gguf(ours, _convert(plain, tmp_path / "plain.gguf", "BF16"))
