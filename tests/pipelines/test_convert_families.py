@@ -42,6 +42,14 @@ OUTTYPES = ["bf16", "f32"]
 PRE = {"qwen2": "qwen2", "spm": "default"}
 
 
+def converter_gguf(converter: Path, fixtures_lib, family: str, out: Path, outtype: str = "bf16") -> Path:
+    """The vendored converter's GGUF of a family's synthetic checkpoint, with the family's pre-tokenizer
+    name and options."""
+    pre = PRE.get(fixtures_lib.TOKENIZER_STYLE.get(family, "smollm"), "smollm")
+    return convert_hf_to_gguf(converter, fixtures_lib.synthetic_dir(family), out, pre, outtype,
+                              CONVERTER_ARGS.get(family, ()))
+
+
 @pytest.fixture(scope="module")
 def reference(llamacpp_converter, fixtures_lib, tmp_path_factory):
     """(family, outtype) -> (HF dir, the converter's GGUF of it), converted once per module."""
@@ -49,11 +57,9 @@ def reference(llamacpp_converter, fixtures_lib, tmp_path_factory):
 
     def get(family: str, outtype: str = "bf16") -> tuple[Path, Path]:
         if (family, outtype) not in made:
-            model = fixtures_lib.synthetic_dir(family)
-            pre = PRE.get(fixtures_lib.TOKENIZER_STYLE.get(family, "smollm"), "smollm")
             out = tmp_path_factory.mktemp(f"ref-{family}") / f"{family}-{outtype}.gguf"
-            made[family, outtype] = (model, convert_hf_to_gguf(llamacpp_converter, model, out, pre, outtype,
-                                                               CONVERTER_ARGS.get(family, ())))
+            made[family, outtype] = (fixtures_lib.synthetic_dir(family),
+                                     converter_gguf(llamacpp_converter, fixtures_lib, family, out, outtype))
         return made[family, outtype]
 
     return get
@@ -105,6 +111,15 @@ def _copy(model: Path, out: Path, config: dict | None = None) -> Path:
     return out
 
 
+def _edit_weights(model: Path, edit) -> None:
+    """Rewrite the single-file checkpoint's tensors through ``edit(tensors)`` (a dict, changed in place)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+
+
 def test_smollm3_other_nope_pattern_is_refused(synthetic_dir, tmp_path):
     """llama.cpp hardcodes NoPE on every 4th layer; the converter would write the file anyway."""
     model = _copy(synthetic_dir("smollm3"), tmp_path / "m", {"no_rope_layers": [1, 0, 1, 0]})
@@ -123,13 +138,11 @@ def test_exaone4_sliding_window_off_the_32b_is_refused(synthetic_dir, tmp_path):
 
 def test_cohere2_nonzero_bias_is_refused(synthetic_dir, tmp_path):
     import torch
-    from safetensors.torch import load_file, save_file
 
     model = _copy(synthetic_dir("cohere2"), tmp_path / "m")
-    tensors = load_file(str(model / "model.safetensors"))
-    tensors["model.layers.1.self_attn.q_proj.bias"] = torch.full((256,), 0.5, dtype=torch.bfloat16)
-    tensors["model.layers.2.self_attn.k_proj.bias"] = torch.zeros(128, dtype=torch.bfloat16)
-    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    _edit_weights(model, lambda t: t.update({
+        "model.layers.1.self_attn.q_proj.bias": torch.full((256,), 0.5, dtype=torch.bfloat16),
+        "model.layers.2.self_attn.k_proj.bias": torch.zeros(128, dtype=torch.bfloat16)}))
     assert_convert_refused(model, tmp_path,
                            r"bias tensor model\.layers\.1\.self_attn\.q_proj\.bias is not zero")
 
@@ -137,12 +150,10 @@ def test_cohere2_nonzero_bias_is_refused(synthetic_dir, tmp_path):
 def test_cohere2_zero_biases_are_dropped(synthetic_dir, tmp_path):
     """As the converter drops them: the file equals the one without biases."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     model = _copy(synthetic_dir("cohere2"), tmp_path / "m")
-    tensors = load_file(str(model / "model.safetensors"))
-    tensors["model.layers.0.self_attn.v_proj.bias"] = torch.zeros(128, dtype=torch.bfloat16)
-    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    _edit_weights(model, lambda t: t.update(
+        {"model.layers.0.self_attn.v_proj.bias": torch.zeros(128, dtype=torch.bfloat16)}))
     with_bias = tensor_bytes(_convert(model, tmp_path / "a.gguf", "BF16"))
     assert with_bias == tensor_bytes(_convert(synthetic_dir("cohere2"), tmp_path / "b.gguf", "BF16"))
 
@@ -170,53 +181,38 @@ def test_lfm2_unknown_layer_type_is_refused(synthetic_dir, tmp_path):
                            r"lfm2: layer_types\[2\] is 'mamba', not one of conv, full_attention")
 
 
-def test_lfm2_layer_without_its_conv_tensor_is_refused(synthetic_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
+# hybrid layers whose mixer misses a tensor: (family, HF tensor removed, the error)
+MISSING_MIXER_TENSOR = [
+    ("lfm2", "model.layers.2.conv.in_proj.weight",
+     r"lfm2 layer 2 \(conv\) has no blk\.2\.shortconv\.in_proj\.weight"),
+    ("falcon_h1", "model.layers.1.mamba.A_log",
+     r"falcon-h1 layer 1 has no blk\.1\.ssm_a: the checkpoint lacks"),
+    ("qwen3_5", "model.layers.2.linear_attn.in_proj_b.weight",
+     r"qwen35 layer 2 \(linear_attention\) has no blk\.2\.ssm_beta\.weight"),
+]
 
-    model = _copy(synthetic_dir("lfm2"), tmp_path / "m")
-    tensors = load_file(str(model / "model.safetensors"))
-    del tensors["model.layers.2.conv.in_proj.weight"]
-    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
-    assert_convert_refused(model, tmp_path,
-                           r"lfm2 layer 2 \(conv\) has no blk\.2\.shortconv\.in_proj\.weight")
+
+@pytest.mark.parametrize(("family", "tensor", "error"), MISSING_MIXER_TENSOR, ids=[f for f, _, _ in
+                                                                                  MISSING_MIXER_TENSOR])
+def test_hybrid_layer_without_its_mixer_tensor_is_refused(family, tensor, error, synthetic_dir, tmp_path):
+    model = _copy(synthetic_dir(family), tmp_path / "m")
+    _edit_weights(model, lambda t: t.pop(tensor))
+    assert_convert_refused(model, tmp_path, error)
 
 
 def test_lfm2_conv_weight_of_another_shape_is_refused(synthetic_dir, tmp_path):
     import torch
-    from safetensors.torch import load_file, save_file
 
     model = _copy(synthetic_dir("lfm2"), tmp_path / "m")
-    tensors = load_file(str(model / "model.safetensors"))
-    tensors["model.layers.0.conv.conv.weight"] = torch.zeros(256, 3, dtype=torch.bfloat16)
-    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    _edit_weights(model, lambda t: t.update(
+        {"model.layers.0.conv.conv.weight": torch.zeros(256, 3, dtype=torch.bfloat16)}))
     assert_convert_refused(model, tmp_path, r"model\.layers\.0\.conv\.conv\.weight has shape \[256, 3\], "
                                             r"expected a depthwise convolution")
-
-
-def test_falcon_h1_layer_without_its_mamba_tensor_is_refused(synthetic_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    model = _copy(synthetic_dir("falcon_h1"), tmp_path / "m")
-    tensors = load_file(str(model / "model.safetensors"))
-    del tensors["model.layers.1.mamba.A_log"]
-    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
-    assert_convert_refused(model, tmp_path, r"falcon-h1 layer 1 has no blk\.1\.ssm_a: the checkpoint lacks")
 
 
 def test_falcon_h1_short_ssm_multipliers_are_refused(synthetic_dir, tmp_path):
     model = _copy(synthetic_dir("falcon_h1"), tmp_path / "m", {"ssm_multipliers": [1.0, 1.0]})
     assert_convert_refused(model, tmp_path, r"falcon-h1 ssm_multipliers \[1\.0, 1\.0\]: expected 5 values")
-
-
-def test_qwen3_5_layer_without_its_delta_net_tensor_is_refused(synthetic_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    model = _copy(synthetic_dir("qwen3_5"), tmp_path / "m")
-    tensors = load_file(str(model / "model.safetensors"))
-    del tensors["model.layers.2.linear_attn.in_proj_b.weight"]
-    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
-    assert_convert_refused(model, tmp_path,
-                           r"qwen35 layer 2 \(linear_attention\) has no blk\.2\.ssm_beta\.weight")
 
 
 def test_qwen3_5_value_heads_off_the_key_heads_are_refused(synthetic_dir, tmp_path):
@@ -237,14 +233,12 @@ def test_qwen3_5_mtp_head_is_dropped_as_with_no_mtp(synthetic_dir, tmp_path):
     """The hub's Qwen3.5 checkpoints carry an MTP head (mtp.*); it is left out, as convert_hf_to_gguf.py
     --no-mtp leaves it: the file equals the one of the same checkpoint without it."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     plain = synthetic_dir("qwen3_5")
     model = _copy(plain, tmp_path / "m")
-    tensors = load_file(str(model / "model.safetensors"))
-    tensors["mtp.fc.weight"] = torch.ones(256, 512, dtype=torch.bfloat16)
-    tensors["mtp.layers.0.input_layernorm.weight"] = torch.ones(256, dtype=torch.bfloat16)
-    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    _edit_weights(model, lambda t: t.update({
+        "mtp.fc.weight": torch.ones(256, 512, dtype=torch.bfloat16),
+        "mtp.layers.0.input_layernorm.weight": torch.ones(256, dtype=torch.bfloat16)}))
     ours = _convert(model, tmp_path / "mtp.gguf", "BF16")
     assert not [n for n in tensor_bytes(ours) if "nextn" in n or n.startswith("blk.4.")]
     assert_same_gguf(ours, _convert(plain, tmp_path / "plain.gguf", "BF16"))

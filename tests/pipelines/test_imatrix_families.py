@@ -12,8 +12,7 @@ import pytest
 from qconvert.formats.gguf.imatrix import read_imatrix
 from qconvert.load import open_checkpoint
 from qconvert.pipelines.imatrix import compute_imatrix
-from tests.oracle.convert_hf import convert_hf_to_gguf
-from tests.pipelines.test_convert_families import CONVERTER_ARGS, PRE
+from tests.pipelines.test_convert_families import converter_gguf
 from tests.pipelines.test_imatrix_moe import CHUNKS, CTX, _llama_imatrix
 from tests.pipelines.test_imatrix_run import _cos
 
@@ -28,9 +27,7 @@ MIXER = {"lfm2": {f"blk.{i}.shortconv.{p}.weight" for i in (0, 2) for p in ("in_
 @pytest.mark.parametrize("family", sorted(MIXER))
 def test_matches_llama_imatrix(family, llamacpp_bin, llamacpp_converter, fixtures_lib, calib_text, tmp_path):
     model = fixtures_lib.synthetic_dir(family)
-    pre = PRE.get(fixtures_lib.TOKENIZER_STYLE.get(family, "smollm"), "smollm")  # llama.cpp splits as HF does
-    f32 = convert_hf_to_gguf(llamacpp_converter, model, tmp_path / "f32.gguf", pre, outtype="f32",
-                             args=CONVERTER_ARGS.get(family, ()))
+    f32 = converter_gguf(llamacpp_converter, fixtures_lib, family, tmp_path / "f32.gguf", "f32")
     ref_path = tmp_path / "ref.gguf"
     _llama_imatrix(llamacpp_bin, f32, calib_text, ref_path)
     ref = read_imatrix(ref_path)
